@@ -1,0 +1,39 @@
+"""The broker's run configuration: one frozen, validated dataclass, built by the CLI from its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedctl.broker.policy import SyncConfig
+from fedctl.errors import ConfigError
+from fedctl.strategies.base import TaskConfig
+from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Everything ``fedctl serve`` needs to run a federation."""
+
+    bind: str = "tcp://*:5555"
+    model: str = "mlp"
+    strategy: str = "fedavg"
+    rounds: int = 20
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    seed: int = 0
+    state_dir: Path = Path("runs/default")
+    heartbeat_interval_s: float = 1.0
+    liveness_s: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    done_linger_s: float = 2.0
+    """After the last round: how long to keep answering so every worker hears ``done``."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        if not 0 < self.heartbeat_interval_s < self.liveness_s:
+            raise ConfigError("heartbeat interval must be positive and shorter than the liveness timeout",
+                              "e.g. --heartbeat-interval 1 --liveness 10")
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max message size {self.max_message_bytes} is too small")

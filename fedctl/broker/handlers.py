@@ -1,0 +1,96 @@
+"""Per-message handlers of the broker: join, pull, push, heartbeat, leave. Each validates, then acts.
+
+Handlers run in the reader task, never block, and touch only in-memory state; the round driver in
+:mod:`fedctl.broker.service` is woken through ``Broker.changed`` when something it waits for happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from fedctl.broker.registry import WorkerRecord
+from fedctl.errors import ProtocolError
+from fedctl.strategies.base import Update
+from fedctl.wire import constants as C
+from fedctl.wire import check_against_spec
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.messages import Message
+
+if TYPE_CHECKING:
+    from fedctl.broker.service import Broker
+
+log = logging.getLogger(__name__)
+
+
+def _require_joined(broker: "Broker", identity: bytes, msg: Message) -> WorkerRecord:
+    record = broker.registry.by_identity(identity)
+    if record is None:
+        raise ProtocolError(ErrorCode.NOT_JOINED, f"{msg.type} from a worker that has not joined",
+                            "send join first (the broker may have restarted)")
+    return record
+
+
+async def on_join(broker: "Broker", identity: bytes, msg: Message) -> None:
+    model = msg.get("model")
+    if model is not None and model != broker.config.model:
+        raise ProtocolError(ErrorCode.MODEL_MISMATCH,
+                            f"this run trains model {broker.config.model!r}, the worker asked for {model!r}",
+                            f"join without --model or with --model {broker.config.model}")
+    record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], msg.get("host", ""),
+                          broker.now())
+    again = broker.registry.add(record)
+    log.info("worker %s %s (%s, %d examples, %d connected)", record.worker, "rejoined" if again else "joined",
+             record.backend, record.num_examples, len(broker.registry))
+    await broker.reply(identity, msg, C.WELCOME, worker=record.worker, run=broker.run_info())
+    broker.changed.set()
+
+
+async def on_pull(broker: "Broker", identity: bytes, msg: Message) -> None:
+    record = _require_joined(broker, identity, msg)
+    if broker.finished:
+        await broker.send_done(record, re=msg.id)
+        return
+    # A sampled worker that pulls again before pushing (it restarted) will not answer this round.
+    broker.policy.worker_gone(record.worker)
+    record.pending_pull = msg.id
+    broker.changed.set()
+
+
+async def on_push(broker: "Broker", identity: bytes, msg: Message) -> None:
+    record = _require_joined(broker, identity, msg)
+    if broker.finished:
+        raise ProtocolError(ErrorCode.RUN_FINISHED, "the run has finished; the update was not used")
+    admission = broker.policy.admit(record.worker, msg["round"])
+    if admission.duplicate:
+        await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")
+        return
+    if admission.code is not None:
+        raise ProtocolError(admission.code, admission.reason)
+    if msg["kind"] != broker.strategy.update_kind:
+        raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
+                            f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
+    if msg["base_version"] != broker.store.version:
+        raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
+                            f"round {msg['round']} trains version {broker.store.version}")
+    check_against_spec(msg.tensors, broker.expected_shapes)
+    broker.updates.append(Update(record.worker, msg["num_examples"], msg.tensors, msg["kind"],
+                                 msg["base_version"], dict(msg.get("metrics") or {})))
+    broker.policy.record(record.worker)
+    record.rounds_done += 1
+    await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+    broker.changed.set()
+
+
+async def on_heartbeat(broker: "Broker", identity: bytes, msg: Message) -> None:
+    _require_joined(broker, identity, msg)
+    await broker.reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))
+
+
+async def on_leave(broker: "Broker", identity: bytes, msg: Message) -> None:
+    record = broker.registry.by_identity(identity)
+    if record is not None:
+        broker.drop(record, f"left ({msg.get('reason') or 'no reason given'})")
+
+
+HANDLERS = {C.JOIN: on_join, C.PULL: on_pull, C.PUSH: on_push, C.HEARTBEAT: on_heartbeat, C.LEAVE: on_leave}

@@ -1,0 +1,73 @@
+"""Connected workers: who they are, how to reach them, when they were last heard from, what they wait for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerRecord:
+    """One joined worker as the broker sees it."""
+
+    worker: str
+    identity: bytes
+    backend: str
+    num_examples: int
+    host: str = ""
+    last_seen: float = 0.0
+    pending_pull: int | None = None
+    """Message id of the worker's unanswered pull (it waits for a model), or None."""
+    rounds_done: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class WorkerRegistry:
+    """Workers by id and by routing identity; liveness from the time each was last heard from."""
+
+    def __init__(self, liveness_s: float) -> None:
+        self.liveness_s = liveness_s
+        self._by_id: dict[str, WorkerRecord] = {}
+        self._by_identity: dict[bytes, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, worker: str) -> bool:
+        return worker in self._by_id
+
+    def add(self, record: WorkerRecord) -> bool:
+        """Register (or re-register after a reconnect) a worker; True when it was already known."""
+        old = self._by_id.get(record.worker)
+        if old is not None:
+            self._by_identity.pop(old.identity, None)
+            record.rounds_done = old.rounds_done
+        self._by_id[record.worker] = record
+        self._by_identity[record.identity] = record.worker
+        return old is not None
+
+    def by_identity(self, identity: bytes) -> WorkerRecord | None:
+        worker = self._by_identity.get(identity)
+        return self._by_id.get(worker) if worker is not None else None
+
+    def get(self, worker: str) -> WorkerRecord | None:
+        return self._by_id.get(worker)
+
+    def remove(self, worker: str) -> WorkerRecord | None:
+        record = self._by_id.pop(worker, None)
+        if record is not None:
+            self._by_identity.pop(record.identity, None)
+        return record
+
+    def touch(self, record: WorkerRecord, now: float) -> None:
+        record.last_seen = now
+
+    def expired(self, now: float) -> list[WorkerRecord]:
+        """Workers not heard from for longer than the liveness interval."""
+        return [r for r in self._by_id.values() if now - r.last_seen > self.liveness_s]
+
+    def all(self) -> list[WorkerRecord]:
+        return list(self._by_id.values())
+
+    def waiting(self) -> list[WorkerRecord]:
+        """Workers with an unanswered pull, in join order."""
+        return [r for r in self._by_id.values() if r.pending_pull is not None]

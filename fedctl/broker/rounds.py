@@ -1,0 +1,115 @@
+"""The round driver of the sync policy: open a round, hand out the model, wait, aggregate, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from fedctl.wire import constants as C
+from fedctl.wire import make
+
+if TYPE_CHECKING:
+    from fedctl.broker.policy import OpenRound
+    from fedctl.broker.service import Broker
+
+log = logging.getLogger(__name__)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+class RoundDriver:
+    """Drives rounds ``state['round'] + 1 … rounds`` of one broker."""
+
+    def __init__(self, broker: "Broker") -> None:
+        self.b = broker
+
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        """Wait until ``condition()`` holds (re-checked whenever the broker's state changes); False on timeout."""
+        deadline = None if timeout_s is None else self.b.now() + timeout_s
+        while True:
+            self.b.changed.clear()
+            if condition():
+                return True
+            left = None if deadline is None else deadline - self.b.now()
+            if left is not None and left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self.b.changed.wait(), timeout=None if left is None else max(left, 0.001))
+            except TimeoutError:
+                continue
+
+    def _try_open(self, round_no: int) -> "OpenRound | None":
+        ready = [r.worker for r in self.b.registry.waiting()]
+        return self.b.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
+
+    async def _hand_out(self, opened: "OpenRound") -> None:
+        for worker in opened.selected:
+            task = self.b.strategy.task_for_round(opened.number, int(self.b.rng.integers(2**31)))
+            record = self.b.registry.get(worker)
+            if record is None:
+                continue
+            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=self.b.store.weights,
+                       round=opened.number, version=self.b.store.version,
+                       task=task)
+            record.pending_pull = None
+            if not await self.b.send(record.identity, msg):
+                self.b.policy.worker_gone(worker)
+
+    async def run(self) -> dict[str, Any]:
+        b = self.b
+        last: dict[str, Any] = {}
+        while b.state["round"] < b.config.rounds:
+            round_no = b.state["round"] + 1
+            opened: list[OpenRound] = []
+
+            def ready() -> bool:
+                got = self._try_open(round_no)
+                if got is not None:
+                    opened.append(got)
+                return got is not None
+
+            await self.wait_until(ready)
+            started, in0, out0 = time.perf_counter(), b.transport.counters.bytes_in, b.transport.counters.bytes_out
+            b.updates = []
+            await self._hand_out(opened[0])
+            await self.wait_until(lambda: b.policy.should_close(b.now()), b.policy.time_left(b.now()))
+            closed, ok = b.policy.close()
+            if not ok:
+                log.warning("round %d failed: %d of %d sampled workers answered before the deadline (quorum %d); "
+                            "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
+                            b.policy.quorum(closed))
+                continue
+            last = await self._complete(closed, started, in0, out0)
+        return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected)}
+
+    async def _complete(self, closed: "OpenRound", started: float, in0: int, out0: int) -> dict[str, Any]:
+        b = self.b
+        updates = list(b.updates)
+        result = await asyncio.to_thread(b.strategy.aggregate, b.store.weights, updates,
+                                         b.state["strategy_state"], b.rng)
+        b.store.replace(result.weights)
+        b.state["round"] = closed.number
+        b.state["strategy_state"] = result.state
+        evaluation = await asyncio.to_thread(b.evaluator, b.store.weights) if b.evaluator else {}
+        n = sum(u.num_examples for u in updates)
+        train_loss = sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1)
+        record = {"round": closed.number, "version": b.store.version,
+                  "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
+                  "train_loss": train_loss, "participants": len(updates), "selected": len(closed.selected),
+                  "connected": len(b.registry), "bytes_in": b.transport.counters.bytes_in - in0,
+                  "bytes_out": b.transport.counters.bytes_out - out0,
+                  "duration_s": round(time.perf_counter() - started, 4), "rejected_total": sum(b.rejected.values()),
+                  "strategy": {k: v for k, v in result.metrics.items()}}
+        await asyncio.to_thread(b.checkpointer.save, b.store, b.state)
+        b.checkpointer.append_metrics(record)
+        acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
+        log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number, b.config.rounds,
+                 acc, len(updates), len(closed.selected), _mb(record["bytes_in"]), _mb(record["bytes_out"]),
+                 record["duration_s"])
+        if b.on_round is not None:
+            b.on_round(record)
+        return record

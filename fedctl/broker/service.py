@@ -1,0 +1,180 @@
+"""The broker service: one reader task on the ROUTER socket, a liveness reaper and the round driver.
+
+A round flows: workers ``pull`` → the policy samples m of K → each sampled worker gets ``model`` as the reply to
+its pull → workers ``push`` → the policy closes the round (all answered, or quorum at the deadline) → the
+strategy aggregates (in a thread) → the store bumps the version → evaluation, checkpoint, metrics line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from fedctl.broker import handlers
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.policy import SyncRoundPolicy
+from fedctl.broker.registry import WorkerRecord, WorkerRegistry
+from fedctl.broker.rounds import RoundDriver
+from fedctl.broker.store import Checkpointer, ParameterStore
+from fedctl.broker.transport import RouterTransport
+from fedctl.errors import ConfigError, ProtocolError
+from fedctl.models import get_model, init_params
+from fedctl.strategies import Update, get_strategy
+from fedctl.wire import constants as C
+from fedctl.wire import decode, encode, make, peek_id
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.messages import Message
+
+log = logging.getLogger(__name__)
+Params = dict[str, np.ndarray]
+Evaluator = Callable[[Params], dict[str, float]]
+
+
+class Broker:
+    """A parameter server for one federated run.
+
+    Parameters
+    ----------
+    config:
+        The run configuration.
+    evaluator:
+        Optional centralised evaluation ``weights -> {"accuracy", "loss"}``; runs in a worker thread.
+    on_round:
+        Optional callback receiving each round's metrics record (progress displays).
+    """
+
+    def __init__(self, config: BrokerConfig, evaluator: Evaluator | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None,
+                 ctx: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.spec = get_model(config.model)
+        self.strategy = get_strategy(config.strategy, config.task)
+        self.policy = SyncRoundPolicy(config.sync)
+        self.registry = WorkerRegistry(config.liveness_s)
+        self.checkpointer = Checkpointer(config.state_dir)
+        self.expected_shapes = {p.name: p.shape for p in self.spec.params}
+        self.evaluator = evaluator
+        self.on_round = on_round
+        self.now = clock
+        self.updates: list[Update] = []
+        self.rejected: dict[str, int] = {}
+        self.finished = False
+        self.changed = asyncio.Event()
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._msg_id = 0
+        self.store, self.state = self._load_or_init()
+        self.rng = np.random.default_rng([config.seed, self.state["round"]])
+        self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes)
+        self.endpoint = self.transport.endpoint
+
+    def _load_or_init(self) -> tuple[ParameterStore, dict[str, Any]]:
+        if self.checkpointer.exists():
+            store, state = self.checkpointer.load()
+            if state.get("model") != self.config.model or state.get("strategy") != self.config.strategy:
+                raise ConfigError(f"{self.config.state_dir} holds a run of model {state.get('model')!r} with "
+                                  f"strategy {state.get('strategy')!r}",
+                                  "pass a fresh --state-dir, or the same --model and --strategy to resume")
+            log.info("resuming run %s from %s at round %d (model version %d)", state["run_id"],
+                     self.config.state_dir, state["round"], store.version)
+            return store, state
+        store = ParameterStore(init_params(self.spec, self.config.seed))
+        state = {"run_id": secrets.token_hex(8), "model": self.config.model, "strategy": self.config.strategy,
+                 "round": 0, "rounds": self.config.rounds, "seed": self.config.seed, "strategy_state": {}}
+        return store, state
+
+    # ------------------------------------------------------------------ messaging
+    def next_id(self) -> int:
+        self._msg_id += 1
+        return self._msg_id
+
+    def run_info(self) -> dict[str, Any]:
+        """The ``run`` map of the welcome message."""
+        return {"run_id": self.state["run_id"], "model": self.spec.to_wire(), "strategy": self.strategy.name,
+                "rounds": self.config.rounds, "heartbeat_interval_s": self.config.heartbeat_interval_s,
+                "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes}
+
+    async def send(self, identity: bytes, msg: Message) -> bool:
+        return await self.transport.send(identity, encode(msg))
+
+    async def reply(self, identity: bytes, request: Message, mtype: str, tensors: Params | None = None,
+                    **fields: Any) -> bool:
+        return await self.send(identity, make(mtype, self.next_id(), re=request.id, tensors=tensors, **fields))
+
+    async def send_done(self, record: WorkerRecord, re: int | None = None) -> None:
+        record.pending_pull = None
+        await self.send(record.identity, make(C.DONE, self.next_id(), re=re, round=self.state["round"],
+                                              version=self.store.version, reason="the run is complete"))
+
+    def drop(self, record: WorkerRecord, why: str) -> None:
+        """Forget a worker (left or expired) and stop waiting for it in the open round."""
+        self.registry.remove(record.worker)
+        self.policy.worker_gone(record.worker)
+        log.info("worker %s %s; %d connected", record.worker, why, len(self.registry))
+        self.changed.set()
+
+    async def _refuse(self, identity: bytes, frames: list[bytes], err: ProtocolError) -> None:
+        key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        log.warning("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
+        re = peek_id(frames[0]) if frames else None
+        await self.send(identity, make(C.ERROR, self.next_id(), re=re, code=err.code, reason=err.message[:1000],
+                                       fix=(err.fix or None)))
+
+    async def handle(self, identity: bytes, frames: list[bytes]) -> None:
+        """Decode, validate and dispatch one message; a bad one is refused and changes nothing."""
+        try:
+            msg = decode(frames, C.WORKER_TO_BROKER)
+            record = self.registry.by_identity(identity)
+            if record is not None:
+                self.registry.touch(record, self.now())
+            await handlers.HANDLERS[msg.type](self, identity, msg)
+        except ProtocolError as err:
+            await self._refuse(identity, frames, err)
+
+    # ------------------------------------------------------------------ tasks
+    async def _reader(self) -> None:
+        while True:
+            identity, frames = await self.transport.recv()
+            await self.handle(identity, frames)
+
+    async def _reaper(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            for record in self.registry.expired(self.now()):
+                self.drop(record, f"lost (no message for {self.config.liveness_s:g} s)")
+
+    async def run(self) -> dict[str, Any]:
+        """Run every round, tell the workers the run is done, and return a summary."""
+        log.info("broker on %s: model %s (%d parameters), strategy %s, %d rounds", self.endpoint, self.spec.name,
+                 self.spec.num_params, self.strategy.name, self.config.rounds)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                reader = tg.create_task(self._reader())
+                reaper = tg.create_task(self._reaper())
+                summary = await RoundDriver(self).run()
+                await self._finish()
+                reader.cancel()
+                reaper.cancel()
+        finally:
+            self.transport.close()
+        return summary
+
+    async def _finish(self) -> None:
+        """Tell every worker the run is done, then linger until they leave or the linger time passes."""
+        self.finished = True
+        for record in self.registry.all():
+            await self.send_done(record, re=record.pending_pull)
+        deadline = self.now() + self.config.done_linger_s
+        while len(self.registry) and self.now() < deadline:
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=max(deadline - self.now(), 0.01))
+            except TimeoutError:
+                break

@@ -1,0 +1,95 @@
+"""The parameter store: the global model, its version, the run state, and atomic checkpoints in --state-dir.
+
+Checkpoint files (docs/architecture.md): ``model.npz`` (float32 arrays by canonical name, no pickle) and
+``state.json`` (round, version, run config). Each is written to a temp file, fsynced and renamed, then the
+directory is fsynced, so a crash leaves either the old or the new checkpoint, never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fedctl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+Params = dict[str, np.ndarray]
+MODEL_FILE = "model.npz"
+STATE_FILE = "state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write ``path`` via ``write(fileobj)`` to a temp file in the same directory, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class ParameterStore:
+    """The global weights and their version; ``version`` counts aggregations since initialisation."""
+
+    def __init__(self, weights: Params, version: int = 0) -> None:
+        self.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+        self.version = version
+
+    def replace(self, weights: Params) -> int:
+        """Install new global weights and bump the version; returns the new version."""
+        if weights.keys() != self.weights.keys():
+            raise ValueError("aggregated weights do not have the model's tensor names")
+        self.weights = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in self.weights}
+        self.version += 1
+        return self.version
+
+
+class Checkpointer:
+    """Saves and loads the store and run state under one directory."""
+
+    def __init__(self, state_dir: Path | str) -> None:
+        self.dir = Path(state_dir)
+
+    def save(self, store: ParameterStore, state: dict[str, Any]) -> None:
+        atomic_write(self.dir / MODEL_FILE, lambda fh: np.savez(fh, **store.weights))
+        payload = json.dumps({**state, "version": store.version}, indent=2, sort_keys=True).encode()
+        atomic_write(self.dir / STATE_FILE, lambda fh: fh.write(payload))
+
+    def exists(self) -> bool:
+        return (self.dir / STATE_FILE).is_file() and (self.dir / MODEL_FILE).is_file()
+
+    def load(self) -> tuple[ParameterStore, dict[str, Any]]:
+        """Load the last checkpoint; ConfigError when it is unreadable."""
+        try:
+            state = json.loads((self.dir / STATE_FILE).read_text())
+            with np.load(self.dir / MODEL_FILE, allow_pickle=False) as npz:
+                weights = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the checkpoint in {self.dir}: {exc}",
+                              "pass a fresh --state-dir or remove the damaged one") from None
+        return ParameterStore(weights, int(state["version"])), state
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (flushed and fsynced: the run log survives a crash)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())

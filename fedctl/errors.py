@@ -1,0 +1,80 @@
+"""The one exception tree of fedctl: every refusal names its cause and, where a user can act, the fix."""
+
+from __future__ import annotations
+
+
+class FedctlError(Exception):
+    """Base class of every error fedctl raises on purpose.
+
+    Parameters
+    ----------
+    message:
+        What went wrong, in one line.
+    fix:
+        What the user can do about it (optional, shown after the message).
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, fix: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return f"{self.message} — {self.fix}" if self.fix else self.message
+
+
+class ConfigError(FedctlError, ValueError):
+    """A user-supplied option or configuration is invalid."""
+
+    exit_code = 2
+
+
+class DataError(FedctlError, FileNotFoundError):
+    """A dataset or shard is missing, corrupt or of the wrong kind."""
+
+    exit_code = 3
+
+
+class ChecksumError(DataError):
+    """A file's SHA-256 does not match the expected digest."""
+
+
+class BackendUnavailable(FedctlError, ImportError):
+    """A deep-learning framework (MXNet or PyTorch) is requested but not installed or not usable."""
+
+    exit_code = 4
+
+
+class ModelMismatch(FedctlError, ValueError):
+    """Tensors do not match the model spec (names, shapes or dtypes)."""
+
+    exit_code = 5
+
+
+class ProtocolError(FedctlError, ValueError):
+    """A frame or message violates the wire protocol; carries the wire error code."""
+
+    exit_code = 6
+
+    def __init__(self, code: int, message: str, fix: str | None = None) -> None:
+        super().__init__(message, fix)
+        self.code = int(code)
+
+
+class TransportError(FedctlError, ConnectionError):
+    """A socket could not be bound or connected, or the peer stopped answering."""
+
+    exit_code = 7
+
+
+class RemoteError(FedctlError, RuntimeError):
+    """The peer replied with an error message (code + reason)."""
+
+    exit_code = 8
+
+    def __init__(self, code: int, reason: str, fix: str | None = None) -> None:
+        super().__init__(f"broker refused the request (code {code}): {reason}", fix)
+        self.code = int(code)
+        self.reason = reason

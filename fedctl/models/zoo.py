@@ -1,0 +1,115 @@
+"""Model specs shared by the broker and every framework adapter.
+
+A spec lists each parameter's canonical name, shape and initialiser, so the broker can create the global
+model with numpy alone and an MXNet worker and a PyTorch worker can train the same tensors. Layouts follow
+the common convention of both frameworks: dense weights are (out, in), conv weights are (out, in, kh, kw).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from fedctl.errors import ConfigError
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter tensor: canonical name, shape, dtype and fan-in used by the initialiser."""
+
+    name: str
+    shape: tuple[int, ...]
+    fan_in: int
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model: its name, the input shape of one example, the number of classes and its parameters in order."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    params: tuple[ParamSpec, ...]
+    description: str = ""
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel * np.dtype(p.dtype).itemsize for p in self.params)
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def to_wire(self) -> dict:
+        """The spec as plain data, for the welcome message."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in self.params],
+        }
+
+
+def _dense(name: str, n_in: int, n_out: int) -> tuple[ParamSpec, ParamSpec]:
+    return (ParamSpec(f"{name}.weight", (n_out, n_in), n_in), ParamSpec(f"{name}.bias", (n_out,), n_in))
+
+
+def _conv(name: str, c_in: int, c_out: int, k: int) -> tuple[ParamSpec, ParamSpec]:
+    fan_in = c_in * k * k
+    return (ParamSpec(f"{name}.weight", (c_out, c_in, k, k), fan_in), ParamSpec(f"{name}.bias", (c_out,), fan_in))
+
+
+def _mlp() -> ModelSpec:
+    params = (*_dense("fc1", 784, 128), *_dense("fc2", 128, 64), *_dense("fc3", 64, 10))
+    return ModelSpec("mlp", (1, 28, 28), 10, params, "MLP 784-128-64-10, ReLU")
+
+
+def _lenet5() -> ModelSpec:
+    # conv1 pads by 2 so a 28x28 MNIST image gives 28x28 -> pool 14 -> conv2 10 -> pool 5 -> 16*5*5 = 400.
+    params = (
+        *_conv("conv1", 1, 6, 5),
+        *_conv("conv2", 6, 16, 5),
+        *_dense("fc1", 400, 120),
+        *_dense("fc2", 120, 84),
+        *_dense("fc3", 84, 10),
+    )
+    return ModelSpec("lenet5", (1, 28, 28), 10, params, "LeNet-5: conv5x5(6,pad 2)-pool-conv5x5(16)-pool-120-84-10, ReLU, max pool")
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5}
+
+
+def get_model(name: str) -> ModelSpec:
+    """Return the spec of a model by name, or raise ConfigError naming the known models."""
+    try:
+        return MODELS[name]()
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise ConfigError(f"unknown model {name!r}", f"choose one of: {known}") from None
+
+
+def init_params(spec: ModelSpec, seed: int) -> Params:
+    """Initialise every parameter with numpy alone, reproducibly from ``seed``.
+
+    Weights and biases are drawn from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the default of PyTorch's Linear and
+    Conv2d layers, so a federated run starts where a plain PyTorch run would.
+    """
+    rng = np.random.default_rng(seed)
+    out: Params = {}
+    for p in spec.params:
+        bound = 1.0 / math.sqrt(p.fan_in)
+        out[p.name] = rng.uniform(-bound, bound, size=p.shape).astype(p.dtype)
+    return out

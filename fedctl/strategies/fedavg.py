@@ -1,0 +1,30 @@
+"""Federated Averaging (McMahan et al. 2017): E local epochs of mini-batch SGD, then the n_k-weighted mean."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Params, Strategy, Update
+from fedctl.strategies.kernels import weighted_mean
+from fedctl.strategies.registry import register
+from fedctl.wire.constants import KIND_WEIGHTS
+
+
+@register
+class FedAvg(Strategy):
+    """Workers return their weights after E epochs with batch B; the broker sets w ← Σ_k (n_k/n) · w_k."""
+
+    name = "fedavg"
+    update_kind = KIND_WEIGHTS
+
+    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any]) -> ClientResult:
+        result = trainer.fit(weights, int(task["epochs"]), int(task["batch_size"]), float(task["lr"]),
+                             int(task["seed"]))
+        return ClientResult(KIND_WEIGHTS, result.params, result.num_examples, dict(result.metrics))
+
+    def aggregate(self, weights: Params, updates: Sequence[Update], state: dict[str, Any],
+                  rng: np.random.Generator) -> AggregateResult:
+        new = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+        return AggregateResult(new, state, {"updates": float(len(updates))})

@@ -1,0 +1,76 @@
+"""Constants of fedctl wire protocol v1, mirroring docs/protocol.md: version, message types, limits, error codes."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+PROTOCOL_VERSION = 1
+"""Version carried by every header as ``v``. A peer MUST refuse a message whose version it does not speak."""
+
+# Message types (header field "type").
+JOIN = "join"
+WELCOME = "welcome"
+PULL = "pull"
+MODEL = "model"
+PUSH = "push"
+ACK = "ack"
+ERROR = "error"
+HEARTBEAT = "heartbeat"
+LEAVE = "leave"
+DONE = "done"
+
+WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE})
+BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE})
+MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
+
+# Limits.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 256
+MAX_NAME_CHARS = 128
+MAX_NDIM = 8
+MAX_ID_CHARS = 128
+MAX_REASON_CHARS = 1024
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""Default ZMQ_MAXMSGSIZE of the broker's socket: a larger frame is dropped by libzmq with the connection."""
+
+# Tensor payload encodings (tensor frame field "enc").
+ENC_DENSE = "dense"
+ENC_SPARSE = "sparse"
+ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<f8"})
+ALLOWED_INDEX_DTYPES = frozenset({"<u4", "<u8", "<i8"})
+
+# Update kinds a push may carry (header field "kind").
+KIND_WEIGHTS = "weights"
+KIND_GRADIENT = "gradient"
+KIND_DELTA = "delta"
+UPDATE_KINDS = frozenset({KIND_WEIGHTS, KIND_GRADIENT, KIND_DELTA})
+
+
+class ErrorCode(IntEnum):
+    """Stable numeric error codes carried by ``error`` messages. Never renumber; only append."""
+
+    MALFORMED = 100
+    """A frame is not valid msgpack, or the header is not a map."""
+    UNSUPPORTED_VERSION = 101
+    UNKNOWN_TYPE = 102
+    MISSING_FIELD = 103
+    BAD_FIELD = 104
+    TOO_LARGE = 105
+    BAD_TENSOR = 110
+    """A tensor frame violates the payload rules (dtype, shape, declared vs actual size, encoding)."""
+    NON_FINITE = 111
+    MODEL_MISMATCH = 112
+    """Tensor names or shapes do not match the run's model."""
+    NOT_JOINED = 200
+    """The sender must send ``join`` before anything else (also after a broker restart)."""
+    ALREADY_JOINED = 201
+    STALE_UPDATE = 202
+    """The update is for a round or model version that is no longer open."""
+    NOT_SELECTED = 203
+    """The worker was not sampled for this round."""
+    DUPLICATE = 204
+    WRONG_KIND = 205
+    """The update kind does not match the run's strategy."""
+    RUN_FINISHED = 300
+    SHUTTING_DOWN = 301
+    INTERNAL = 500

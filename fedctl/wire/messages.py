@@ -1,0 +1,185 @@
+"""Messages of wire protocol v1: one msgpack header frame plus one frame per tensor (docs/protocol.md §3).
+
+``encode`` and ``decode`` work on lists of bytes and never touch a socket. ``decode`` validates the version,
+the type, every header field against :data:`SCHEMA` and every tensor frame before returning a :class:`Message`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import msgpack
+
+from fedctl.errors import ProtocolError
+from fedctl.wire import constants as C
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.tensors import Tensor, decode_tensor, encode_tensor
+
+Check = Callable[[Any], bool]
+
+
+def _int(lo: int = 0) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v < 2**63
+
+
+def _str(max_chars: int) -> Check:
+    return lambda v: isinstance(v, str) and len(v) <= max_chars
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _metrics(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 64 and all(isinstance(k, str) and _num(x) for k, x in v.items())
+
+
+def _map(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+# For each message type: field -> (check, required). "v", "type", "id", "re" and "tensors" are common fields.
+SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
+    C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(32), True),
+             "num_examples": (_int(0), True), "model": (_str(64), False), "host": (_str(255), False)},
+    C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
+    C.PULL: {"version": (_int(0), False)},
+    C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True)},
+    C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
+             "kind": (lambda v: v in C.UPDATE_KINDS, True), "num_examples": (_int(1), True),
+             "metrics": (_metrics, False)},
+    C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_str(32), True)},
+    C.ERROR: {"code": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True),
+              "fix": (_str(C.MAX_REASON_CHARS), False)},
+    C.HEARTBEAT: {"t": (_num, False)},
+    C.LEAVE: {"reason": (_str(C.MAX_REASON_CHARS), False)},
+    C.DONE: {"round": (_int(0), True), "version": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), False)},
+}
+CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH})
+COMMON = frozenset({"v", "type", "id", "re", "tensors"})
+
+
+@dataclass(frozen=True)
+class Message:
+    """One protocol message: its type, sender-chosen ``id``, optional ``re`` (id it answers), fields, tensors."""
+
+    type: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+    id: int = 0
+    re: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def _fail(code: ErrorCode, message: str) -> ProtocolError:
+    return ProtocolError(code, message)
+
+
+def _check_fields(mtype: str, fields: Mapping[str, Any]) -> None:
+    schema = SCHEMA[mtype]
+    for name, (check, required) in schema.items():
+        if name not in fields or fields[name] is None:
+            if required:
+                raise _fail(ErrorCode.MISSING_FIELD, f"{mtype} message lacks required field {name!r}")
+            continue
+        if not check(fields[name]):
+            raise _fail(ErrorCode.BAD_FIELD, f"{mtype} field {name!r} has an invalid value")
+    unknown = [k for k in fields if k not in schema]
+    if unknown:
+        raise _fail(ErrorCode.BAD_FIELD, f"{mtype} message has unknown fields {sorted(unknown)[:5]}")
+
+
+def make(mtype: str, msg_id: int = 0, re: int | None = None, tensors: Mapping[str, Tensor] | None = None,
+         **fields: Any) -> Message:
+    """Build a message, checking it against the schema so fedctl never sends what it would refuse."""
+    if mtype not in SCHEMA:
+        raise _fail(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype!r}")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    _check_fields(mtype, fields)
+    if tensors and mtype not in CARRIES_TENSORS:
+        raise _fail(ErrorCode.BAD_FIELD, f"{mtype} messages carry no tensors")
+    return Message(mtype, fields, dict(tensors or {}), msg_id, re)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames of ``msg``: the msgpack header, then one frame per tensor in order."""
+    header: dict[str, Any] = {"v": C.PROTOCOL_VERSION, "type": msg.type, "id": msg.id, **msg.fields}
+    if msg.re is not None:
+        header["re"] = msg.re
+    if msg.tensors:
+        header["tensors"] = len(msg.tensors)
+    frames = [msgpack.packb(header, use_bin_type=True)]
+    frames.extend(encode_tensor(name, t) for name, t in msg.tensors.items())
+    return frames
+
+
+def _header(frame: bytes | memoryview) -> dict[str, Any]:
+    if len(frame) > C.MAX_HEADER_BYTES:
+        raise _fail(ErrorCode.TOO_LARGE, f"header frame of {len(frame)} bytes exceeds {C.MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+        raise _fail(ErrorCode.MALFORMED, f"header frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise _fail(ErrorCode.MALFORMED, "header frame is not a msgpack map")
+    return header
+
+
+def peek_id(frame: bytes | memoryview) -> int | None:
+    """Best-effort request id of a header frame, so an error reply can name the request it refuses."""
+    try:
+        header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0) if len(frame) < C.MAX_HEADER_BYTES else None
+    except Exception:  # a malformed frame has no id; the error reply goes without one
+        return None
+    msg_id = header.get("id") if isinstance(header, dict) else None
+    return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) and 0 <= msg_id < 2**63 else None
+
+
+def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESSAGE_TYPES) -> Message:
+    """Decode and validate a multipart message (without any routing identity frame).
+
+    Raises
+    ------
+    ProtocolError
+        with the error code of the first rule the message breaks (docs/protocol.md §6).
+    """
+    if not frames:
+        raise _fail(ErrorCode.MALFORMED, "empty message")
+    if len(frames) > C.MAX_TENSORS + 1:
+        raise _fail(ErrorCode.TOO_LARGE, f"message has {len(frames)} frames; at most {C.MAX_TENSORS + 1} allowed")
+    header = _header(frames[0])
+    version = header.get("v")
+    if version != C.PROTOCOL_VERSION:
+        raise _fail(ErrorCode.UNSUPPORTED_VERSION,
+                    f"protocol version {version!r} is not supported (this peer speaks v{C.PROTOCOL_VERSION})")
+    mtype = header.get("type")
+    if mtype not in SCHEMA or mtype not in set(allowed):
+        raise _fail(ErrorCode.UNKNOWN_TYPE, f"message type {mtype!r} is not accepted here")
+    msg_id, re = header.get("id"), header.get("re")
+    if not _int(0)(msg_id) or (re is not None and not _int(0)(re)):
+        raise _fail(ErrorCode.BAD_FIELD, "header fields 'id' and 're' must be non-negative integers")
+    declared = header.get("tensors", 0)
+    if not _int(0)(declared) or declared != len(frames) - 1:
+        raise _fail(ErrorCode.BAD_FIELD, f"header declares {declared!r} tensor frames but {len(frames) - 1} follow")
+    if declared and mtype not in CARRIES_TENSORS:
+        raise _fail(ErrorCode.BAD_FIELD, f"{mtype} messages carry no tensors")
+    fields = {k: v for k, v in header.items() if k not in COMMON}
+    _check_fields(mtype, fields)
+    tensors: dict[str, Tensor] = {}
+    for frame in frames[1:]:
+        name, tensor = decode_tensor(frame)
+        if name in tensors:
+            raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r} appears twice")
+        tensors[name] = tensor
+    return Message(mtype, fields, tensors, msg_id, re)
+
+
+def payload_bytes(frames: Iterable[bytes | memoryview]) -> int:
+    """Bytes of a message on the wire, not counting routing identities or ZMTP framing."""
+    return sum(len(f) for f in frames)

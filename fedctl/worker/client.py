@@ -1,0 +1,229 @@
+"""The worker: join the broker, then pull → train → push until the broker says the run is done.
+
+Heartbeats run in their own task, independent of training (training runs in a thread), so a long local epoch
+is never mistaken for death and a lost broker is noticed within the liveness interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from fedctl.errors import ConfigError, ModelMismatch, RemoteError, TransportError
+from fedctl.models import ModelSpec, get_model
+from fedctl.strategies import TaskConfig, get_strategy
+from fedctl.wire import constants as C
+from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
+from fedctl.wire.messages import Message
+from fedctl.worker.frameworks.base import Trainer
+from fedctl.worker.transport import Connection
+
+log = logging.getLogger(__name__)
+TrainerFactory = Callable[[ModelSpec], Trainer]
+
+
+class BrokerLost(Exception):
+    """Internal signal: the broker stopped answering heartbeats; reconnect."""
+
+
+class Rejoin(Exception):
+    """Internal signal: the broker does not know this worker (it restarted); join again."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Options of ``fedctl join``."""
+
+    connect: str
+    worker_id: str
+    backend: str
+    num_examples: int
+    model: str | None = None
+    connect_timeout_s: float = 60.0
+    max_backoff_s: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+
+    def __post_init__(self) -> None:
+        if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"--connect {self.connect!r} is not a ZeroMQ endpoint", "use e.g. tcp://HOST:5555")
+        if self.num_examples < 1:
+            raise ConfigError("the shard holds no examples", "check --data and --data-dir")
+
+
+def check_spec(announced: dict[str, Any]) -> ModelSpec:
+    """The local spec of the model the broker announced; ModelMismatch when they disagree."""
+    spec = get_model(str(announced.get("name")))
+    local = {p.name: list(p.shape) for p in spec.params}
+    remote = {p["name"]: list(p["shape"]) for p in announced.get("params", [])}
+    if local != remote:
+        diff = sorted(n for n in set(local) | set(remote) if local.get(n) != remote.get(n))
+        raise ModelMismatch(f"the broker's model {spec.name!r} differs from this worker's at {diff[:3]}",
+                            "run the same fedctl version on the broker and the workers")
+    return spec
+
+
+class Worker:
+    """One federated participant bound to one shard and one framework adapter."""
+
+    def __init__(self, config: WorkerConfig, make_trainer: TrainerFactory,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        self.config = config
+        self.make_trainer = make_trainer
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.trainer: Trainer | None = None
+        self.run: dict[str, Any] = {}
+        self.rounds_trained = 0
+        self.conn: Connection | None = None
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    async def _join_once(self, timeout_s: float) -> Message | None:
+        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes)
+        future = await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
+                                    num_examples=self.config.num_examples, model=self.config.model,
+                                    host=socket.gethostname())
+        try:
+            reply = await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            conn.close()
+            return None
+        self.conn = conn
+        return reply
+
+    async def join(self) -> None:
+        """Join with capped, jittered exponential backoff until welcomed or ``connect_timeout_s`` passes."""
+        started, attempt, wait_s = time.monotonic(), 0, 1.0
+        while True:
+            attempt += 1
+            reply = await self._join_once(wait_s)
+            if reply is not None:
+                break
+            waited = time.monotonic() - started
+            if waited >= self.config.connect_timeout_s:
+                raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
+                                     "check that `fedctl serve` runs there and the port is reachable "
+                                     "(address, firewall), or raise --connect-timeout")
+            log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
+                        self.config.connect, attempt)
+            wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
+        if reply.type == C.ERROR:
+            raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
+        self.run = dict(reply["run"])
+        spec = check_spec(self.run["model"])
+        if self.trainer is None:
+            self.trainer = self.make_trainer(spec)
+        log.info("joined run %s as %s: model %s, strategy %s, %d rounds", self.run["run_id"], reply["worker"],
+                 spec.name, self.run["strategy"], self.run["rounds"])
+
+    async def _heartbeat(self, conn: Connection, lost: asyncio.Event) -> None:
+        interval = float(self.run.get("heartbeat_interval_s", 1.0))
+        liveness = float(self.run.get("liveness_s", 10.0))
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - conn.last_heard > liveness:
+                log.warning("the broker has not answered for %.0f s", time.monotonic() - conn.last_heard)
+                lost.set()
+                return
+            await conn.send(C.HEARTBEAT, t=time.time())
+
+    async def _wait(self, future: asyncio.Future[Message], lost: asyncio.Event) -> Message:
+        """The reply to a request, or BrokerLost / the broker's done message, whichever comes first."""
+        assert self.conn is not None
+        lost_task = asyncio.ensure_future(lost.wait())
+        done_task = asyncio.ensure_future(self.conn.done.wait())
+        try:
+            await asyncio.wait({future, lost_task, done_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost_task.cancel()
+            done_task.cancel()
+        if future.done():
+            return future.result()
+        if self.conn.done_msg is not None:
+            return self.conn.done_msg
+        raise BrokerLost()
+
+    def _check_error(self, reply: Message) -> None:
+        if reply.type != C.ERROR:
+            return
+        if reply["code"] == ErrorCode.NOT_JOINED:
+            raise Rejoin()
+        raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
+
+    async def _round(self, model: Message, lost: asyncio.Event) -> Message:
+        """Train on the model the broker handed out and push the update; returns the broker's answer."""
+        assert self.conn is not None and self.trainer is not None
+        task = dict(model["task"])
+        strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
+                                                               float(task["lr"])))
+        weights = {k: v for k, v in model.tensors.items()}
+        started = time.perf_counter()
+        result = await asyncio.to_thread(strategy.client_update, weights, self.trainer, task)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["train_time_s"] = time.perf_counter() - started
+        future = await self.conn.request(C.PUSH, tensors=result.tensors, round=model["round"],
+                                         base_version=model["version"], seq=self.rounds_trained,
+                                         kind=result.kind, num_examples=result.num_examples, metrics=metrics)
+        reply = await self._wait(future, lost)
+        if reply.type == C.ACK:
+            self.rounds_trained += 1
+            log.info("round %d: pushed %s (loss %.4f, %.2f s)", model["round"], result.kind,
+                     metrics.get("train_loss", float("nan")), metrics["train_time_s"])
+        elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED):
+            log.warning("round %d: the broker did not use the update: %s", model["round"], reply["reason"])
+            return reply
+        self._check_error(reply)
+        return reply
+
+    async def _session(self) -> Message:
+        """One connected session: heartbeat + pull/train/push until done; raises BrokerLost or Rejoin."""
+        assert self.conn is not None
+        lost = asyncio.Event()
+        beat = asyncio.ensure_future(self._heartbeat(self.conn, lost))
+        try:
+            while True:
+                reply = await self._wait(await self.conn.request(C.PULL), lost)
+                if reply.type == C.DONE:
+                    return reply
+                self._check_error(reply)
+                if reply.type == C.MODEL:
+                    answer = await self._round(reply, lost)
+                    if answer.type == C.DONE:
+                        return answer
+        finally:
+            beat.cancel()
+
+    async def serve(self) -> dict[str, Any]:
+        """Join and take part until the broker says the run is done; returns a summary."""
+        await self.join()
+        while True:
+            try:
+                done = await self._session()
+                break
+            except (BrokerLost, Rejoin) as why:
+                log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
+                            "the broker does not know this worker (restarted?)")
+                self._close()
+                await self.join()
+        assert self.conn is not None
+        await self.conn.send(C.LEAVE, reason="run complete")
+        await asyncio.sleep(0.05)
+        self._close()
+        log.info("run complete after round %d (model version %d); trained %d rounds", done["round"],
+                 done["version"], self.rounds_trained)
+        return {"rounds_trained": self.rounds_trained, "final_round": done["round"], "version": done["version"],
+                "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
+
+    def _close(self) -> None:
+        if self.conn is not None:
+            self.bytes_out += self.conn.bytes_out
+            self.bytes_in += self.conn.bytes_in
+            self.conn.close()
+            self.conn = None

@@ -1,0 +1,44 @@
+"""The contract between a worker's training runner and a framework adapter (MXNet Gluon or PyTorch).
+
+An adapter owns a model built from a :class:`~fedctl.models.ModelSpec` and a local dataset; it trains and
+evaluates on numpy parameters keyed by canonical names. Strategies call it through this protocol only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass
+class TrainResult:
+    """What one call of local training produced: tensors (weights or gradients) plus metrics."""
+
+    params: Params
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    """A framework adapter bound to one model spec, one device and one local dataset."""
+
+    backend: str
+
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
+        """Run ``epochs`` of mini-batch SGD (batch ``batch_size``; 0 = the whole shard) from ``weights``.
+
+        Returns the new weights (float32 numpy, canonical names) and metrics (``train_loss``, ``train_accuracy``).
+        """
+        ...
+
+    def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
+        """Mean cross-entropy gradient at ``weights`` over the shard (``batch_size`` 0) or one random mini-batch."""
+        ...
+
+    def evaluate(self, weights: Params, batch_size: int = 1000) -> dict[str, float]:
+        """Accuracy and mean loss of ``weights`` on the bound dataset: ``{"accuracy": .., "loss": ..}``."""
+        ...
