@@ -1,0 +1,45 @@
+"""``fedctl join``: take part in a federated run with one local shard."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+
+import click
+
+from fedctl.cli.common import load_data, resolve_backend, trainer_factory
+from fedctl.worker.client import Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+@click.command("join")
+@click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="The broker's endpoint.")
+@click.option("--data", required=True, help="Shard name in --data-dir (e.g. shard3), or DATASET:SPLIT.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory written by `fedctl partition`.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or gpu:N.")
+@click.option("--worker-id", default=None, help="Stable identity of this worker [default: DATA@HOSTNAME].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Framework CPU threads.")
+@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+              help="Give up if no broker answers within this many seconds.")
+def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
+             threads: int | None, connect_timeout: float) -> None:
+    """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
+    shard = load_data(data, data_dir)
+    backend = resolve_backend(backend)
+    config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
+                          backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout)
+    make = trainer_factory(backend, shard, device, threads)
+    # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
+    from fedctl.worker.frameworks import create_trainer
+    from fedctl.models import get_model
+
+    create_trainer(backend, get_model("mlp"), shard.x[:1], shard.y[:1], device=device, threads=threads)
+    log.info("worker %s: %d examples from %s, %s on %s", config.worker_id, shard.num_examples, shard.name,
+             backend, device)
+    summary = asyncio.run(Worker(config, make).serve())
+    click.echo(f"done: trained {summary['rounds_trained']} rounds; run finished at round {summary['final_round']}")

@@ -1,0 +1,1 @@
+"""The worker (`fedctl join`): DEALER connection, training client, framework adapters."""

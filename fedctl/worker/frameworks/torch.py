@@ -1,0 +1,237 @@
+"""The PyTorch adapter: zoo models as ``nn.Module``s with canonical parameter names, trained with plain SGD."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedctl.errors import ConfigError, ModelMismatch
+from fedctl.models.zoo import ModelSpec
+from fedctl.worker.frameworks import check_data, check_fit_args, epoch_batches, sample_batch, validate_weights
+from fedctl.worker.frameworks.base import Params, TrainResult
+from fedctl.worker.frameworks.device import parse_device, require_gpu
+
+__all__ = ["TorchTrainer", "build_module"]
+
+logger = logging.getLogger(__name__)
+
+# Chunk of the shard processed at once for full-shard gradients and evaluation, to bound activation memory.
+_CHUNK = 1000
+
+
+class _MLP(nn.Module):
+    """784-128-64-10 with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class _LeNet5(nn.Module):
+    """conv5x5(6, pad 2)-pool-conv5x5(16)-pool-120-84-10 with ReLU and 2x2 max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(400, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+_MODULES: dict[str, Callable[[], nn.Module]] = {"mlp": _MLP, "lenet5": _LeNet5}
+
+
+def build_module(spec: ModelSpec) -> nn.Module:
+    """Build the ``nn.Module`` of ``spec`` and check its parameters carry the spec's names and shapes.
+
+    Raises
+    ------
+    ConfigError
+        If the model has no PyTorch implementation.
+    ModelMismatch
+        If the module's parameters disagree with the spec (a bug in this adapter or in the zoo).
+    """
+    try:
+        module = _MODULES[spec.name]()
+    except KeyError:
+        known = ", ".join(sorted(_MODULES))
+        raise ConfigError(f"model {spec.name!r} has no PyTorch implementation", f"choose one of: {known}") from None
+    got = {name: tuple(p.shape) for name, p in module.named_parameters()}
+    want = {p.name: p.shape for p in spec.params}
+    if got != want:
+        raise ModelMismatch(
+            f"PyTorch {spec.name} parameters {got} differ from the spec {want}",
+            "align fedctl/worker/frameworks/torch.py with fedctl/models/zoo.py",
+        )
+    return module
+
+
+def _torch_device(device: str) -> torch.device:
+    dev = parse_device(device)
+    if not dev.is_gpu:
+        return torch.device("cpu")
+    require_gpu(dev, "torch", torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return torch.device("cuda", dev.index)
+
+
+class TorchTrainer:
+    """A PyTorch trainer bound to one model spec, one device and one local dataset.
+
+    Parameters
+    ----------
+    spec:
+        The model spec.
+    x, y:
+        Normalised float32 images ``[n, 1, 28, 28]`` and int64 labels ``[n]``; copied to the device once.
+    device:
+        ``"cpu"`` or ``"gpu:N"`` / ``"cuda:N"``.
+    threads:
+        If given, ``torch.set_num_threads(threads)`` (process-wide).
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self, spec: ModelSpec, x: np.ndarray, y: np.ndarray, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads must be >= 1, got {threads}", "omit --threads or give a positive count")
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.device = _torch_device(device)
+        x, y = check_data(spec, x, y)
+        self.num_examples = len(y)
+        self._x = torch.from_numpy(x).to(self.device)
+        self._y = torch.from_numpy(y).to(self.device)
+        self._net = build_module(spec).to(self.device)
+        self._params: list[torch.Tensor] = [p for _, p in self._net.named_parameters()]
+        self._names = [name for name, _ in self._net.named_parameters()]
+
+    # -- weights -------------------------------------------------------------------------------------------------
+
+    def set_weights(self, weights: Params) -> None:
+        """Load ``weights`` (validated against the spec) into the module."""
+        checked = validate_weights(self.spec, weights)
+        with torch.no_grad():
+            for name, p in zip(self._names, self._params):
+                p.copy_(torch.from_numpy(checked[name]))
+
+    def get_weights(self) -> Params:
+        """The module's parameters as float32 numpy arrays keyed by canonical name (copies)."""
+        return {name: p.detach().cpu().numpy().copy() for name, p in zip(self._names, self._params)}
+
+    # -- training ------------------------------------------------------------------------------------------------
+
+    def _batch(self, idx: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if idx is None or len(idx) == self.num_examples:
+            return self._x, self._y
+        index = torch.from_numpy(idx).to(self.device)
+        return self._x.index_select(0, index), self._y.index_select(0, index)
+
+    def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on the mean loss of batch ``idx``; returns (summed loss, correct count) before the step."""
+        xb, yb = self._batch(idx)
+        logits = self._net(xb)
+        loss = F.cross_entropy(logits, yb)
+        grads = torch.autograd.grad(loss, self._params)
+        with torch.no_grad():
+            for p, g in zip(self._params, grads):
+                p.add_(g, alpha=-lr)
+        return loss.detach() * len(yb), (logits.detach().argmax(1) == yb).sum()
+
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
+        """Plain mini-batch SGD (no momentum, no weight decay) from ``weights``; see :class:`base.Trainer`.
+
+        Metrics: ``train_loss`` and ``train_accuracy`` over the last epoch's batches (each measured before its
+        step, weighted by batch size) and ``steps``. With ``epochs`` 0 they are measured at ``weights``.
+        """
+        check_fit_args(epochs, lr)
+        self.set_weights(weights)
+        if epochs == 0:
+            ev = self.evaluate(self.get_weights())
+            return TrainResult(
+                self.get_weights(),
+                self.num_examples,
+                {"train_loss": ev["loss"], "train_accuracy": ev["accuracy"], "steps": 0},
+            )
+        rng = np.random.default_rng(seed)
+        steps = 0
+        for _ in range(epochs):
+            loss_sum = torch.zeros((), device=self.device)
+            correct = torch.zeros((), dtype=torch.int64, device=self.device)
+            for idx in epoch_batches(self.num_examples, batch_size, rng):
+                batch_loss, batch_correct = self._sgd_step(idx, lr)
+                loss_sum += batch_loss
+                correct += batch_correct
+                steps += 1
+        metrics = {
+            "train_loss": float(loss_sum) / self.num_examples,
+            "train_accuracy": float(correct) / self.num_examples,
+            "steps": steps,
+        }
+        return TrainResult(self.get_weights(), self.num_examples, metrics)
+
+    def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
+        """Mean cross-entropy gradient at ``weights`` over the shard (``batch_size`` 0) or one sampled batch.
+
+        The full shard is processed in chunks, each chunk's summed loss divided by the total count, so the
+        result equals the full-batch mean gradient. ``num_examples`` is the number of examples averaged over.
+        """
+        self.set_weights(weights)
+        idx = sample_batch(self.num_examples, batch_size, seed)
+        xs, ys = self._batch(idx)
+        count = len(ys)
+        grads = [torch.zeros_like(p) for p in self._params]
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for start in range(0, count, _CHUNK):
+            xb, yb = xs[start : start + _CHUNK], ys[start : start + _CHUNK]
+            logits = self._net(xb)
+            loss = F.cross_entropy(logits, yb, reduction="sum")
+            chunk_grads = torch.autograd.grad(loss / count, self._params)
+            for acc, g in zip(grads, chunk_grads):
+                acc.add_(g)
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == yb).sum()
+        params = {name: g.cpu().numpy() for name, g in zip(self._names, grads)}
+        metrics = {"train_loss": float(loss_sum) / count, "train_accuracy": float(correct) / count}
+        return TrainResult(params, count, metrics)
+
+    def evaluate(self, weights: Params, batch_size: int = 1000) -> dict[str, float]:
+        """Accuracy, mean cross-entropy and example count of ``weights`` on the bound dataset."""
+        self.set_weights(weights)
+        step = batch_size if batch_size > 0 else self.num_examples
+        loss_sum, correct = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, self.num_examples, step):
+                xb, yb = self._x[start : start + step], self._y[start : start + step]
+                logits = self._net(xb)
+                loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+                correct += int((logits.argmax(1) == yb).sum())
+        n = self.num_examples
+        return {"accuracy": correct / n, "loss": loss_sum / n, "num_examples": n}
+
+    def logits(self, weights: Params) -> np.ndarray:
+        """Raw outputs of ``weights`` on the whole bound dataset, float32 ``[n, num_classes]`` (for tests)."""
+        self.set_weights(weights)
+        with torch.no_grad():
+            return self._net(self._x).cpu().numpy()
