@@ -1,0 +1,50 @@
+# fedctl — every dependency is installed by the project itself into .venv.
+#   make install   virtual environment with fedctl, PyTorch (CPU, pinned), MXNet 1.9.1 and test tools
+#   make test      install if needed, then the whole test suite
+#   make demo      install if needed, then a real local federation on the bundled MNIST sample
+#   make bench     install if needed, then the benchmarks (bench/results/: JSON, markdown, PNG)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH_PIN := torch==2.13.0
+NUMPY_PIN := numpy==1.23.5
+STAMP  := $(VENV)/.stamp-install
+
+.PHONY: install test test-fast demo bench lint typecheck clean fashion-mnist
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	# The exact CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(PIP) install --quiet "$(TORCH_PIN)" "$(NUMPY_PIN)"
+	$(PIP) install --quiet -e ".[torch,mxnet,dev]" "$(NUMPY_PIN)"
+	$(PY) -c "import torch, mxnet, zmq, msgpack; print('installed: torch', torch.__version__, '| mxnet', mxnet.__version__, '| pyzmq', zmq.__version__)"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow" tests/unit
+
+demo: install
+	$(VENV)/bin/fedctl demo
+
+bench: install
+	$(PY) bench/run.py
+
+lint: install
+	$(VENV)/bin/ruff check fedctl tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy fedctl
+
+# Optional: Fashion-MNIST from Debian (needs root); fedctl finds it in /usr/share/datasets/fashion-mnist.
+fashion-mnist:
+	apt-get install -y dataset-fashion-mnist
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
