@@ -41,9 +41,9 @@ class Shard:
     dataset:
         Registered dataset name.
     x:
-        float32 ``[n, 1, 28, 28]``, normalised as ``(pixel / 255 - mean) / std``; read-only.
+        float32 ``[n, 1, 28, 28]``, C-contiguous, normalised as ``(pixel / 255 - mean) / std``.
     y:
-        int64 ``[n]`` labels in ``0..9``; read-only.
+        int64 ``[n]`` labels in ``0..9``.
     num_examples:
         ``n``.
     """
@@ -66,11 +66,9 @@ def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 def _make_shard(name: str, dataset: str, images: np.ndarray, labels: np.ndarray, mean: float,
                 std: float) -> Shard:
-    x = normalize(images, mean, std)
+    # Arrays stay writable: torch.from_numpy warns on read-only arrays, and each Shard owns fresh copies.
     y = labels.astype(np.int64)
-    x.flags.writeable = False
-    y.flags.writeable = False
-    return Shard(name=name, dataset=dataset, x=x, y=y, num_examples=len(y))
+    return Shard(name=name, dataset=dataset, x=normalize(images, mean, std), y=y, num_examples=len(y))
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -122,8 +120,8 @@ def list_shards(data_dir: str | os.PathLike[str], include_test: bool = False) ->
 
 def _available(names: list[str]) -> str:
     shards = [n for n in names if n != TEST_NAME]
-    listed = shards if len(shards) <= 3 else [shards[0], "…", shards[-1]]
-    return ", ".join([*listed, TEST_NAME] if TEST_NAME in names else listed)
+    listed = ", ".join(shards) if len(shards) <= 3 else f"{shards[0]} … {shards[-1]}"
+    return f"{listed}, {TEST_NAME}" if TEST_NAME in names else listed
 
 
 def _find_entry(manifest: dict[str, Any], name: str, data_dir: Path) -> dict[str, Any]:
