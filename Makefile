@@ -8,8 +8,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_PIN := torch==2.13.0
-NUMPY_PIN := numpy==1.23.5
+# numpy 1.23.5: the newest numpy MXNet 1.9.1 runs with (np.bool was removed in 1.24); torch 2.13 accepts it.
+NUMPY_PIN := $(shell $(PYTHON) -c 'import sys; print("numpy==1.23.5" if sys.version_info < (3, 12) else "numpy>=1.26")')
 STAMP  := $(VENV)/.stamp-install
+# MXNet 1.9.1 has no wheels beyond Python 3.11: newer Pythons get a PyTorch-only install.
+EXTRAS := $(shell $(PYTHON) -c 'import sys; print("torch,mxnet,dev" if sys.version_info < (3, 12) else "torch,dev")')
 
 .PHONY: install test test-fast demo bench lint typecheck clean fashion-mnist
 
@@ -17,11 +20,10 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip setuptools wheel
 	# The exact CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PIP) install --quiet "$(TORCH_PIN)" "$(NUMPY_PIN)"
-	$(PIP) install --quiet -e ".[torch,mxnet,dev]" "$(NUMPY_PIN)"
-	$(PY) -c "import torch, mxnet, zmq, msgpack; print('installed: torch', torch.__version__, '| mxnet', mxnet.__version__, '| pyzmq', zmq.__version__)"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]" "$(NUMPY_PIN)"
+	$(VENV)/bin/fedctl --version
 	touch $(STAMP)
 
 test: install
