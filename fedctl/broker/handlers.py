@@ -13,7 +13,7 @@ from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
 from fedctl.wire import constants as C
-from fedctl.wire import check_against_spec
+from fedctl.wire import SparseTensor, check_against_spec
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 
@@ -61,20 +61,24 @@ async def on_push(broker: "Broker", identity: bytes, msg: Message) -> None:
     record = _require_joined(broker, identity, msg)
     if broker.finished:
         raise ProtocolError(ErrorCode.RUN_FINISHED, "the run has finished; the update was not used")
+    # What the update is (kind, tensor names and shapes) is checked before where it fits (round, selection),
+    # so a malformed update is refused as such whatever the round's state.
+    if msg["kind"] != broker.strategy.update_kind:
+        raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
+                            f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
+    check_against_spec(msg.tensors, broker.expected_shapes)
     admission = broker.policy.admit(record.worker, msg["round"])
     if admission.duplicate:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")
         return
     if admission.code is not None:
         raise ProtocolError(admission.code, admission.reason)
-    if msg["kind"] != broker.strategy.update_kind:
-        raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
-                            f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
     if msg["base_version"] != broker.store.version:
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             f"round {msg['round']} trains version {broker.store.version}")
-    check_against_spec(msg.tensors, broker.expected_shapes)
-    broker.updates.append(Update(record.worker, msg["num_examples"], msg.tensors, msg["kind"],
+    # Strategies aggregate dense arrays; a sparse payload is a wire encoding, not a different update.
+    tensors = {k: t.to_dense() if isinstance(t, SparseTensor) else t for k, t in msg.tensors.items()}
+    broker.updates.append(Update(record.worker, msg["num_examples"], tensors, msg["kind"],
                                  msg["base_version"], dict(msg.get("metrics") or {})))
     broker.policy.record(record.worker)
     record.rounds_done += 1

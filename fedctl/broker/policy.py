@@ -76,8 +76,6 @@ class SyncRoundPolicy:
         if self.current is not None or len(ready) < self.config.min_workers:
             return None
         m = min(self.sample_size(connected), len(ready))
-        if m < min(self.config.min_workers, connected):
-            return None
         chosen = rng.choice(len(ready), size=m, replace=False)
         selected = tuple(sorted(ready[i] for i in chosen))
         self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s)

@@ -88,7 +88,8 @@ class RoundDriver:
 
     async def _complete(self, closed: "OpenRound", started: float, in0: int, out0: int) -> dict[str, Any]:
         b = self.b
-        updates = list(b.updates)
+        # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
+        updates = sorted(b.updates, key=lambda u: u.worker)
         result = await asyncio.to_thread(b.strategy.aggregate, b.store.weights, updates,
                                          b.state["strategy_state"], b.rng)
         b.store.replace(result.weights)

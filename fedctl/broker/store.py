@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,10 +82,11 @@ class Checkpointer:
             state = json.loads((self.dir / STATE_FILE).read_text())
             with np.load(self.dir / MODEL_FILE, allow_pickle=False) as npz:
                 weights = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the checkpoint in {self.dir}: {exc}",
+            # A torn zip raises BadZipFile; valid JSON of the wrong shape raises KeyError or TypeError.
+            return ParameterStore(weights, int(state["version"])), state
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise ConfigError(f"cannot read the checkpoint in {self.dir}: {type(exc).__name__}: {exc}",
                               "pass a fresh --state-dir or remove the damaged one") from None
-        return ParameterStore(weights, int(state["version"])), state
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed and fsynced: the run log survives a crash)."""

@@ -28,6 +28,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 256
 MAX_NAME_CHARS = 128
 MAX_NDIM = 8
+MAX_TENSOR_ELEMENTS = 2**40
+"""Bound on the product of a tensor's non-zero dimensions, so a hostile shape cannot overflow numpy's sizes."""
 MAX_ID_CHARS = 128
 MAX_REASON_CHARS = 1024
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024

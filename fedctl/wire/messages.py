@@ -47,8 +47,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.PULL: {"version": (_int(0), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
-             "kind": (lambda v: v in C.UPDATE_KINDS, True), "num_examples": (_int(1), True),
-             "metrics": (_metrics, False)},
+             "kind": (lambda v: isinstance(v, str) and v in C.UPDATE_KINDS, True),
+             "num_examples": (_int(1), True), "metrics": (_metrics, False)},
     C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_str(32), True)},
     C.ERROR: {"code": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True),
               "fix": (_str(C.MAX_REASON_CHARS), False)},
@@ -155,11 +155,11 @@ def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESS
         raise _fail(ErrorCode.TOO_LARGE, f"message has {len(frames)} frames; at most {C.MAX_TENSORS + 1} allowed")
     header = _header(frames[0])
     version = header.get("v")
-    if version != C.PROTOCOL_VERSION:
+    if type(version) is not int or version != C.PROTOCOL_VERSION:  # 1.0 and True compare equal to 1
         raise _fail(ErrorCode.UNSUPPORTED_VERSION,
                     f"protocol version {version!r} is not supported (this peer speaks v{C.PROTOCOL_VERSION})")
     mtype = header.get("type")
-    if mtype not in SCHEMA or mtype not in set(allowed):
+    if not isinstance(mtype, str) or mtype not in SCHEMA or mtype not in set(allowed):
         raise _fail(ErrorCode.UNKNOWN_TYPE, f"message type {mtype!r} is not accepted here")
     msg_id, re = header.get("id"), header.get("re")
     if not _int(0)(msg_id) or (re is not None and not _int(0)(re)):

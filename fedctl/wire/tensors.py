@@ -21,6 +21,7 @@ from fedctl.wire.constants import (
     ENC_SPARSE,
     MAX_NAME_CHARS,
     MAX_NDIM,
+    MAX_TENSOR_ELEMENTS,
     ErrorCode,
 )
 
@@ -59,7 +60,8 @@ def _bad(message: str, code: ErrorCode = ErrorCode.BAD_TENSOR) -> ProtocolError:
 
 
 def _as_buffer(arr: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(arr)).cast("B")
+    # A byte view of the flat array: memoryview.cast refuses shapes with a zero, e.g. an empty (3, 0) tensor.
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
 
 
 def _dtype_str(arr: np.ndarray) -> str:
@@ -99,6 +101,8 @@ def _shape(body: Mapping[str, Any]) -> tuple[int, ...]:
     raw = _field(body, "shape", list)
     if len(raw) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
         raise _bad(f"tensor shape {raw!r} is not a list of at most {MAX_NDIM} non-negative integers")
+    if math.prod(max(d, 1) for d in raw) > MAX_TENSOR_ELEMENTS:
+        raise _bad(f"tensor shape {raw!r} exceeds {MAX_TENSOR_ELEMENTS} elements")
     return tuple(raw)
 
 
@@ -131,9 +135,10 @@ def _decode_sparse(name: str, body: Mapping[str, Any], shape: tuple[int, ...], d
     index_dtype = _dtype(body, "index_dtype", ALLOWED_INDEX_DTYPES)
     indices = _array(body.get("indices"), index_dtype, nnz, "indices")
     values = _array(body.get("values"), dtype, nnz, "values")
-    if nnz and (indices[-1] >= numel or (nnz > 1 and not (np.diff(indices.astype(np.int64)) > 0).all())):
+    # Compare in the index dtype (a cast of u8 to i8 would wrap) and bound the ends as Python ints.
+    if nnz and (int(indices[-1]) >= numel or not (indices[1:] > indices[:-1]).all()):
         raise _bad(f"sparse tensor {name!r} indices must be strictly increasing and below {numel}")
-    if nnz and index_dtype.kind == "i" and indices[0] < 0:
+    if nnz and int(indices[0]) < 0:
         raise _bad(f"sparse tensor {name!r} has a negative index")
     _check_finite(name, values)
     return SparseTensor(shape, indices, values)

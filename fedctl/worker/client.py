@@ -95,6 +95,9 @@ class Worker:
         except TimeoutError:
             conn.close()
             return None
+        except BaseException:  # cancelled while waiting: the socket must not outlive the attempt
+            conn.close()
+            raise
         self.conn = conn
         return reply
 
@@ -103,7 +106,9 @@ class Worker:
         started, attempt, wait_s = time.monotonic(), 0, 1.0
         while True:
             attempt += 1
-            reply = await self._join_once(wait_s)
+            # No attempt outlasts the overall deadline: --connect-timeout 0.5 gives up after 0.5 s, not 1 s.
+            left = self.config.connect_timeout_s - (time.monotonic() - started)
+            reply = await self._join_once(max(min(wait_s, left), 0.01))
             if reply is not None:
                 break
             waited = time.monotonic() - started
@@ -114,12 +119,16 @@ class Worker:
             log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
                         self.config.connect, attempt)
             wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
-        if reply.type == C.ERROR:
-            raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
-        self.run = dict(reply["run"])
-        spec = check_spec(self.run["model"])
-        if self.trainer is None:
-            self.trainer = self.make_trainer(spec)
+        try:
+            if reply.type == C.ERROR:
+                raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
+            self.run = dict(reply["run"])
+            spec = check_spec(self.run["model"])
+            if self.trainer is None:
+                self.trainer = self.make_trainer(spec)
+        except BaseException:
+            self._close()  # a refused join must not leave its socket open
+            raise
         log.info("joined run %s as %s: model %s, strategy %s, %d rounds", self.run["run_id"], reply["worker"],
                  spec.name, self.run["strategy"], self.run["rounds"])
 
@@ -202,20 +211,23 @@ class Worker:
 
     async def serve(self) -> dict[str, Any]:
         """Join and take part until the broker says the run is done; returns a summary."""
-        await self.join()
-        while True:
-            try:
-                done = await self._session()
-                break
-            except (BrokerLost, Rejoin) as why:
-                log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
-                            "the broker does not know this worker (restarted?)")
-                self._close()
-                await self.join()
-        assert self.conn is not None
-        await self.conn.send(C.LEAVE, reason="run complete")
-        await asyncio.sleep(0.05)
-        self._close()
+        try:
+            await self.join()
+            while True:
+                try:
+                    done = await self._session()
+                    break
+                except (BrokerLost, Rejoin) as why:
+                    log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
+                                "the broker does not know this worker (restarted?)")
+                    self._close()
+                    await self.join()
+            assert self.conn is not None
+            await self.conn.send(C.LEAVE, reason="run complete")
+            await asyncio.sleep(0.05)
+        finally:
+            # Also on an error or cancellation: an open DEALER would keep its context from terminating.
+            self._close()
         log.info("run complete after round %d (model version %d); trained %d rounds", done["round"],
                  done["version"], self.rounds_trained)
         return {"rounds_trained": self.rounds_trained, "final_round": done["round"], "version": done["version"],

@@ -1,0 +1,153 @@
+"""Worker faults over real sockets: a worker dies mid-training; no broker at the address; a refused join."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from fedctl.broker.policy import SyncConfig
+from fedctl.errors import RemoteError, TransportError
+from fedctl.testing.trainers import NumpyMLPTrainer
+from fedctl.wire.constants import ErrorCode
+from fedctl.worker.client import Worker, WorkerConfig
+
+ROUND_TIMEOUT_S = 3.0
+
+
+@dataclass
+class StallingTrainer:
+    """Signals ``started`` when training begins, then stalls until ``release`` (the kill happens meanwhile)."""
+
+    inner: NumpyMLPTrainer
+    started: threading.Event
+    release: threading.Event
+    backend: str = "numpy"
+
+    def fit(self, weights: Any, epochs: int, batch_size: int, lr: float, seed: int) -> Any:
+        self.started.set()
+        self.release.wait(20)
+        return self.inner.fit(weights, epochs, batch_size, lr, seed)
+
+    def gradient(self, weights: Any, batch_size: int, seed: int) -> Any:
+        return self.inner.gradient(weights, batch_size, seed)
+
+    def evaluate(self, weights: Any, batch_size: int = 1000) -> Any:
+        return self.inner.evaluate(weights)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_killed_mid_round_does_not_stop_the_run(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    async def scenario() -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+        config = fed.broker_config(state_dir, rounds=3, sync=SyncConfig(1.0, 2, ROUND_TIMEOUT_S),
+                               heartbeat_interval_s=0.2, liveness_s=2.0)
+        broker = fed.start_broker(ctx, config)
+        honest = [fed.mlp_worker(ctx, broker.endpoint, i) for i in range(2)]
+        doomed = fed.mlp_worker(ctx, broker.endpoint, 2, wrap=lambda t: StallingTrainer(t, started, release))
+        run = asyncio.ensure_future(broker.run())
+        serving = [asyncio.ensure_future(w.serve()) for w in honest]
+        victim = asyncio.ensure_future(doomed.serve())
+        try:
+            await asyncio.to_thread(started.wait, 20)
+            assert started.is_set(), "the doomed worker was never sampled"
+            killed_at = time.monotonic()
+            victim.cancel()  # the process dies mid-training: no push, no leave, no more heartbeats
+            with pytest.raises(asyncio.CancelledError):
+                await victim
+            assert doomed.conn is None, "a killed worker's socket is closed"
+            summary = await run
+            results = list(await asyncio.gather(*serving))
+            return summary, results, time.monotonic() - killed_at
+        finally:
+            release.set()
+            for task in (run, victim, *serving):
+                task.cancel()
+
+    summary, results, after_kill_s = fed.run_async(scenario())
+    assert summary["rounds"] == 3 and summary["version"] == 3
+    assert all(r["final_round"] == 3 for r in results)
+    metrics = fed.read_metrics(state_dir)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    hit = [m for m in metrics if m["selected"] == 3]
+    assert len(hit) == 1, "exactly one round had the doomed worker sampled"
+    assert hit[0]["participants"] == 2, "that round closed on the quorum of the two survivors"
+    assert hit[0]["duration_s"] <= ROUND_TIMEOUT_S + 1.0
+    assert all(m["participants"] == 2 for m in metrics)
+    assert after_kill_s < 3 * ROUND_TIMEOUT_S
+
+
+def free_tcp_endpoint() -> str:
+    """An address nothing listens on: bind to an OS-chosen port, note it, release it."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:*")
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    sock.close(0)
+    ctx.term()
+    return endpoint
+
+
+@pytest.mark.timeout(30)
+def test_join_without_a_broker_raises_transport_error_in_time(fed: Any, ctx: zmq.asyncio.Context) -> None:
+    endpoint = free_tcp_endpoint()
+    timeout_s = 0.6
+    worker = Worker(WorkerConfig(endpoint, "w0", "numpy", 10, connect_timeout_s=timeout_s),
+                    lambda spec: None, ctx=ctx)  # type: ignore[arg-type,return-value]
+
+    async def scenario() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError) as e:
+            await worker.join()
+        assert endpoint in str(e.value)
+        assert e.value.fix
+        return time.monotonic() - t0
+
+    elapsed = fed.run_async(scenario())
+    assert elapsed < timeout_s + 0.4, f"join gave up after {elapsed:.2f} s, the limit is {timeout_s} s"
+    assert worker.conn is None
+
+
+@pytest.mark.timeout(30)
+def test_join_without_a_broker_gives_up_after_several_attempts(fed: Any, ctx: zmq.asyncio.Context) -> None:
+    endpoint = free_tcp_endpoint()
+    worker = Worker(WorkerConfig(endpoint, "w0", "numpy", 10, connect_timeout_s=1.5, max_backoff_s=0.5),
+                    lambda spec: None, ctx=ctx)  # type: ignore[arg-type,return-value]
+
+    async def scenario() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            await worker.join()
+        return time.monotonic() - t0
+
+    elapsed = fed.run_async(scenario())
+    assert 1.4 <= elapsed < 2.0
+
+
+@pytest.mark.timeout(30)
+def test_a_refused_join_raises_remote_error_and_closes_the_socket(fed: Any, ctx: zmq.asyncio.Context,
+                                                                   state_dir: Path) -> None:
+    async def scenario() -> None:
+        broker = fed.start_broker(ctx, fed.broker_config(state_dir, rounds=1))
+        run = asyncio.ensure_future(broker.run())
+        worker = fed.mlp_worker(ctx, broker.endpoint, 0, model="lenet5", connect_timeout_s=5.0)
+        try:
+            with pytest.raises(RemoteError) as e:
+                await worker.serve()
+            assert e.value.code == ErrorCode.MODEL_MISMATCH and "lenet5" in str(e.value)
+            assert worker.conn is None
+            assert broker.rejected == {"MODEL_MISMATCH": 1}
+        finally:
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+    fed.run_async(scenario())

@@ -1,0 +1,120 @@
+"""Layers point one way: walk every import of fedctl with ast (lazy and TYPE_CHECKING imports included)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+import fedctl
+
+ROOT = Path(fedctl.__file__).resolve().parent
+PACKAGE_ROOT = ROOT.parent
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports, relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            found.add(prefix)
+            found.update(f"{prefix}.{alias.name}" for alias in node.names if alias.name != "*")
+    return found
+
+
+@lru_cache(maxsize=1)
+def all_imports() -> dict[str, set[str]]:
+    return {module_name(p): imports_of(p) for p in sorted(ROOT.rglob("*.py"))}
+
+
+def hits(imported: set[str], banned: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in imported if any(m == b or m.startswith(b + ".") for b in banned))
+
+
+def violations(package: str, banned: tuple[str, ...]) -> dict[str, list[str]]:
+    out = {}
+    for mod, imported in all_imports().items():
+        if mod == package or mod.startswith(package + "."):
+            bad = hits(imported, banned)
+            if bad:
+                out[mod] = bad
+    return out
+
+
+def test_the_walk_sees_the_packages() -> None:
+    mods = all_imports()
+    for expected in ("fedctl.wire.messages", "fedctl.strategies.fedavg", "fedctl.broker.service",
+                     "fedctl.worker.client", "fedctl.worker.frameworks.torch", "fedctl.cli.main"):
+        assert expected in mods
+    assert "fedctl.errors" in mods["fedctl.wire.messages"]
+    assert "fedctl.wire.constants" in mods["fedctl.wire.messages"]  # "from fedctl.wire import constants as C"
+    assert "torch" in mods["fedctl.worker.frameworks.torch"]
+
+
+@pytest.mark.parametrize("package, banned", [
+    ("fedctl.wire", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli",
+                     "fedctl.strategies", "msgpack_numpy", "pickle")),
+    ("fedctl.strategies", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
+    ("fedctl.broker", ("torch", "mxnet", "fedctl.worker", "fedctl.cli")),
+    ("fedctl.models", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
+    ("fedctl.worker", ("fedctl.broker", "fedctl.cli")),
+    ("fedctl.testing", ("zmq", "torch", "mxnet", "fedctl.broker", "fedctl.cli")),
+])
+def test_layer_imports(package: str, banned: tuple[str, ...]) -> None:
+    assert violations(package, banned) == {}
+
+
+def test_only_the_adapters_import_a_framework() -> None:
+    allowed = {"fedctl.worker.frameworks.torch", "fedctl.worker.frameworks.mxnet"}
+    offenders = {m: hits(i, ("torch", "mxnet")) for m, i in all_imports().items() if m not in allowed}
+    assert {m: b for m, b in offenders.items() if b} == {}
+
+
+def test_only_the_cli_imports_click() -> None:
+    offenders = {m: hits(i, ("click",)) for m, i in all_imports().items() if not m.startswith("fedctl.cli")}
+    assert {m: b for m, b in offenders.items() if b} == {}
+
+
+@pytest.mark.timeout(60)
+def test_broker_and_strategies_import_no_framework_at_runtime() -> None:
+    code = textwrap.dedent("""
+        import sys
+        import fedctl.broker.service, fedctl.strategies
+        import fedctl.strategies.fedavg, fedctl.strategies.fedsgd
+        heavy = sorted(m for m in ("torch", "mxnet", "click", "fedctl.cli") if m in sys.modules)
+        import fedctl.wire
+        print(",".join(heavy) or "none")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"
+
+
+@pytest.mark.timeout(60)
+def test_wire_alone_imports_no_socket_library() -> None:
+    code = "import sys, fedctl.wire; print(sorted(m for m in ('zmq', 'asyncio', 'torch', 'mxnet') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

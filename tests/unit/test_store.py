@@ -1,0 +1,111 @@
+"""The parameter store and checkpoints: round trips, atomic writes, damaged state directories."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedctl.broker.store import METRICS_FILE, MODEL_FILE, STATE_FILE, Checkpointer, ParameterStore, atomic_write
+from fedctl.errors import ConfigError
+from fedctl.models import get_model, init_params
+
+
+def weights() -> dict[str, np.ndarray]:
+    return init_params(get_model("mlp"), 3)
+
+
+def test_store_replace_bumps_the_version_and_keeps_float32() -> None:
+    store = ParameterStore({"w": np.ones(3, np.float64)})
+    assert store.version == 0 and store.weights["w"].dtype == np.float32
+    assert store.replace({"w": np.zeros(3)}) == 1
+    assert store.version == 1 and store.weights["w"].dtype == np.float32 and store.weights["w"].sum() == 0
+    with pytest.raises(ValueError):
+        store.replace({"other": np.zeros(3)})
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    w = weights()
+    store = ParameterStore(w, version=4)
+    state = {"run_id": "abc", "round": 4, "model": "mlp", "strategy": "fedavg", "strategy_state": {"m": 1.5}}
+    cp = Checkpointer(tmp_path / "run")
+    assert not cp.exists()
+    cp.save(store, state)
+    assert cp.exists()
+    loaded, got = Checkpointer(tmp_path / "run").load()
+    assert loaded.version == 4
+    assert got == {**state, "version": 4}
+    assert list(loaded.weights) == list(w)
+    for k in w:
+        assert loaded.weights[k].dtype == np.float32 and loaded.weights[k].tobytes() == w[k].tobytes()
+
+
+def test_saving_again_replaces_the_checkpoint(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    store = ParameterStore({"w": np.zeros(2, np.float32)})
+    cp.save(store, {"round": 0})
+    store.replace({"w": np.ones(2)})
+    cp.save(store, {"round": 1})
+    loaded, state = cp.load()
+    assert state["round"] == 1 and loaded.version == 1 and loaded.weights["w"].tolist() == [1.0, 1.0]
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    for round_no in range(3):
+        cp.save(ParameterStore(weights(), round_no), {"round": round_no})
+    cp.append_metrics({"round": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MODEL_FILE, STATE_FILE, METRICS_FILE])
+
+
+def test_atomic_write_that_fails_keeps_the_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    atomic_write(target, lambda fh: fh.write(b"old"))
+
+    def boom(fh: object) -> None:
+        fh.write(b"half")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(target, boom)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_append_metrics_writes_one_json_line_each(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path / "new")
+    cp.append_metrics({"round": 1, "x": 0.5})
+    cp.append_metrics({"round": 2, "x": None})
+    lines = (tmp_path / "new" / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"round": 1, "x": 0.5}, {"round": 2, "x": None}]
+
+
+def _saved(tmp_path: Path) -> Checkpointer:
+    cp = Checkpointer(tmp_path)
+    cp.save(ParameterStore({"w": np.arange(4, dtype=np.float32)}, 2), {"round": 2, "run_id": "r"})
+    return cp
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: (d / STATE_FILE).write_text("{not json"),
+    lambda d: (d / STATE_FILE).write_text(""),
+    lambda d: (d / STATE_FILE).write_bytes(b"\xff\xfe\x00garbage"),
+    lambda d: (d / STATE_FILE).write_text("[1, 2, 3]"),
+    lambda d: (d / STATE_FILE).write_text('{"round": 2}'),
+    lambda d: (d / STATE_FILE).write_text('{"round": 2, "version": "two"}'),
+    lambda d: (d / MODEL_FILE).write_bytes(b"not a zip file at all"),
+    lambda d: (d / MODEL_FILE).write_bytes((d / MODEL_FILE).read_bytes()[:60]),
+    lambda d: (d / MODEL_FILE).unlink(),
+], ids=["bad-json", "empty", "binary", "json-list", "no-version", "version-not-int", "model-garbage",
+        "model-truncated", "model-missing"])
+def test_a_damaged_checkpoint_gives_config_error_with_a_fix(tmp_path: Path, damage: Callable[[Path], Any]) -> None:
+    cp = _saved(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        cp.load()
+    assert str(tmp_path) in e.value.message
+    assert e.value.fix and "--state-dir" in e.value.fix
