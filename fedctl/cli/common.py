@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from fedctl.data.shards import Shard, load_shard, load_split_as_shard
+from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
 from fedctl.worker.frameworks import create_trainer, default_backend
 from fedctl.worker.frameworks.base import Params, Trainer
@@ -35,6 +36,24 @@ def load_data(name: str, data_dir: Path | None) -> Shard:
         dataset, split = name.split(":", 1)
         return load_split_as_shard(dataset, split)
     return load_shard(data_dir if data_dir is not None else Path("."), name)
+
+
+def check_endpoint(endpoint: str, option: str, bind: bool) -> str:
+    """Refuse a tcp endpoint whose port is not a port: libzmq would silently take 99999 as 99999 % 65536.
+
+    ``*`` (any free port) is accepted for ``--bind`` only; other transports are left to ZeroMQ.
+    """
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+    example = "tcp://127.0.0.1:5555" + (", or tcp://127.0.0.1:* for any free port" if bind else "")
+    if not sep or not host:
+        raise ConfigError(f"{option} {endpoint!r} lacks HOST:PORT", f"pass e.g. {example}")
+    if bind and port == "*":
+        return endpoint
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{option} {endpoint!r}: port {port!r} is not a number in 1..65535", f"pass e.g. {example}")
+    return endpoint
 
 
 def resolve_backend(backend: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from fedctl.cli.common import load_data, resolve_backend, trainer_factory
+from fedctl.cli.common import check_endpoint, load_data, resolve_backend, trainer_factory
 from fedctl.worker.client import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
              threads: int | None, connect_timeout: float) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
+    check_endpoint(connect, "--connect", bind=False)
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
                           backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout)
     make = trainer_factory(backend, shard, device, threads)
     # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
-    from fedctl.worker.frameworks import create_trainer
     from fedctl.models import get_model
+    from fedctl.worker.frameworks import create_trainer
 
     create_trainer(backend, get_model("mlp"), shard.x[:1], shard.y[:1], device=device, threads=threads)
     log.info("worker %s: %d examples from %s, %s on %s", config.worker_id, shard.num_examples, shard.name,

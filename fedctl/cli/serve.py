@@ -11,7 +11,7 @@ import click
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
-from fedctl.cli.common import load_data, make_evaluator, resolve_backend
+from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
 from fedctl.models import MODELS, get_model
 from fedctl.strategies import TaskConfig, strategy_names
 
@@ -51,6 +51,7 @@ def serve_cmd(bind: str, model: str, strategy: str, rounds: int, fraction: float
               eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
               liveness: float, max_message_mb: float) -> None:
     """Run the parameter server: hold the global model, run synchronous rounds, aggregate, checkpoint."""
+    check_endpoint(bind, "--bind", bind=True)
     config = BrokerConfig(bind=bind, model=model, strategy=strategy, rounds=rounds,
                           task=TaskConfig(epochs, batch_size, lr), sync=SyncConfig(fraction, min_workers, round_timeout),
                           seed=seed, state_dir=state_dir, heartbeat_interval_s=heartbeat_interval,
