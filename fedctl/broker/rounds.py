@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from fedctl.wire import constants as C
 from fedctl.wire import make
+from fedctl.wire.messages import encode_tensors
 
 if TYPE_CHECKING:
     from fedctl.broker.policy import OpenRound
@@ -47,17 +48,19 @@ class RoundDriver:
         return self.b.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
 
     async def _hand_out(self, opened: "OpenRound") -> None:
+        """Answer each sampled worker's pull with the model; the tensor frames are encoded once per round."""
+        weights = self.b.store.weights
+        frames = encode_tensors(weights)
         for worker in opened.selected:
             task = self.b.strategy.task_for_round(opened.number, int(self.b.rng.integers(2**31)))
             record = self.b.registry.get(worker)
             if record is None:
                 continue
-            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=self.b.store.weights,
-                       round=opened.number, version=self.b.store.version,
-                       task=task)
+            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=weights,
+                       round=opened.number, version=self.b.store.version, task=task)
             record.pending_pull = None
-            if not await self.b.send(record.identity, msg):
-                self.b.policy.worker_gone(worker)
+            if not await self.b.send(record.identity, msg, frames):
+                self.b.drop(record, "is unreachable (its connection is gone)")
 
     async def run(self) -> dict[str, Any]:
         b = self.b

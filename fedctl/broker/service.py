@@ -100,8 +100,8 @@ class Broker:
                 "rounds": self.config.rounds, "heartbeat_interval_s": self.config.heartbeat_interval_s,
                 "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes}
 
-    async def send(self, identity: bytes, msg: Message) -> bool:
-        return await self.transport.send(identity, encode(msg))
+    async def send(self, identity: bytes, msg: Message, tensor_frames: list[bytes] | None = None) -> bool:
+        return await self.transport.send(identity, encode(msg, tensor_frames))
 
     async def reply(self, identity: bytes, request: Message, mtype: str, tensors: Params | None = None,
                     **fields: Any) -> bool:

@@ -107,15 +107,27 @@ def make(mtype: str, msg_id: int = 0, re: int | None = None, tensors: Mapping[st
     return Message(mtype, fields, dict(tensors or {}), msg_id, re)
 
 
-def encode(msg: Message) -> list[bytes]:
-    """Frames of ``msg``: the msgpack header, then one frame per tensor in order."""
+def encode_tensors(tensors: Mapping[str, Tensor]) -> list[bytes]:
+    """The tensor frames of a message, for callers that send the same tensors to many peers."""
+    return [encode_tensor(name, t) for name, t in tensors.items()]
+
+
+def encode(msg: Message, tensor_frames: list[bytes] | None = None) -> list[bytes]:
+    """Frames of ``msg``: the msgpack header, then one frame per tensor in order.
+
+    ``tensor_frames``, when given, are ``encode_tensors(msg.tensors)`` computed once by the caller.
+    """
     header: dict[str, Any] = {"v": C.PROTOCOL_VERSION, "type": msg.type, "id": msg.id, **msg.fields}
     if msg.re is not None:
         header["re"] = msg.re
     if msg.tensors:
         header["tensors"] = len(msg.tensors)
     frames = [msgpack.packb(header, use_bin_type=True)]
-    frames.extend(encode_tensor(name, t) for name, t in msg.tensors.items())
+    if tensor_frames is None:
+        tensor_frames = encode_tensors(msg.tensors)
+    elif len(tensor_frames) != len(msg.tensors):
+        raise ValueError("one pre-encoded frame per tensor is required")
+    frames.extend(tensor_frames)
     return frames
 
 

@@ -133,7 +133,8 @@ class TorchTrainer:
         checked = validate_weights(self.spec, weights)
         with torch.no_grad():
             for name, p in zip(self._names, self._params):
-                p.copy_(torch.from_numpy(checked[name]))
+                # Decoded wire arrays are read-only views; torch wants a writable buffer.
+                p.copy_(torch.from_numpy(np.require(checked[name], requirements="W")))
 
     def get_weights(self) -> Params:
         """The module's parameters as float32 numpy arrays keyed by canonical name (copies)."""
