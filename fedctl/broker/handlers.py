@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
+from fedctl.wire import check_against_spec, densify
 from fedctl.wire import constants as C
-from fedctl.wire import SparseTensor, check_against_spec
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _require_joined(broker: "Broker", identity: bytes, msg: Message) -> WorkerRecord:
+def _require_joined(broker: Broker, identity: bytes, msg: Message) -> WorkerRecord:
     record = broker.registry.by_identity(identity)
     if record is None:
         raise ProtocolError(ErrorCode.NOT_JOINED, f"{msg.type} from a worker that has not joined",
@@ -31,7 +31,7 @@ def _require_joined(broker: "Broker", identity: bytes, msg: Message) -> WorkerRe
     return record
 
 
-async def on_join(broker: "Broker", identity: bytes, msg: Message) -> None:
+async def on_join(broker: Broker, identity: bytes, msg: Message) -> None:
     model = msg.get("model")
     if model is not None and model != broker.config.model:
         raise ProtocolError(ErrorCode.MODEL_MISMATCH,
@@ -46,7 +46,7 @@ async def on_join(broker: "Broker", identity: bytes, msg: Message) -> None:
     broker.changed.set()
 
 
-async def on_pull(broker: "Broker", identity: bytes, msg: Message) -> None:
+async def on_pull(broker: Broker, identity: bytes, msg: Message) -> None:
     record = _require_joined(broker, identity, msg)
     if broker.finished:
         await broker.send_done(record, re=msg.id)
@@ -57,7 +57,7 @@ async def on_pull(broker: "Broker", identity: bytes, msg: Message) -> None:
     broker.changed.set()
 
 
-async def on_push(broker: "Broker", identity: bytes, msg: Message) -> None:
+async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     record = _require_joined(broker, identity, msg)
     if broker.finished:
         raise ProtocolError(ErrorCode.RUN_FINISHED, "the run has finished; the update was not used")
@@ -76,8 +76,7 @@ async def on_push(broker: "Broker", identity: bytes, msg: Message) -> None:
     if msg["base_version"] != broker.store.version:
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             f"round {msg['round']} trains version {broker.store.version}")
-    # Strategies aggregate dense arrays; a sparse payload is a wire encoding, not a different update.
-    tensors = {k: t.to_dense() if isinstance(t, SparseTensor) else t for k, t in msg.tensors.items()}
+    tensors = densify(msg.tensors)
     broker.updates.append(Update(record.worker, msg["num_examples"], tensors, msg["kind"],
                                  msg["base_version"], dict(msg.get("metrics") or {})))
     broker.policy.record(record.worker)
@@ -86,12 +85,12 @@ async def on_push(broker: "Broker", identity: bytes, msg: Message) -> None:
     broker.changed.set()
 
 
-async def on_heartbeat(broker: "Broker", identity: bytes, msg: Message) -> None:
+async def on_heartbeat(broker: Broker, identity: bytes, msg: Message) -> None:
     _require_joined(broker, identity, msg)
     await broker.reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))
 
 
-async def on_leave(broker: "Broker", identity: bytes, msg: Message) -> None:
+async def on_leave(broker: Broker, identity: bytes, msg: Message) -> None:
     record = broker.registry.by_identity(identity)
     if record is not None:
         broker.drop(record, f"left ({msg.get('reason') or 'no reason given'})")

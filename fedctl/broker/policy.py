@@ -8,8 +8,8 @@ It never sees a socket or a clock of its own, so it is tested with scripted arri
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

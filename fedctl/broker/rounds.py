@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from fedctl.wire import constants as C
 from fedctl.wire import make
@@ -25,7 +26,7 @@ def _mb(n: int) -> str:
 class RoundDriver:
     """Drives rounds ``state['round'] + 1 … rounds`` of one broker."""
 
-    def __init__(self, broker: "Broker") -> None:
+    def __init__(self, broker: Broker) -> None:
         self.b = broker
 
     async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool:
@@ -43,11 +44,21 @@ class RoundDriver:
             except TimeoutError:
                 continue
 
-    def _try_open(self, round_no: int) -> "OpenRound | None":
-        ready = [r.worker for r in self.b.registry.waiting()]
-        return self.b.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
+    async def wait_open(self, round_no: int) -> OpenRound:
+        """Wait until the policy opens round ``round_no`` with the workers whose pulls wait."""
+        opened: list[OpenRound] = []
 
-    async def _hand_out(self, opened: "OpenRound") -> None:
+        def try_open() -> bool:
+            ready = [r.worker for r in self.b.registry.waiting()]
+            got = self.b.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
+            if got is not None:
+                opened.append(got)
+            return got is not None
+
+        await self.wait_until(try_open)
+        return opened[0]
+
+    async def _hand_out(self, opened: OpenRound) -> None:
         """Answer each sampled worker's pull with the model; the tensor frames are encoded once per round."""
         weights = self.b.store.weights
         frames = encode_tensors(weights)
@@ -67,18 +78,10 @@ class RoundDriver:
         last: dict[str, Any] = {}
         while b.state["round"] < b.config.rounds:
             round_no = b.state["round"] + 1
-            opened: list[OpenRound] = []
-
-            def ready() -> bool:
-                got = self._try_open(round_no)
-                if got is not None:
-                    opened.append(got)
-                return got is not None
-
-            await self.wait_until(ready)
+            opened = await self.wait_open(round_no)
             started, in0, out0 = time.perf_counter(), b.transport.counters.bytes_in, b.transport.counters.bytes_out
             b.updates = []
-            await self._hand_out(opened[0])
+            await self._hand_out(opened)
             await self.wait_until(lambda: b.policy.should_close(b.now()), b.policy.time_left(b.now()))
             closed, ok = b.policy.close()
             if not ok:
@@ -89,7 +92,7 @@ class RoundDriver:
             last = await self._complete(closed, started, in0, out0)
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected)}
 
-    async def _complete(self, closed: "OpenRound", started: float, in0: int, out0: int) -> dict[str, Any]:
+    async def _complete(self, closed: OpenRound, started: float, in0: int, out0: int) -> dict[str, Any]:
         b = self.b
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
         updates = sorted(b.updates, key=lambda u: u.worker)
@@ -101,7 +104,7 @@ class RoundDriver:
         evaluation = await asyncio.to_thread(b.evaluator, b.store.weights) if b.evaluator else {}
         n = sum(u.num_examples for u in updates)
         train_loss = sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1)
-        record = {"round": closed.number, "version": b.store.version,
+        record: dict[str, Any] = {"round": closed.number, "version": b.store.version,
                   "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
                   "train_loss": train_loss, "participants": len(updates), "selected": len(closed.selected),
                   "connected": len(b.registry), "bytes_in": b.transport.counters.bytes_in - in0,

@@ -53,7 +53,8 @@ def serve_cmd(bind: str, model: str, strategy: str, rounds: int, fraction: float
     """Run the parameter server: hold the global model, run synchronous rounds, aggregate, checkpoint."""
     check_endpoint(bind, "--bind", bind=True)
     config = BrokerConfig(bind=bind, model=model, strategy=strategy, rounds=rounds,
-                          task=TaskConfig(epochs, batch_size, lr), sync=SyncConfig(fraction, min_workers, round_timeout),
+                          task=TaskConfig(epochs, batch_size, lr),
+                          sync=SyncConfig(fraction, min_workers, round_timeout),
                           seed=seed, state_dir=state_dir, heartbeat_interval_s=heartbeat_interval,
                           liveness_s=liveness, max_message_bytes=int(max_message_mb * 2**20))
     evaluator = None

@@ -8,8 +8,8 @@ the common convention of both frameworks: dense weights are (out, in), conv weig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -86,7 +86,8 @@ def _lenet5() -> ModelSpec:
         *_dense("fc2", 120, 84),
         *_dense("fc3", 84, 10),
     )
-    return ModelSpec("lenet5", (1, 28, 28), 10, params, "LeNet-5: conv5x5(6,pad 2)-pool-conv5x5(16)-pool-120-84-10, ReLU, max pool")
+    return ModelSpec("lenet5", (1, 28, 28), 10, params,
+                     "LeNet-5: conv5x5(6, pad 2)-pool-conv5x5(16)-pool-120-84-10, ReLU, max pool")
 
 
 MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5}

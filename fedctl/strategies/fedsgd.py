@@ -7,7 +7,8 @@ mini-batch of B local examples (synchronous large-batch SGD). E is ignored: one 
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def weighted_sum(tensors: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
 
 def weighted_mean(tensors: Sequence[Mapping[str, np.ndarray]], counts: Sequence[int]) -> Params:
     """Example-weighted mean Σ_k (n_k/n) · tensors[k]."""
-    return weighted_sum(tensors, example_weights(counts))
+    return weighted_sum(tensors, example_weights(counts).tolist())
 
 
 def axpy(alpha: float, x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray]) -> Params:

@@ -10,7 +10,7 @@ from fedctl.errors import ConfigError
 if TYPE_CHECKING:
     from fedctl.strategies.base import Strategy, TaskConfig
 
-_REGISTRY: dict[str, type["Strategy"]] = {}
+_REGISTRY: dict[str, type[Strategy]] = {}
 _BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg")
 S = TypeVar("S", bound=type)
 
@@ -36,7 +36,7 @@ def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_strategy(name: str, task: "TaskConfig") -> "Strategy":
+def get_strategy(name: str, task: TaskConfig) -> Strategy:
     """Instantiate the strategy registered as ``name``; ConfigError lists the known ones otherwise."""
     _load_builtins()
     try:

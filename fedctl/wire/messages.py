@@ -6,15 +6,16 @@ the type, every header field against :data:`SCHEMA` and every tensor frame befor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import msgpack
 
 from fedctl.errors import ProtocolError
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import Tensor, decode_tensor, encode_tensor
+from fedctl.wire.tensors import MSGPACK_ERRORS, Tensor, decode_tensor, encode_tensor
 
 Check = Callable[[Any], bool]
 
@@ -136,7 +137,7 @@ def _header(frame: bytes | memoryview) -> dict[str, Any]:
         raise _fail(ErrorCode.TOO_LARGE, f"header frame of {len(frame)} bytes exceeds {C.MAX_HEADER_BYTES}")
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
-    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+    except MSGPACK_ERRORS as exc:
         raise _fail(ErrorCode.MALFORMED, f"header frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise _fail(ErrorCode.MALFORMED, "header frame is not a msgpack map")
@@ -145,9 +146,11 @@ def _header(frame: bytes | memoryview) -> dict[str, Any]:
 
 def peek_id(frame: bytes | memoryview) -> int | None:
     """Best-effort request id of a header frame, so an error reply can name the request it refuses."""
+    if len(frame) > C.MAX_HEADER_BYTES:
+        return None
     try:
-        header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0) if len(frame) < C.MAX_HEADER_BYTES else None
-    except Exception:  # a malformed frame has no id; the error reply goes without one
+        header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0)
+    except MSGPACK_ERRORS:  # a malformed frame has no id; the error reply goes without one
         return None
     msg_id = header.get("id") if isinstance(header, dict) else None
     return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) and 0 <= msg_id < 2**63 else None
@@ -173,7 +176,8 @@ def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESS
     mtype = header.get("type")
     if not isinstance(mtype, str) or mtype not in SCHEMA or mtype not in set(allowed):
         raise _fail(ErrorCode.UNKNOWN_TYPE, f"message type {mtype!r} is not accepted here")
-    msg_id, re = header.get("id"), header.get("re")
+    msg_id: Any = header.get("id")
+    re: Any = header.get("re")
     if not _int(0)(msg_id) or (re is not None and not _int(0)(re)):
         raise _fail(ErrorCode.BAD_FIELD, "header fields 'id' and 're' must be non-negative integers")
     declared = header.get("tensors", 0)

@@ -7,8 +7,9 @@ numpy array is built; nothing from the network is unpickled or trusted for a siz
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 import msgpack
 import numpy as np
@@ -52,7 +53,15 @@ class SparseTensor:
         return out.reshape(self.shape)
 
 
-Tensor = Union[np.ndarray, SparseTensor]
+Tensor = Union[np.ndarray, SparseTensor]  # noqa: UP007 - a runtime alias, valid on Python 3.10
+
+MSGPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.exceptions.UnpackException)
+"""What msgpack raises for malformed or over-limit input (ExtraData, FormatError, StackError are among them)."""
+
+
+def densify(tensors: Mapping[str, Tensor]) -> dict[str, np.ndarray]:
+    """Dense arrays of a message's tensors: sparse payloads are a wire encoding, not different values."""
+    return {k: t.to_dense() if isinstance(t, SparseTensor) else t for k, t in tensors.items()}
 
 
 def _bad(message: str, code: ErrorCode = ErrorCode.BAD_TENSOR) -> ProtocolError:
@@ -61,7 +70,7 @@ def _bad(message: str, code: ErrorCode = ErrorCode.BAD_TENSOR) -> ProtocolError:
 
 def _as_buffer(arr: np.ndarray) -> memoryview:
     # A byte view of the flat array: memoryview.cast refuses shapes with a zero, e.g. an empty (3, 0) tensor.
-    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _dtype_str(arr: np.ndarray) -> str:
@@ -149,7 +158,7 @@ def decode_tensor(frame: bytes | memoryview) -> tuple[str, Tensor]:
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_array_len=MAX_NDIM,
                                max_map_len=16, max_str_len=1024, max_ext_len=0)
-    except Exception as exc:  # msgpack raises several unrelated types for malformed input
+    except MSGPACK_ERRORS as exc:
         raise _bad(f"tensor frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(body, dict):
         raise _bad("tensor frame is not a msgpack map")
@@ -190,6 +199,7 @@ def check_against_spec(tensors: Mapping[str, Tensor], expected: Mapping[str, tup
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != tuple(expected[name]):
             raise ProtocolError(ErrorCode.MODEL_MISMATCH,
-                                f"tensor {name!r} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[name])}")
+                                f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                f"the model needs {tuple(expected[name])}")
         if _dtype_str(np.empty(0, tensor.dtype)) not in dtypes:
             raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"tensor {name!r} has dtype {tensor.dtype}, expected float32")

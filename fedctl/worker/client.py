@@ -11,8 +11,9 @@ import logging
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -21,6 +22,7 @@ from fedctl.errors import ConfigError, ModelMismatch, RemoteError, TransportErro
 from fedctl.models import ModelSpec, get_model
 from fedctl.strategies import TaskConfig, get_strategy
 from fedctl.wire import constants as C
+from fedctl.wire import densify
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.frameworks.base import Trainer
@@ -149,7 +151,8 @@ class Worker:
         lost_task = asyncio.ensure_future(lost.wait())
         done_task = asyncio.ensure_future(self.conn.done.wait())
         try:
-            await asyncio.wait({future, lost_task, done_task}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {future, lost_task, done_task}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost_task.cancel()
             done_task.cancel()
@@ -172,7 +175,7 @@ class Worker:
         task = dict(model["task"])
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
                                                                float(task["lr"])))
-        weights = {k: v for k, v in model.tensors.items()}
+        weights = densify(model.tensors)
         started = time.perf_counter()
         result = await asyncio.to_thread(strategy.client_update, weights, self.trainer, task)
         metrics = {k: float(v) for k, v in result.metrics.items()}
