@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.stamp-install
 # MXNet 1.9.1 has no wheels beyond Python 3.11: newer Pythons get a PyTorch-only install.
 EXTRAS := $(shell $(PYTHON) -c 'import sys; print("torch,mxnet,dev" if sys.version_info < (3, 12) else "torch,dev")')
 
-.PHONY: install test test-fast demo bench lint typecheck clean fashion-mnist
+.PHONY: install test acceptance test-fast demo bench lint typecheck clean fashion-mnist
 
 install: $(STAMP)
 
@@ -27,7 +27,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q tests
+
+acceptance: install
+	$(PY) -m pytest -q -m slow tests
 
 test-fast: install
 	$(PY) -m pytest -q -x -m "not slow" tests/unit
