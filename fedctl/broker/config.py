@@ -26,6 +26,10 @@ class BrokerConfig:
     heartbeat_interval_s: float = 1.0
     liveness_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    eval_every: int = 1
+    """Evaluate the global model every this many rounds (and after the last one)."""
+    target_accuracy: float | None = None
+    """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
 
@@ -35,5 +39,9 @@ class BrokerConfig:
         if not 0 < self.heartbeat_interval_s < self.liveness_s:
             raise ConfigError("heartbeat interval must be positive and shorter than the liveness timeout",
                               "e.g. --heartbeat-interval 1 --liveness 10")
+        if self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max message size {self.max_message_bytes} is too small")

@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from fedctl.errors import ConfigError, ModelMismatch, RemoteError, TransportError
 from fedctl.models import ModelSpec, get_model
-from fedctl.strategies import TaskConfig, get_strategy
+from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
 from fedctl.wire import constants as C
 from fedctl.wire import densify
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
@@ -81,6 +81,8 @@ class Worker:
         self.make_trainer = make_trainer
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.trainer: Trainer | None = None
+        """Built on the first round the worker is sampled for, so idle workers hold no framework model."""
+        self.spec: ModelSpec | None = None
         self.run: dict[str, Any] = {}
         self.rounds_trained = 0
         self.conn: Connection | None = None
@@ -125,9 +127,7 @@ class Worker:
             if reply.type == C.ERROR:
                 raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
             self.run = dict(reply["run"])
-            spec = check_spec(self.run["model"])
-            if self.trainer is None:
-                self.trainer = self.make_trainer(spec)
+            spec = self.spec = check_spec(self.run["model"])
         except BaseException:
             self._close()  # a refused join must not leave its socket open
             raise
@@ -169,15 +169,22 @@ class Worker:
             raise Rejoin()
         raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
 
+    def _train(self, strategy: Strategy, weights: dict[str, Any], task: dict[str, Any]) -> ClientResult:
+        """Runs in a worker thread: build the framework model on first use, then the strategy's client rule."""
+        if self.trainer is None:
+            assert self.spec is not None
+            self.trainer = self.make_trainer(self.spec)
+        return strategy.client_update(weights, self.trainer, task)
+
     async def _round(self, model: Message, lost: asyncio.Event) -> Message:
         """Train on the model the broker handed out and push the update; returns the broker's answer."""
-        assert self.conn is not None and self.trainer is not None
+        assert self.conn is not None
         task = dict(model["task"])
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
                                                                float(task["lr"])))
         weights = densify(model.tensors)
         started = time.perf_counter()
-        result = await asyncio.to_thread(strategy.client_update, weights, self.trainer, task)
+        result = await asyncio.to_thread(self._train, strategy, weights, task)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["train_time_s"] = time.perf_counter() - started
         future = await self.conn.request(C.PUSH, tensors=result.tensors, round=model["round"],

@@ -1,0 +1,99 @@
+"""``fedctl bench``: experiments that write JSON, markdown and PNG results (``fedctl bench fl --preset ...``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.policy import SyncConfig
+from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
+from fedctl.data.shards import read_manifest
+from fedctl.sim.baseline import run_centralized
+from fedctl.sim.metrics import summarize, summarize_centralized
+from fedctl.sim.presets import PRESETS, Preset, get_preset
+from fedctl.sim.report import merge_results, write_report
+from fedctl.sim.runner import SimConfig
+from fedctl.strategies import TaskConfig
+
+log = logging.getLogger(__name__)
+
+
+def _row(p: Preset, records: list[dict[str, Any]], summary: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {"preset": p.name, "label": p.label(), "model": p.model, "strategy": p.strategy, "epochs": p.epochs,
+            "batch_size": p.batch_size, "fraction": p.fraction, "lr": p.lr, "partition": p.partition,
+            "target": p.target, "paper_rounds": p.paper_rounds, "paper_note": p.paper_note,
+            "command": f"fedctl bench fl --preset {p.name}", "records": records, "summary": summary, **extra}
+
+
+def run_central(p: Preset, source_dir: Path | None, max_epochs: int, parallel: int) -> dict[str, Any]:
+    with console.status(f"[bold]{p.name}[/]: centralised SGD") as status:
+        def on_eval(rec: dict[str, Any]) -> None:
+            status.update(f"[bold]{p.name}[/]: epoch {rec['epoch']:.2f}  accuracy {rec['test_accuracy']:.4f}")
+
+        records = run_centralized(p.model, p.dataset, source_dir, batch_size=p.batch_size, lr=p.lr,
+                                  max_epochs=max_epochs, target=p.target, threads=parallel, on_eval=on_eval)
+    return _row(p, records, summarize_centralized(records, p.target), {"peak_rss_mb": None, "workers": 1})
+
+
+def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int, parallel: int,
+                  stop_at_target: bool) -> dict[str, Any]:
+    data = ensure_partition(None, p.dataset, p.clients, None if p.iid else 2, source_dir, 0, out / "partitions")
+    sampled = max(math.floor(p.fraction * p.clients + 1e-9), 1)
+    state = out / "runs" / p.name
+    config = BrokerConfig(model=p.model, strategy=p.strategy, rounds=max_rounds,
+                          task=TaskConfig(p.epochs, p.batch_size, p.lr), sync=SyncConfig(p.fraction, sampled, 900.0),
+                          seed=0, state_dir=state, eval_every=p.eval_every,
+                          target_accuracy=p.target if stop_at_target else None, done_linger_s=2.0)
+    summary, _ = run_with_progress(config, SimConfig(data, backend="torch", parallel=parallel), "torch", p.name)
+    records = [r for r in _read_jsonl(state / "metrics.jsonl")]
+    return _row(p, records, summarize(records, p.target, p.fraction, p.epochs),
+                {"peak_rss_mb": summary["peak_rss_mb"], "workers": summary["workers"],
+                 "dataset": read_manifest(data).get("dataset")})
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@click.group("bench")
+def bench_group() -> None:
+    """Benchmarks and experiments; results go to --out as JSON, markdown and PNG."""
+
+
+@bench_group.command("fl")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
+              help="Experiment to run (repeatable); see docs/results.md.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True)
+@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the MNIST IDX files are (otherwise the usual search path).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None,
+              help="Override the preset's round budget (epochs for centralised presets).")
+@click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
+@click.option("--stop-at-target/--full-budget", default=True, show_default=True,
+              help="End a run at its target accuracy, or run the whole round budget.")
+def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
+             stop_at_target: bool) -> None:
+    """Federated-learning experiments of the seed (McMahan et al. on MNIST): rounds, bytes and wall time to the
+    target accuracy, beside the centralised baseline. Rows accumulate in OUT/fl.json; a stopped run resumes."""
+    if not presets:
+        raise click.UsageError("name at least one --preset (e.g. --preset lenet5-fedavg-e5-b10-iid)")
+    quiet_workers()
+    for name in presets:
+        p = get_preset(name)
+        budget = max_rounds or p.max_rounds
+        row = (run_central(p, source_dir, budget, parallel) if p.strategy == "central"
+               else run_federated(p, out, source_dir, budget, parallel, stop_at_target))
+        rows = merge_results(out / "fl.json", [row])
+        files = write_report(rows, out, "fl")
+        s = row["summary"]
+        reached = s.get("rounds_to_target", s.get("epochs_to_target"))
+        console.print(f"[bold]{name}[/]: best accuracy {s.get('best_accuracy')}, to target "
+                      f"{'not reached' if reached is None else f'{reached:.1f}'}; table in {files.get('md')}")

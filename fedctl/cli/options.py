@@ -1,0 +1,59 @@
+"""Options shared by the commands that run a federation (``serve`` and ``simulate``) and the config they build."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.policy import SyncConfig
+from fedctl.models import MODELS
+from fedctl.strategies import TaskConfig, strategy_names
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RUN_OPTIONS = [
+    click.option("--model", type=click.Choice(sorted(MODELS)), default="mlp", show_default=True),
+    click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True),
+    click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True),
+    click.option("--fraction", "-C", type=float, default=1.0, show_default=True,
+                 help="Client fraction C: each round samples max(C·K, 1) of the K connected workers."),
+    click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Quorum: a round starts once this many workers wait, and at the deadline it is aggregated "
+                      "only if min(this, sampled) updates arrived (otherwise retried)."),
+    click.option("--round-timeout", type=float, default=120.0, show_default=True, help="Round deadline, seconds."),
+    click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs E."),
+    click.option("--batch-size", "-B", type=click.IntRange(min=0), default=10, show_default=True,
+                 help="Local batch size B (0 = the whole shard, B=∞)."),
+    click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate η."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="Seed of the model initialisation and sampling."),
+    click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default"),
+                 show_default=True, help="Checkpoints and metrics.jsonl go here; an existing run there is resumed."),
+    click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Evaluate every N rounds (and after the last)."),
+    click.option("--target-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help="End the run once the evaluated test accuracy reaches this."),
+]
+RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
+            "seed", "state_dir", "eval_every", "target_accuracy")
+
+
+def run_options(f: F) -> F:
+    """Decorate a click command with the options of a federated run."""
+    for option in reversed(RUN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
+    """Build the BrokerConfig from the run options (popped from ``options``) plus ``extra`` fields."""
+    o = {k: options.pop(k) for k in RUN_KEYS}
+    return BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
+                        task=TaskConfig(o["epochs"], o["batch_size"], o["lr"]),
+                        sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
+                        state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
+                        **extra)

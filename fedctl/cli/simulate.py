@@ -1,0 +1,97 @@
+"""``fedctl simulate``: one broker and K virtual workers in this process, on the deployment code path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.cli.common import make_evaluator, resolve_backend
+from fedctl.cli.options import broker_config, run_options
+from fedctl.data.partition import write_partition
+from fedctl.data.shards import load_shard
+from fedctl.models import get_model
+from fedctl.sim.runner import SimConfig, simulate
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+def ensure_partition(data_dir: Path | None, dataset: str, clients: int, shards_per_client: int | None,
+                     source_dir: Path | None, seed: int, cache_root: Path) -> Path:
+    """Use ``data_dir`` if given, else partition the dataset once into ``cache_root`` and reuse it."""
+    if data_dir is not None:
+        return data_dir
+    scheme = "iid" if shards_per_client is None else f"shards{shards_per_client}"
+    out = cache_root / f"{dataset}-{clients}-{scheme}-seed{seed}"
+    if not (out / "manifest.json").is_file():
+        console.print(f"partitioning {dataset} into {clients} clients ({scheme}) → {out}")
+        write_partition(dataset, out, clients=clients, scheme="iid" if shards_per_client is None else "shards",
+                        shards_per_client=shards_per_client, seed=seed, source_dir=source_dir)
+    return out
+
+
+def quiet_workers() -> None:
+    """A hundred virtual workers logging every round drown the progress display: keep their warnings only."""
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("fedctl.worker", "fedctl.broker"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, title: str) -> tuple[dict, float]:
+    """Simulate with a progress bar (round, accuracy, ETA); returns the summary and wall seconds."""
+    evaluator = make_evaluator(resolve_backend(eval_backend), get_model(config.model),
+                               load_shard(sim.data_dir, "test"), threads=1)
+    with Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  transient=False) as progress:
+        task = progress.add_task("rounds", total=config.rounds, acc="starting")
+
+        def on_round(rec: dict[str, Any]) -> None:
+            acc = rec.get("test_accuracy")
+            progress.update(task, completed=rec["round"],
+                            acc=progress.tasks[task].fields["acc"] if acc is None else f"accuracy {acc:.4f}")
+
+        started = time.perf_counter()
+        summary = asyncio.run(simulate(config, sim, evaluator, on_round=on_round))
+    return summary, time.perf_counter() - started
+
+
+@click.command("simulate")
+@run_options
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A partition from `fedctl partition`; otherwise one is made from --dataset and cached.")
+@click.option("--dataset", default="mnist", show_default=True)
+@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--shards-per-client", type=click.IntRange(min=1), default=None,
+              help="Non-IID partition (McMahan et al.); IID when absent.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Virtual workers [default: one per shard].")
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Training threads shared by the virtual workers.")
+@click.option("--transport", type=click.Choice(["tcp", "inproc"]), default="tcp", show_default=True)
+def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
+                 shards_per_client: int | None, workers: int | None, backend: str, parallel: int, transport: str,
+                 **run: Any) -> None:
+    """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
+    `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
+    quiet_workers()
+    config = broker_config(run, done_linger_s=2.0)
+    data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
+                            Path(config.state_dir).parent / "partitions")
+    sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport)
+    summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
+    last = summary["last"]
+    acc = last.get("test_accuracy") if last else None
+    click.echo(f"simulated {summary['workers']} workers ({summary['workers_that_trained']} trained): "
+               f"{summary['rounds']} rounds" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+               + f", {wall:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MiB; metrics in "
+               f"{config.state_dir}/metrics.jsonl")

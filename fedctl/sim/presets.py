@@ -1,0 +1,91 @@
+"""Experiment presets reproducing the seed's setup (McMahan et al. 2017 on MNIST, 100 clients × 600 images).
+
+A preset names everything a row of the results table needs: model, strategy, E, B, C, partition, learning
+rate, target accuracy, a round budget, and the paper's reference figure where one exists (REFERENCES.md).
+Learning rates were picked from a small multiplicative grid per setting (docs/results.md says which).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedctl.errors import ConfigError
+
+TARGETS = {"mlp": 0.97, "lenet5": 0.99}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One federated (or centralised) experiment."""
+
+    name: str
+    model: str
+    strategy: str  # "fedavg", "fedsgd", or "central" for the centralised baseline
+    epochs: int
+    batch_size: int  # 0 = B=∞
+    lr: float
+    fraction: float = 0.1
+    clients: int = 100
+    dataset: str = "mnist"
+    iid: bool = True
+    max_rounds: int = 300
+    eval_every: int = 1
+    paper_rounds: int | None = None
+    paper_note: str = ""
+
+    @property
+    def target(self) -> float:
+        return TARGETS[self.model]
+
+    @property
+    def partition(self) -> str:
+        return "IID" if self.iid else "non-IID (2 label shards per client)"
+
+    def label(self) -> str:
+        if self.strategy == "central":
+            return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g})"
+        b = "∞" if self.batch_size == 0 else str(self.batch_size)
+        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}"
+
+
+def _p(name: str, model: str, strategy: str, e: int, b: int, lr: float, iid: bool = True, rounds: int = 300,
+       paper: int | None = None, every: int = 1, note: str = "") -> Preset:
+    return Preset(name, model, strategy, e, b, lr, iid=iid, max_rounds=rounds, paper_rounds=paper,
+                  eval_every=every, paper_note=note)
+
+
+PAPER_2NN = "paper's 2NN (199,210 parameters), Table 1"
+PAPER_CNN = "paper's CNN (1,663,370 parameters), Table 2"
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # MLP 784-128-64-10 to 97%
+    _p("mlp-fedsgd-iid", "mlp", "fedsgd", 1, 0, 0.5, rounds=3000, paper=1474, every=5, note=PAPER_2NN),
+    _p("mlp-fedavg-e1-b10-iid", "mlp", "fedavg", 1, 10, 0.1, rounds=400, paper=87, note=PAPER_2NN),
+    _p("mlp-fedavg-e1-b50-iid", "mlp", "fedavg", 1, 50, 0.1, rounds=600),
+    _p("mlp-fedavg-e5-b10-iid", "mlp", "fedavg", 5, 10, 0.05, rounds=300),
+    _p("mlp-fedavg-e5-b50-iid", "mlp", "fedavg", 5, 50, 0.1, rounds=300),
+    _p("mlp-fedsgd-noniid", "mlp", "fedsgd", 1, 0, 0.5, iid=False, rounds=3000, paper=1796, every=5,
+       note=PAPER_2NN),
+    _p("mlp-fedavg-e1-b10-noniid", "mlp", "fedavg", 1, 10, 0.05, iid=False, rounds=600, paper=664, note=PAPER_2NN),
+    # LeNet-5 to 99%
+    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.2, rounds=3000, paper=626, every=10, note=PAPER_CNN),
+    _p("lenet5-fedavg-e1-b10-iid", "lenet5", "fedavg", 1, 10, 0.05, rounds=300, paper=34, note=PAPER_CNN),
+    _p("lenet5-fedavg-e1-b50-iid", "lenet5", "fedavg", 1, 50, 0.1, rounds=300, paper=65, note=PAPER_CNN),
+    _p("lenet5-fedavg-e5-b10-iid", "lenet5", "fedavg", 5, 10, 0.05, rounds=200, paper=20, note=PAPER_CNN),
+    _p("lenet5-fedavg-e5-b50-iid", "lenet5", "fedavg", 5, 50, 0.1, rounds=200, paper=29, note=PAPER_CNN),
+    _p("lenet5-fedavg-e5-b10-noniid", "lenet5", "fedavg", 5, 10, 0.05, iid=False, rounds=300, paper=229,
+       note=PAPER_CNN),
+    # Centralised baselines: plain SGD on all 60,000 images; "rounds" are epochs here.
+    _p("central-mlp", "mlp", "central", 1, 10, 0.1, rounds=30),
+    _p("central-lenet5", "lenet5", "central", 1, 10, 0.05, rounds=20),
+    # Smoke: the pipeline end to end in seconds (CI).
+    Preset("smoke", "mlp", "fedavg", 1, 10, 0.1, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=3),
+    Preset("smoke-central", "mlp", "central", 1, 10, 0.1, dataset="mnist-sample", max_rounds=1),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}", f"choose from: {', '.join(PRESETS)}") from None

@@ -1,0 +1,100 @@
+"""Run one broker and K virtual workers in one process, over real ZeroMQ sockets and the real codec.
+
+Every virtual worker is a :class:`fedctl.worker.client.Worker` — the code ``fedctl join`` runs — with its own
+DEALER socket and identity, its own shard and its own state; they share one asyncio loop and a small thread
+pool for training, so only the sampled workers use CPU. The broker is the ``fedctl serve`` broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import resource
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.service import Broker, Evaluator
+from fedctl.data.shards import Shard, list_shards, load_shard
+from fedctl.errors import ConfigError
+from fedctl.models import ModelSpec
+from fedctl.worker.client import Worker, WorkerConfig
+from fedctl.worker.frameworks import create_trainer
+from fedctl.worker.frameworks.base import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How to host the virtual workers."""
+
+    data_dir: Path
+    workers: int | None = None
+    """How many shards of ``data_dir`` get a worker (default: all)."""
+    backend: str = "torch"
+    device: str = "cpu"
+    parallel: int = 2
+    """Training threads shared by all virtual workers (sampled workers train concurrently up to this)."""
+    transport: str = "tcp"
+    """``tcp`` (loopback, as across machines) or ``inproc``."""
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ConfigError(f"--parallel must be at least 1, got {self.parallel}")
+        if self.transport not in ("tcp", "inproc"):
+            raise ConfigError(f"unknown transport {self.transport!r}", "use tcp or inproc")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _trainer_factory(shard: Shard, backend: str, device: str) -> Callable[[ModelSpec], Trainer]:
+    return lambda spec: create_trainer(backend, spec, shard.x, shard.y, device=device, threads=1)
+
+
+def load_shards(sim: SimConfig) -> list[Shard]:
+    names = list_shards(sim.data_dir)
+    if sim.workers is not None:
+        if sim.workers > len(names):
+            raise ConfigError(f"{sim.data_dir} holds {len(names)} shards, {sim.workers} workers were asked for",
+                              "partition into more clients or ask for fewer workers")
+        names = names[: sim.workers]
+    return [load_shard(sim.data_dir, name) for name in names]
+
+
+async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evaluator | None = None,
+                   on_round: Callable[[dict[str, Any]], None] | None = None,
+                   shards: list[Shard] | None = None) -> dict[str, Any]:
+    """Run a whole federated run with virtual workers; returns the broker's summary plus host figures."""
+    shards = shards if shards is not None else load_shards(sim)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train"))
+    ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, max(1024, 2 * len(shards) + 64))
+    bind = "inproc://fedctl-sim" if sim.transport == "inproc" else "tcp://127.0.0.1:*"
+    config = dataclasses.replace(broker_config, bind=bind)
+    try:
+        broker = Broker(config, evaluator, on_round=on_round, ctx=ctx)
+        workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
+                                       connect_timeout_s=120.0), _trainer_factory(shard, sim.backend, sim.device),
+                          ctx=ctx) for shard in shards]
+        log.info("simulating %d workers (%s) against %s", len(workers), sim.backend, broker.endpoint)
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(broker.run())
+            for worker in workers:
+                tg.create_task(worker.serve())
+        summary = run.result()
+    finally:
+        ctx.destroy(linger=0)
+    trained = sum(1 for w in workers if w.trainer is not None)
+    return {**summary, "workers": len(workers), "workers_that_trained": trained, "peak_rss_mb": peak_rss_mb()}
