@@ -40,6 +40,7 @@ demo: install
 
 bench: install
 	$(PY) bench/run.py
+	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
 
 lint: install
 	$(VENV)/bin/ruff check fedctl tests bench

@@ -97,3 +97,59 @@ def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_r
         reached = s.get("rounds_to_target", s.get("epochs_to_target"))
         console.print(f"[bold]{name}[/]: best accuracy {s.get('best_accuracy')}, to target "
                       f"{'not reached' if reached is None else f'{reached:.1f}'}; table in {files.get('md')}")
+
+
+@bench_group.command("scale")
+@click.option("--workers", "counts", multiple=True, type=click.IntRange(min=10), default=(100, 1000),
+              show_default=True, help="Numbers of connected virtual workers to measure (repeatable).")
+@click.option("--sampled", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Workers sampled per round (C = sampled / K).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--dataset", default="mnist-sample", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True)
+def bench_scale(counts: tuple[int, ...], sampled: int, rounds: int, dataset: str, out: Path) -> None:
+    """Peak RSS and round time of one `fedctl simulate` process as the number of connected workers grows
+    (each K in a fresh process, so its peak RSS is its own)."""
+    rows = [_scale_run(k, sampled, rounds, dataset, out / "runs" / f"scale-{k}") for k in counts]
+    write_scale_report(rows, out)
+
+
+def _scale_run(k: int, sampled: int, rounds: int, dataset: str, state_root: Path) -> dict[str, Any]:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(state_root / "state", ignore_errors=True)
+    cmd = [sys.executable, "-m", "fedctl", "-q", "simulate", "--dataset", dataset, "--clients", str(k),
+           "--fraction", str(sampled / k), "--min-workers", str(sampled), "--rounds", str(rounds), "--model", "mlp",
+           "--state-dir", str(state_root / "state"), "--backend", "torch"]
+    with console.status(f"[bold]scale[/]: {k} workers, {sampled} sampled per round"):
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise click.ClickException(f"simulate with {k} workers failed:\n{done.stderr[-2000:]}")
+    summary = json.loads((state_root / "state" / "simulate.json").read_text())
+    records = _read_jsonl(state_root / "state" / "metrics.jsonl")
+    durations = sorted(r["duration_s"] for r in records[1:]) or [records[0]["duration_s"]]
+    row = {"workers": k, "sampled": sampled, "rounds": rounds, "peak_rss_mb": round(summary["peak_rss_mb"], 1),
+           "round_s_median": durations[len(durations) // 2], "wall_s": round(summary["wall_s"], 2),
+           "workers_that_trained": summary["workers_that_trained"], "command": " ".join(["fedctl", *cmd[4:]])}
+    console.print(f"{k} workers: peak RSS {row['peak_rss_mb']:.0f} MiB, median round {row['round_s_median']:.3f} s")
+    return row
+
+
+def write_scale_report(rows: list[dict[str, Any]], out: Path) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"results": rows}, indent=1))
+    lines = ["# Simulation scale: one process, K connected virtual workers", "",
+             "Each K runs in a fresh `fedctl simulate` process (MLP, FedAvg E=1 B=10, real TCP sockets, one DEALER "
+             "per worker); idle workers heartbeat, only the sampled ones train.", "",
+             "| connected workers K | sampled per round | peak RSS (MiB) | median round (s) | wall (s) | workers that trained |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['workers']} | {r['sampled']} | {r['peak_rss_mb']:.0f} | {r['round_s_median']:.3f} | "
+              f"{r['wall_s']:.1f} | {r['workers_that_trained']} |" for r in rows]
+    lines += ["", "Commands:", ""] + [f"    {r['command']}" for r in rows]
+    (out / "scale.md").write_text("\n".join(lines) + "\n")

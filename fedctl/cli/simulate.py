@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
     last = summary["last"]
     acc = last.get("test_accuracy") if last else None
+    (Path(config.state_dir) / "simulate.json").write_text(json.dumps({**summary, "wall_s": wall}, indent=1))
     click.echo(f"simulated {summary['workers']} workers ({summary['workers_that_trained']} trained): "
                f"{summary['rounds']} rounds" + (f", test accuracy {acc:.4f}" if acc is not None else "")
                + f", {wall:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MiB; metrics in "

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 def test_one_epoch_on_the_sample() -> None:
     seen: list[dict[str, Any]] = []
     records = run_centralized("mlp", "mnist-sample", batch_size=10, lr=0.1, max_epochs=1, evals_per_epoch=2,
-                              on_eval=seen.append, threads=2)
+                              on_eval=seen.append, threads=1)
     assert seen == records
     assert [r["epoch"] for r in records] == [0.0, 0.5, 1.0]
     assert records[0]["wall_s"] == 0.0 and records[0]["test_accuracy"] < 0.3
@@ -31,7 +31,7 @@ def test_one_epoch_on_the_sample() -> None:
 
 @pytest.mark.timeout(120)
 def test_stops_one_evaluation_after_the_target() -> None:
-    records = run_centralized("mlp", "mnist-sample", max_epochs=3, evals_per_epoch=4, target=0.5, threads=2)
+    records = run_centralized("mlp", "mnist-sample", max_epochs=3, evals_per_epoch=4, target=0.5, threads=1)
     # The first chunk (a quarter epoch, 250 steps) already passes 50%; one more evaluation follows it.
     reached = next(i for i, r in enumerate(records) if r["test_accuracy"] >= 0.5)
     assert len(records) == reached + 2
@@ -39,8 +39,8 @@ def test_stops_one_evaluation_after_the_target() -> None:
 
 @pytest.mark.timeout(120)
 def test_same_seed_same_curve() -> None:
-    a = run_centralized("mlp", "mnist-sample", max_epochs=1, evals_per_epoch=1, seed=3, threads=2)
-    b = run_centralized("mlp", "mnist-sample", max_epochs=1, evals_per_epoch=1, seed=3, threads=2)
+    a = run_centralized("mlp", "mnist-sample", max_epochs=1, evals_per_epoch=1, seed=3, threads=1)
+    b = run_centralized("mlp", "mnist-sample", max_epochs=1, evals_per_epoch=1, seed=3, threads=1)
     assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
 
 
