@@ -79,14 +79,19 @@ def bench_group() -> None:
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
 @click.option("--stop-at-target/--full-budget", default=True, show_default=True,
               help="End a run at its target accuracy, or run the whole round budget.")
+@click.option("--skip-existing", is_flag=True, help="Skip presets that already have a row in OUT/fl.json.")
 def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
-             stop_at_target: bool) -> None:
+             stop_at_target: bool, skip_existing: bool) -> None:
     """Federated-learning experiments of the seed (McMahan et al. on MNIST): rounds, bytes and wall time to the
     target accuracy, beside the centralised baseline. Rows accumulate in OUT/fl.json; a stopped run resumes."""
     if not presets:
         raise click.UsageError("name at least one --preset (e.g. --preset lenet5-fedavg-e5-b10-iid)")
     quiet_workers()
+    done = {r["preset"] for r in merge_results(out / "fl.json", [])} if skip_existing else set()
     for name in presets:
+        if name in done:
+            console.print(f"[bold]{name}[/]: already in {out / 'fl.json'}; skipped")
+            continue
         p = get_preset(name)
         budget = max_rounds or p.max_rounds
         row = (run_central(p, source_dir, budget, parallel) if p.strategy == "central"
