@@ -36,7 +36,8 @@ def run_central(p: Preset, source_dir: Path | None, max_epochs: int, parallel: i
             status.update(f"[bold]{p.name}[/]: epoch {rec['epoch']:.2f}  accuracy {rec['test_accuracy']:.4f}")
 
         records = run_centralized(p.model, p.dataset, source_dir, batch_size=p.batch_size, lr=p.lr,
-                                  max_epochs=max_epochs, target=p.target, threads=parallel, on_eval=on_eval)
+                                  max_epochs=max_epochs, target=p.target, threads=parallel, on_eval=on_eval,
+                                  lr_decay=p.lr_decay)
     return _row(p, records, summarize_centralized(records, p.target), {"peak_rss_mb": None, "workers": 1})
 
 

@@ -108,6 +108,7 @@ def run_centralized(
     stop_at_target: bool = True,
     threads: int | None = None,
     device: str = "cpu",
+    lr_decay: float = 1.0,
 ) -> list[Record]:
     """Train ``model`` centrally with plain SGD and return its learning curve.
 
@@ -119,6 +120,8 @@ def run_centralized(
         The registered dataset and, optionally, the directory holding its IDX files.
     batch_size, lr:
         Mini-batch size B (0 = full batch) and learning rate η.
+    lr_decay:
+        Per-epoch factor: epoch e trains with η · lr_decay^e (1.0 = constant, as in the federated runs).
     max_epochs:
         Upper bound on the number of passes over the training split.
     target:
@@ -140,6 +143,8 @@ def run_centralized(
         ``wall_s`` (cumulative training time, evaluation excluded).
     """
     _check_args(batch_size, lr, max_epochs, evals_per_epoch)
+    if not 0 < lr_decay <= 1:
+        raise ConfigError(f"lr_decay must be in (0, 1], got {lr_decay}", "use 1.0 for a constant learning rate")
     spec = get_model(model)
     x, y = _load_split(dataset, "train", source_dir)
     x_test, y_test = _load_split(dataset, "test", source_dir)
@@ -155,7 +160,8 @@ def run_centralized(
         chunks = np.array_split(rng.permutation(len(y)), evals_per_epoch)
         for i, idx in enumerate(chunks):
             started = time.perf_counter()
-            weights, train_loss = _train_chunk(setup, idx, weights, batch_size, lr, int(rng.integers(_SEED_SPACE)))
+            weights, train_loss = _train_chunk(setup, idx, weights, batch_size, lr * lr_decay**epoch,
+                                               int(rng.integers(_SEED_SPACE)))
             wall_s += time.perf_counter() - started
             records.append(_record(epoch + (i + 1) / evals_per_epoch, evaluator.evaluate(weights), wall_s,
                                    train_loss))

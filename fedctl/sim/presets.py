@@ -32,6 +32,8 @@ class Preset:
     eval_every: int = 1
     paper_rounds: int | None = None
     paper_note: str = ""
+    lr_decay: float = 1.0
+    """Centralised baseline only: η · lr_decay^epoch."""
 
     @property
     def target(self) -> float:
@@ -43,7 +45,8 @@ class Preset:
 
     def label(self) -> str:
         if self.strategy == "central":
-            return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g})"
+            decay = f", ×{self.lr_decay:g}/epoch" if self.lr_decay != 1.0 else ""
+            return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g}{decay})"
         b = "∞" if self.batch_size == 0 else str(self.batch_size)
         return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}"
 
@@ -77,7 +80,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        note=PAPER_CNN),
     # Centralised baselines: plain SGD on all 60,000 images; "rounds" are epochs here.
     _p("central-mlp", "mlp", "central", 1, 10, 0.1, rounds=20),
-    _p("central-lenet5", "lenet5", "central", 1, 10, 0.1, rounds=20),
+    # Constant-η SGD with B=10 hovers at 98.5–98.95% for LeNet-5 (measured); a per-epoch decay settles it.
+    Preset("central-lenet5", "lenet5", "central", 1, 10, 0.05, max_rounds=20, lr_decay=0.8),
     # Smoke: the pipeline end to end in seconds (CI).
     Preset("smoke", "mlp", "fedavg", 1, 10, 0.1, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=3),
     Preset("smoke-central", "mlp", "central", 1, 10, 0.1, dataset="mnist-sample", max_rounds=1),
