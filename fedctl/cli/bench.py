@@ -153,7 +153,8 @@ def write_scale_report(rows: list[dict[str, Any]], out: Path) -> None:
     lines = ["# Simulation scale: one process, K connected virtual workers", "",
              "Each K runs in a fresh `fedctl simulate` process (MLP, FedAvg E=1 B=10, real TCP sockets, one DEALER "
              "per worker); idle workers heartbeat, only the sampled ones train.", "",
-             "| connected workers K | sampled per round | peak RSS (MiB) | median round (s) | wall (s) | workers that trained |",
+             "| connected workers K | sampled per round | peak RSS (MiB) | median round (s) | wall (s) "
+             "| workers that trained |",
              "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['workers']} | {r['sampled']} | {r['peak_rss_mb']:.0f} | {r['round_s_median']:.3f} | "
               f"{r['wall_s']:.1f} | {r['workers_that_trained']} |" for r in rows]

@@ -23,9 +23,10 @@ with warnings.catch_warnings():
 
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.models.zoo import ModelSpec
-from fedctl.worker.frameworks import check_data, check_fit_args, epoch_batches, sample_batch, validate_weights
+from fedctl.worker.frameworks import check_data, sample_batch, validate_weights
 from fedctl.worker.frameworks.base import Params, TrainResult
 from fedctl.worker.frameworks.device import parse_device, require_gpu
+from fedctl.worker.frameworks.loop import SGDLoop
 
 __all__ = ["MXNetTrainer", "build_block"]
 
@@ -119,7 +120,7 @@ def _mx_context(device: str) -> mx.Context:
     return mx.gpu(dev.index)
 
 
-class MXNetTrainer:
+class MXNetTrainer(SGDLoop):
     """An MXNet Gluon trainer bound to one model spec, one device and one local dataset.
 
     Parameters
@@ -186,37 +187,8 @@ class MXNetTrainer:
             nd.sgd_update(weight, p.grad(self.ctx), lr=lr, wd=0.0, rescale_grad=1.0, out=weight)
         return losses.sum(), (logits.argmax(axis=1) == yb).sum()
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
-        """Plain mini-batch SGD (no momentum, no weight decay) from ``weights``; see :class:`base.Trainer`.
-
-        Metrics: ``train_loss`` and ``train_accuracy`` over the last epoch's batches (each measured before its
-        step, weighted by batch size) and ``steps``. With ``epochs`` 0 they are measured at ``weights``.
-        """
-        check_fit_args(epochs, lr)
-        self.set_weights(weights)
-        if epochs == 0:
-            ev = self.evaluate(self.get_weights())
-            return TrainResult(
-                self.get_weights(),
-                self.num_examples,
-                {"train_loss": ev["loss"], "train_accuracy": ev["accuracy"], "steps": 0},
-            )
-        rng = np.random.default_rng(seed)
-        steps = 0
-        for _ in range(epochs):
-            loss_sum = nd.zeros((1,), ctx=self.ctx)
-            correct = nd.zeros((1,), ctx=self.ctx)
-            for idx in epoch_batches(self.num_examples, batch_size, rng):
-                batch_loss, batch_correct = self._sgd_step(idx, lr)
-                loss_sum += batch_loss
-                correct += batch_correct
-                steps += 1
-        metrics = {
-            "train_loss": float(loss_sum.asscalar()) / self.num_examples,
-            "train_accuracy": float(correct.asscalar()) / self.num_examples,
-            "steps": steps,
-        }
-        return TrainResult(self.get_weights(), self.num_examples, metrics)
+    def _scalar(self, value: Any) -> float:
+        return float(value.asscalar()) if hasattr(value, "asscalar") else float(value)
 
     def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
         """Mean cross-entropy gradient at ``weights`` over the shard (``batch_size`` 0) or one sampled batch.

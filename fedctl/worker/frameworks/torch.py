@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,9 +13,10 @@ from torch import nn
 
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.models.zoo import ModelSpec
-from fedctl.worker.frameworks import check_data, check_fit_args, epoch_batches, sample_batch, validate_weights
+from fedctl.worker.frameworks import check_data, sample_batch, validate_weights
 from fedctl.worker.frameworks.base import Params, TrainResult
 from fedctl.worker.frameworks.device import parse_device, require_gpu
+from fedctl.worker.frameworks.loop import SGDLoop
 
 __all__ = ["TorchTrainer", "build_module"]
 
@@ -92,7 +94,7 @@ def _torch_device(device: str) -> torch.device:
     return torch.device("cuda", dev.index)
 
 
-class TorchTrainer:
+class TorchTrainer(SGDLoop):
     """A PyTorch trainer bound to one model spec, one device and one local dataset.
 
     Parameters
@@ -159,37 +161,8 @@ class TorchTrainer:
                 p.add_(g, alpha=-lr)
         return loss.detach() * len(yb), (logits.detach().argmax(1) == yb).sum()
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
-        """Plain mini-batch SGD (no momentum, no weight decay) from ``weights``; see :class:`base.Trainer`.
-
-        Metrics: ``train_loss`` and ``train_accuracy`` over the last epoch's batches (each measured before its
-        step, weighted by batch size) and ``steps``. With ``epochs`` 0 they are measured at ``weights``.
-        """
-        check_fit_args(epochs, lr)
-        self.set_weights(weights)
-        if epochs == 0:
-            ev = self.evaluate(self.get_weights())
-            return TrainResult(
-                self.get_weights(),
-                self.num_examples,
-                {"train_loss": ev["loss"], "train_accuracy": ev["accuracy"], "steps": 0},
-            )
-        rng = np.random.default_rng(seed)
-        steps = 0
-        for _ in range(epochs):
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), dtype=torch.int64, device=self.device)
-            for idx in epoch_batches(self.num_examples, batch_size, rng):
-                batch_loss, batch_correct = self._sgd_step(idx, lr)
-                loss_sum += batch_loss
-                correct += batch_correct
-                steps += 1
-        metrics = {
-            "train_loss": float(loss_sum) / self.num_examples,
-            "train_accuracy": float(correct) / self.num_examples,
-            "steps": steps,
-        }
-        return TrainResult(self.get_weights(), self.num_examples, metrics)
+    def _scalar(self, value: Any) -> float:
+        return float(value)
 
     def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
         """Mean cross-entropy gradient at ``weights`` over the shard (``batch_size`` 0) or one sampled batch.
