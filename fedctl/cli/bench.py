@@ -102,7 +102,7 @@ def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_r
         s = row["summary"]
         reached = s.get("rounds_to_target", s.get("epochs_to_target"))
         console.print(f"[bold]{name}[/]: best accuracy {s.get('best_accuracy')}, to target "
-                      f"{'not reached' if reached is None else f'{reached:.1f}'}; table in {files.get('md')}")
+                      f"{'not reached' if reached is None else f'{reached:.1f}'}; table in {files['markdown']}")
 
 
 @bench_group.command("scale")
