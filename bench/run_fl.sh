@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 FEDCTL=${FEDCTL:-.venv/bin/fedctl}
 SRC=${1:+--source-dir $1}
 for preset in central-mlp lenet5-fedavg-e5-b10-iid mlp-fedavg-e1-b10-iid mlp-fedsgd-iid \
-              mlp-fedavg-e1-b10-noniid lenet5-fedavg-e5-b10-noniid mlp-fedsgd-noniid lenet5-fedsgd-iid \
+              mlp-fedavg-e1-b10-noniid lenet5-fedavg-e5-b10-noniid mlp-fedsgd-noniid \
               mlp-fedavg-e1-b50-iid mlp-fedavg-e5-b10-iid mlp-fedavg-e5-b50-iid \
-              lenet5-fedavg-e1-b10-iid lenet5-fedavg-e1-b50-iid lenet5-fedavg-e5-b50-iid central-lenet5; do
-  $FEDCTL bench fl --preset "$preset" $SRC --out bench/results --skip-existing
+              lenet5-fedavg-e1-b10-iid lenet5-fedavg-e1-b50-iid lenet5-fedavg-e5-b50-iid central-lenet5 lenet5-fedsgd-iid; do
+  $FEDCTL bench fl --preset "$preset" $SRC --out bench/results --skip-existing ${PARALLEL:+--parallel $PARALLEL}
 done

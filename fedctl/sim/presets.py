@@ -62,16 +62,16 @@ PAPER_CNN = "paper's CNN (1,663,370 parameters), Table 2"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     # MLP 784-128-64-10 to 97%
-    _p("mlp-fedsgd-iid", "mlp", "fedsgd", 1, 0, 0.5, rounds=5000, paper=1474, every=10, note=PAPER_2NN),
+    _p("mlp-fedsgd-iid", "mlp", "fedsgd", 1, 0, 0.2, rounds=5000, paper=1474, every=10, note=PAPER_2NN),
     _p("mlp-fedavg-e1-b10-iid", "mlp", "fedavg", 1, 10, 0.1, rounds=300, paper=87, note=PAPER_2NN),
     _p("mlp-fedavg-e1-b50-iid", "mlp", "fedavg", 1, 50, 0.2, rounds=300),
     _p("mlp-fedavg-e5-b10-iid", "mlp", "fedavg", 5, 10, 0.1, rounds=200),
     _p("mlp-fedavg-e5-b50-iid", "mlp", "fedavg", 5, 50, 0.2, rounds=200),
-    _p("mlp-fedsgd-noniid", "mlp", "fedsgd", 1, 0, 0.5, iid=False, rounds=2000, paper=1796, every=10,
+    _p("mlp-fedsgd-noniid", "mlp", "fedsgd", 1, 0, 0.2, iid=False, rounds=3000, paper=1796, every=10,
        note=PAPER_2NN),
     _p("mlp-fedavg-e1-b10-noniid", "mlp", "fedavg", 1, 10, 0.05, iid=False, rounds=500, paper=664, note=PAPER_2NN),
     # LeNet-5 to 99%
-    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.3, rounds=3000, paper=626, every=20, note=PAPER_CNN),
+    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.15, rounds=3000, paper=626, every=25, note=PAPER_CNN),
     _p("lenet5-fedavg-e1-b10-iid", "lenet5", "fedavg", 1, 10, 0.1, rounds=150, paper=34, note=PAPER_CNN),
     _p("lenet5-fedavg-e1-b50-iid", "lenet5", "fedavg", 1, 50, 0.2, rounds=200, paper=65, note=PAPER_CNN),
     _p("lenet5-fedavg-e5-b10-iid", "lenet5", "fedavg", 5, 10, 0.1, rounds=150, paper=20, note=PAPER_CNN),
