@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import logging
 import time
 from pathlib import Path
@@ -89,7 +90,12 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
                             Path(config.state_dir).parent / "partitions")
     sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport)
-    summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
+    try:
+        summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; the completed rounds are saved in {config.state_dir} — run the same command "
+                   "again to resume", err=True)
+        sys.exit(130)
     last = summary["last"]
     acc = last.get("test_accuracy") if last else None
     (Path(config.state_dir) / "simulate.json").write_text(json.dumps({**summary, "wall_s": wall}, indent=1))
