@@ -48,7 +48,8 @@ class Preset:
             decay = f", ×{self.lr_decay:g}/epoch" if self.lr_decay != 1.0 else ""
             return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g}{decay})"
         b = "∞" if self.batch_size == 0 else str(self.batch_size)
-        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}"
+        split = "" if self.iid else ", non-IID"
+        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{split}"
 
 
 def _p(name: str, model: str, strategy: str, e: int, b: int, lr: float, iid: bool = True, rounds: int = 300,
