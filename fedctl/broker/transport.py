@@ -14,6 +14,7 @@ import zmq.asyncio
 from fedctl.errors import TransportError
 
 log = logging.getLogger(__name__)
+LISTEN_BACKLOG = 4096
 
 
 @dataclass
@@ -46,6 +47,9 @@ class RouterTransport:
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.SNDHWM, 10_000)
         self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        # Hundreds of workers connect at once when a run starts; libzmq's default listen backlog of 100 makes the
+        # kernel drop the rest of the SYNs, and their retries back off for minutes. The kernel caps this value.
+        self._sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         self.counters = ByteCounters()
         try:
             self._sock.bind(bind)

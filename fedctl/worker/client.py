@@ -89,40 +89,43 @@ class Worker:
         self.bytes_out = 0
         self.bytes_in = 0
 
-    async def _join_once(self, timeout_s: float) -> Message | None:
-        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes)
-        future = await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
-                                    num_examples=self.config.num_examples, model=self.config.model,
-                                    host=socket.gethostname())
-        try:
-            reply = await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
-            conn.close()
-            return None
-        except BaseException:  # cancelled while waiting: the socket must not outlive the attempt
-            conn.close()
-            raise
-        self.conn = conn
-        return reply
+    async def _send_join(self, conn: Connection) -> asyncio.Future[Message]:
+        return await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
+                                  num_examples=self.config.num_examples, model=self.config.model,
+                                  host=socket.gethostname())
 
     async def join(self) -> None:
-        """Join with capped, jittered exponential backoff until welcomed or ``connect_timeout_s`` passes."""
+        """Join with capped, jittered exponential backoff until welcomed or ``connect_timeout_s`` passes.
+
+        One socket serves every attempt (ZeroMQ reconnects it by itself); a retry resends ``join`` on it and a
+        welcome answering any attempt counts, so a slow broker is not answered with a storm of new connections.
+        """
         started, attempt, wait_s = time.monotonic(), 0, 1.0
-        while True:
-            attempt += 1
-            # No attempt outlasts the overall deadline: --connect-timeout 0.5 gives up after 0.5 s, not 1 s.
-            left = self.config.connect_timeout_s - (time.monotonic() - started)
-            reply = await self._join_once(max(min(wait_s, left), 0.01))
-            if reply is not None:
-                break
-            waited = time.monotonic() - started
-            if waited >= self.config.connect_timeout_s:
-                raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
-                                     "check that `fedctl serve` runs there and the port is reachable "
-                                     "(address, firewall), or raise --connect-timeout")
-            log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
-                        self.config.connect, attempt)
-            wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
+        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes)
+        self.conn = conn
+        try:
+            attempts: set[asyncio.Future[Message]] = set()
+            while True:
+                attempt += 1
+                attempts.add(await self._send_join(conn))
+                # No attempt outlasts the overall deadline: --connect-timeout 0.5 gives up after 0.5 s, not 1 s.
+                left = self.config.connect_timeout_s - (time.monotonic() - started)
+                answered, _ = await asyncio.wait(attempts, timeout=max(min(wait_s, left), 0.01),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                if answered:
+                    reply = answered.pop().result()
+                    break
+                waited = time.monotonic() - started
+                if waited >= self.config.connect_timeout_s:
+                    raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
+                                         "check that `fedctl serve` runs there and the port is reachable "
+                                         "(address, firewall), or raise --connect-timeout")
+                log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
+                            self.config.connect, attempt)
+                wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
+        except BaseException:  # given up or cancelled: the socket must not outlive the attempt
+            self._close()
+            raise
         try:
             if reply.type == C.ERROR:
                 raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
