@@ -76,7 +76,7 @@ class RoundDriver:
     async def run(self) -> dict[str, Any]:
         b = self.b
         last: dict[str, Any] = {}
-        while b.state["round"] < b.config.rounds and not b.state.get("target_reached_at"):
+        while not b.is_complete():
             round_no = b.state["round"] + 1
             opened = await self.wait_open(round_no)
             started, in0, out0 = time.perf_counter(), b.transport.counters.bytes_in, b.transport.counters.bytes_out

@@ -90,6 +90,10 @@ class Broker:
                  "round": 0, "rounds": self.config.rounds, "seed": self.config.seed, "strategy_state": {}}
         return store, state
 
+    def is_complete(self) -> bool:
+        """True when the state holds a finished run: every round done, or the target accuracy reached."""
+        return self.state["round"] >= self.config.rounds or bool(self.state.get("target_reached_at"))
+
     # ------------------------------------------------------------------ messaging
     def next_id(self) -> int:
         self._msg_id += 1

@@ -85,6 +85,8 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
     config = dataclasses.replace(broker_config, bind=bind)
     try:
         broker = Broker(config, evaluator, on_round=on_round, ctx=ctx)
+        if broker.is_complete():  # resumed a finished run: nothing to train, no worker to start
+            return {**await broker.run(), "workers": 0, "workers_that_trained": 0, "peak_rss_mb": peak_rss_mb()}
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
                                        connect_timeout_s=120.0), _trainer_factory(shard, sim.backend, sim.device),
                           ctx=ctx) for shard in shards]
