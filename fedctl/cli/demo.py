@@ -38,7 +38,7 @@ def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[
         cmd = [sys.executable, "-m", "fedctl", "join", "--connect", endpoint, "--data", shard, "--data-dir",
                str(data_dir), "--backend", backend, "--threads", "1", "--worker-id", f"demo-{i}-{backend}",
                "--connect-timeout", "30"]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**_env(), }))
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
     return procs
 
 
