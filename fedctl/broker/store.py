@@ -89,6 +89,19 @@ class Checkpointer:
             raise ConfigError(f"cannot read the checkpoint in {self.dir}: {type(exc).__name__}: {exc}",
                               "pass a fresh --state-dir or remove the damaged one") from None
 
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every complete record of metrics.jsonl, oldest first (a torn last line from a crash is left out)."""
+        path = self.dir / METRICS_FILE
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (flushed and fsynced: the run log survives a crash)."""
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import click
 
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
+from fedctl.broker.store import Checkpointer
 from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
 from fedctl.data.shards import read_manifest
 from fedctl.sim.baseline import run_centralized
@@ -51,16 +52,10 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
                           seed=0, state_dir=state, eval_every=p.eval_every,
                           target_accuracy=p.target if stop_at_target else None, done_linger_s=2.0)
     summary, _ = run_with_progress(config, SimConfig(data, backend="torch", parallel=parallel), "torch", p.name)
-    records = [r for r in _read_jsonl(state / "metrics.jsonl")]
+    records = Checkpointer(state).read_metrics()
     return _row(p, records, summarize(records, p.target, p.fraction, p.epochs),
                 {"peak_rss_mb": summary["peak_rss_mb"], "workers": summary["workers"],
                  "dataset": read_manifest(data).get("dataset")})
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @click.group("bench")
@@ -136,7 +131,7 @@ def _scale_run(k: int, sampled: int, rounds: int, dataset: str, state_root: Path
     if done.returncode != 0:
         raise click.ClickException(f"simulate with {k} workers failed:\n{done.stderr[-2000:]}")
     summary = json.loads((state_root / "state" / "simulate.json").read_text())
-    records = _read_jsonl(state_root / "state" / "metrics.jsonl")
+    records = Checkpointer(state_root / "state").read_metrics()
     durations = sorted(r["duration_s"] for r in records[1:]) or [records[0]["duration_s"]]
     row = {"workers": k, "sampled": sampled, "rounds": rounds, "peak_rss_mb": round(summary["peak_rss_mb"], 1),
            "round_s_median": durations[len(durations) // 2], "wall_s": round(summary["wall_s"], 2),

@@ -109,3 +109,13 @@ def test_a_damaged_checkpoint_gives_config_error_with_a_fix(tmp_path: Path, dama
         cp.load()
     assert str(tmp_path) in e.value.message
     assert e.value.fix and "--state-dir" in e.value.fix
+
+
+def test_read_metrics_skips_a_torn_last_line(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.read_metrics() == []
+    ckpt.append_metrics({"round": 1, "test_accuracy": 0.5})
+    ckpt.append_metrics({"round": 2, "test_accuracy": 0.6})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 3, "test_acc')  # a crash mid-append
+    assert [r["round"] for r in ckpt.read_metrics()] == [1, 2]
