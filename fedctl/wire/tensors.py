@@ -177,10 +177,6 @@ def decode_tensor(frame: bytes | memoryview) -> tuple[str, Tensor]:
     return name, arr
 
 
-def tensor_shape(tensor: Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)
-
-
 def check_against_spec(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]],
                        dtypes: frozenset[str] = frozenset({"<f4"})) -> None:
     """Require exactly the expected tensor names with the expected shapes and an allowed dtype.
