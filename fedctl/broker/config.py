@@ -32,6 +32,8 @@ class BrokerConfig:
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
+    history_mb: float = 64.0
+    """Memory for past model versions, from which a worker holding one gets only what changed (0: always dense)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -43,5 +45,8 @@ class BrokerConfig:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+        if self.history_mb < 0:
+            raise ConfigError(f"--history-mb must be >= 0, got {self.history_mb}",
+                              "use 0 to always send the model dense")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max message size {self.max_message_bytes} is too small")

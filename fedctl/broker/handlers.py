@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
-from fedctl.wire import check_against_spec, densify
+from fedctl.wire import check_against_spec
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from fedctl.broker.service import Broker
 
 log = logging.getLogger(__name__)
+UPDATE_DTYPES = frozenset({"<f4", "<f2"})
+"""Value dtypes an update may carry: float32, or float16 to halve the bytes of kept values (e.g. DGC)."""
 
 
 def _require_joined(broker: Broker, identity: bytes, msg: Message) -> WorkerRecord:
@@ -54,6 +56,7 @@ async def on_pull(broker: Broker, identity: bytes, msg: Message) -> None:
     # A sampled worker that pulls again before pushing (it restarted) will not answer this round.
     broker.policy.worker_gone(record.worker)
     record.pending_pull = msg.id
+    record.holds_version = msg.get("version")
     broker.changed.set()
 
 
@@ -66,7 +69,7 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if msg["kind"] != broker.strategy.update_kind:
         raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
                             f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
-    check_against_spec(msg.tensors, broker.expected_shapes)
+    check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES)
     admission = broker.policy.admit(record.worker, msg["round"])
     if admission.duplicate:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")
@@ -76,8 +79,8 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if msg["base_version"] != broker.store.version:
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             f"round {msg['round']} trains version {broker.store.version}")
-    tensors = densify(msg.tensors)
-    broker.updates.append(Update(record.worker, msg["num_examples"], tensors, msg["kind"],
+    # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
+    broker.updates.append(Update(record.worker, msg["num_examples"], dict(msg.tensors), msg["kind"],
                                  msg["base_version"], dict(msg.get("metrics") or {})))
     broker.policy.record(record.worker)
     record.rounds_done += 1

@@ -17,6 +17,8 @@ class WorkerRecord:
     last_seen: float = 0.0
     pending_pull: int | None = None
     """Message id of the worker's unanswered pull (it waits for a model), or None."""
+    holds_version: int | None = None
+    """The model version the worker said (in its pull) it holds exactly, for a downlink delta; None: nothing."""
     rounds_done: int = 0
     stats: dict[str, float] = field(default_factory=dict)
 

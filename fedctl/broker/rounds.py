@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.wire import constants as C
 from fedctl.wire import make
 from fedctl.wire.messages import encode_tensors
+from fedctl.wire.tensors import SparseTensor, Tensor
 
 if TYPE_CHECKING:
     from fedctl.broker.policy import OpenRound
@@ -58,17 +59,35 @@ class RoundDriver:
         await self.wait_until(try_open)
         return opened[0]
 
-    async def _hand_out(self, opened: OpenRound) -> None:
-        """Answer each sampled worker's pull with the model; the tensor frames are encoded once per round."""
-        weights = self.b.store.weights
-        frames = encode_tensors(weights)
-        for worker in opened.selected:
-            task = self.b.strategy.task_for_round(opened.number, int(self.b.rng.integers(2**31)))
-            record = self.b.registry.get(worker)
-            if record is None:
+    def _downlinks(self, held: set[int | None]) -> dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]]:
+        """For each model version some sampled worker holds: the tensors to send it, their frames, and whether
+        they are a delta on that version. Runs in a thread (diffing and encoding touch the whole model)."""
+        store = self.b.store
+        out: dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]] = {}
+        dense: tuple[dict[str, Tensor], list[bytes], bool] = (dict(store.weights), encode_tensors(store.weights),
+                                                              False)
+        for version in held:
+            base = None if version is None else store.at(version)
+            delta = None if base is None else self.b.strategy.downlink(store.weights, base)
+            if delta is None:
+                out[version] = dense
                 continue
-            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=weights,
-                       round=opened.number, version=self.b.store.version, task=task)
+            # Unchanged tensors are left out: the worker keeps its copy of them.
+            changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
+            frames = encode_tensors(changed)
+            out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
+        return out
+
+    async def _hand_out(self, opened: OpenRound) -> None:
+        """Answer each sampled worker's pull with the model: dense, or only what changed since the version it
+        holds when that is smaller. Frames are encoded once per distinct held version."""
+        records = [r for r in (self.b.registry.get(w) for w in opened.selected) if r is not None]
+        downlinks = await asyncio.to_thread(self._downlinks, {r.holds_version for r in records})
+        for record in records:
+            task = self.b.strategy.task_for_round(opened.number, int(self.b.rng.integers(2**31)))
+            tensors, frames, is_delta = downlinks[record.holds_version]
+            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=tensors, round=opened.number,
+                       version=self.b.store.version, task=task, base=record.holds_version if is_delta else None)
             record.pending_pull = None
             if not await self.b.send(record.identity, msg, frames):
                 self.b.drop(record, "is unreachable (its connection is gone)")

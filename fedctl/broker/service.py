@@ -71,6 +71,7 @@ class Broker:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._msg_id = 0
         self.store, self.state = self._load_or_init()
+        self.store.history_bytes = int(self.config.history_mb * 2**20)
         self.rng = np.random.default_rng([config.seed, self.state["round"]])
         self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes)
         self.endpoint = self.transport.endpoint

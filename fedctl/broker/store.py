@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 Params = dict[str, np.ndarray]
@@ -27,40 +27,47 @@ STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write ``path`` via ``write(fileobj)`` to a temp file in the same directory, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class ParameterStore:
-    """The global weights and their version; ``version`` counts aggregations since initialisation."""
+    """The global weights and their version; ``version`` counts aggregations since initialisation.
 
-    def __init__(self, weights: Params, version: int = 0) -> None:
+    It also keeps recent versions (newest first, at most ``history_bytes`` of arrays) so that the broker can send
+    a worker that holds version v only what changed since v (the downlink delta). Versions are immutable: an
+    aggregation installs new arrays, so the history holds references, not copies.
+    """
+
+    def __init__(self, weights: Params, version: int = 0, history_bytes: int = 0) -> None:
         self.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
         self.version = version
+        self.history_bytes = history_bytes
+        self._history: OrderedDict[int, Params] = OrderedDict()
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(a.nbytes for a in self.weights.values())
 
     def replace(self, weights: Params) -> int:
         """Install new global weights and bump the version; returns the new version."""
         if weights.keys() != self.weights.keys():
             raise ValueError("aggregated weights do not have the model's tensor names")
+        old, old_version = self.weights, self.version
         self.weights = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in self.weights}
         self.version += 1
+        keep = self.history_bytes // max(self.model_bytes, 1)
+        if keep > 0:
+            self._history[old_version] = old
+            while len(self._history) > keep:
+                self._history.popitem(last=False)
         return self.version
+
+    def at(self, version: int) -> Params | None:
+        """The weights of ``version`` when still kept (the current one always is), else None."""
+        if version == self.version:
+            return self.weights
+        return self._history.get(version)
+
+    @property
+    def kept_versions(self) -> int:
+        return len(self._history)
 
 
 class Checkpointer:

@@ -48,7 +48,7 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
     sampled = max(math.floor(p.fraction * p.clients + 1e-9), 1)
     state = out / "runs" / p.name
     config = BrokerConfig(model=p.model, strategy=p.strategy, rounds=max_rounds,
-                          task=TaskConfig(p.epochs, p.batch_size, p.lr), sync=SyncConfig(p.fraction, sampled, 900.0),
+                          task=TaskConfig(p.epochs, p.batch_size, p.lr, p.lr_decay), sync=SyncConfig(p.fraction, sampled, 900.0),
                           seed=0, state_dir=state, eval_every=p.eval_every,
                           target_accuracy=p.target if stop_at_target else None, done_linger_s=2.0)
     summary, _ = run_with_progress(config, SimConfig(data, backend="torch", parallel=parallel), "torch", p.name)

@@ -26,14 +26,17 @@ log = logging.getLogger(__name__)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Framework CPU threads.")
 @click.option("--connect-timeout", type=float, default=60.0, show_default=True,
               help="Give up if no broker answers within this many seconds.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
 def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
-             threads: int | None, connect_timeout: float) -> None:
+             threads: int | None, connect_timeout: float, state_dir: Path | None) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     check_endpoint(connect, "--connect", bind=False)
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
-                          backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout)
+                          backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout,
+                          state_dir=state_dir)
     make = trainer_factory(backend, shard, device, threads)
     # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
     from fedctl.models import get_model

@@ -14,6 +14,7 @@ from fedctl.cli.join import join_cmd
 from fedctl.cli.partition import partition_cmd
 from fedctl.cli.serve import serve_cmd
 from fedctl.cli.simulate import simulate_cmd
+from fedctl.cli.strategies import strategies_cmd
 from fedctl.errors import FedctlError
 
 
@@ -26,7 +27,7 @@ def cli(verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for command in (serve_cmd, join_cmd, partition_cmd, demo_cmd, simulate_cmd, bench_group):
+for command in (serve_cmd, join_cmd, partition_cmd, demo_cmd, simulate_cmd, strategies_cmd, bench_group):
     cli.add_command(command)
 
 

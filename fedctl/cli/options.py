@@ -11,6 +11,7 @@ import click
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.models import MODELS
+from fedctl.errors import ConfigError
 from fedctl.strategies import TaskConfig, strategy_names
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +30,13 @@ RUN_OPTIONS = [
     click.option("--batch-size", "-B", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Local batch size B (0 = the whole shard, B=∞)."),
     click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate η."),
+    click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                 help="Round r uses η · lr_decay^(r−1) (1 = constant)."),
+    click.option("--opt", "strategy_options", multiple=True, metavar="KEY=VALUE",
+                 help="A strategy option (repeatable), e.g. --opt sparsity=0.999; `fedctl strategies` lists them."),
+    click.option("--history-mb", type=click.FloatRange(min=0), default=64.0, show_default=True,
+                 help="Memory for past model versions, so a worker is sent only what changed since the version "
+                      "it holds (0: always the dense model)."),
     click.option("--seed", type=int, default=0, show_default=True,
                  help="Seed of the model initialisation and sampling."),
     click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default"),
@@ -39,7 +47,7 @@ RUN_OPTIONS = [
                  help="End the run once the evaluated test accuracy reaches this."),
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
-            "seed", "state_dir", "eval_every", "target_accuracy")
+            "lr_decay", "strategy_options", "history_mb", "seed", "state_dir", "eval_every", "target_accuracy")
 
 
 def run_options(f: F) -> F:
@@ -49,11 +57,24 @@ def run_options(f: F) -> F:
     return f
 
 
+def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``--opt KEY=VALUE`` pairs as a map (the strategy converts and checks the values)."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--opt {pair!r} is not KEY=VALUE", "write e.g. --opt sparsity=0.999")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
     """Build the BrokerConfig from the run options (popped from ``options``) plus ``extra`` fields."""
     o = {k: options.pop(k) for k in RUN_KEYS}
     return BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
-                        task=TaskConfig(o["epochs"], o["batch_size"], o["lr"]),
+                        task=TaskConfig(o["epochs"], o["batch_size"], o["lr"], o["lr_decay"],
+                                        parse_options(o["strategy_options"])),
                         sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
                         state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
+                        history_mb=o["history_mb"],
                         **extra)

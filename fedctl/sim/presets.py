@@ -33,7 +33,7 @@ class Preset:
     paper_rounds: int | None = None
     paper_note: str = ""
     lr_decay: float = 1.0
-    """Centralised baseline only: η · lr_decay^epoch."""
+    """η · lr_decay^t: t counts epochs for the centralised baseline and rounds for a federated run."""
 
     @property
     def target(self) -> float:
@@ -49,13 +49,14 @@ class Preset:
             return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g}{decay})"
         b = "∞" if self.batch_size == 0 else str(self.batch_size)
         split = "" if self.iid else ", non-IID"
-        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{split}"
+        decay = f"×{self.lr_decay:g}/round" if self.lr_decay != 1.0 else ""
+        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{decay}{split}"
 
 
 def _p(name: str, model: str, strategy: str, e: int, b: int, lr: float, iid: bool = True, rounds: int = 300,
-       paper: int | None = None, every: int = 1, note: str = "") -> Preset:
+       paper: int | None = None, every: int = 1, note: str = "", decay: float = 1.0) -> Preset:
     return Preset(name, model, strategy, e, b, lr, iid=iid, max_rounds=rounds, paper_rounds=paper,
-                  eval_every=every, paper_note=note)
+                  eval_every=every, paper_note=note, lr_decay=decay)
 
 
 PAPER_2NN = "paper's 2NN (199,210 parameters), Table 1"
@@ -72,7 +73,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        note=PAPER_2NN),
     _p("mlp-fedavg-e1-b10-noniid", "mlp", "fedavg", 1, 10, 0.05, iid=False, rounds=500, paper=664, note=PAPER_2NN),
     # LeNet-5 to 99%
-    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.15, rounds=3000, paper=626, every=25, note=PAPER_CNN),
+    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.15, rounds=6000, paper=626, every=25, note=PAPER_CNN,
+       decay=0.9995),
     _p("lenet5-fedavg-e1-b10-iid", "lenet5", "fedavg", 1, 10, 0.1, rounds=150, paper=34, note=PAPER_CNN),
     _p("lenet5-fedavg-e1-b50-iid", "lenet5", "fedavg", 1, 50, 0.2, rounds=200, paper=65, note=PAPER_CNN),
     _p("lenet5-fedavg-e5-b10-iid", "lenet5", "fedavg", 5, 10, 0.1, rounds=150, paper=20, note=PAPER_CNN),

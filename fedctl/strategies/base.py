@@ -7,25 +7,33 @@ The worker side receives a :class:`~fedctl.worker.frameworks.base.Trainer`-like 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.wire.tensors import SparseTensor, Tensor
 
 Params = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What a sampled worker must do in a round: E local epochs, batch size B (0 = the whole shard), rate η."""
+    """What a sampled worker must do in a round: E local epochs, batch size B (0 = the whole shard), rate η.
+
+    ``lr_decay`` makes the rate a schedule: round r (1-based) uses η · lr_decay^(r−1); 1.0 keeps it constant.
+    """
 
     epochs: int = 1
     batch_size: int = 10
     lr: float = 0.1
+    lr_decay: float = 1.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Strategy-specific settings (``--opt key=value``), checked against the strategy's ``options`` table."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -35,15 +43,55 @@ class TaskConfig:
                               "pass --batch-size 0 for B=∞ or a positive batch size")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be positive, got {self.lr}", "pass e.g. --lr 0.1")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr decay must be in (0, 1], got {self.lr_decay}",
+                              "pass --lr-decay 1 for a constant rate or e.g. 0.999 to shrink it each round")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the ``step``-th round (0-based): η · lr_decay^step."""
+        return self.lr * self.lr_decay ** max(step, 0)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One strategy setting: its type (int, float, str or bool), default, help and an optional check."""
+
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], bool] | None = None
+    check_help: str = ""
+
+    def parse(self, name: str, raw: Any) -> Any:
+        """The value of ``raw`` (a string from the command line, or already typed) as this option's type."""
+        try:
+            if self.type is bool and isinstance(raw, str):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(raw)
+                value: Any = raw.lower() in ("1", "true", "yes", "on")
+            elif self.type is float and isinstance(raw, str) and raw.lower() in ("inf", "infinity"):
+                value = math.inf
+            else:
+                value = self.type(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {name}={raw!r} is not a valid {self.type.__name__}",
+                              f"pass --opt {name}=<{self.type.__name__}> ({self.help})") from None
+        if self.check is not None and not self.check(value):
+            raise ConfigError(f"option {name}={raw!r} is out of range", f"{name} must be {self.check_help}")
+        return value
 
 
 @dataclass(frozen=True)
 class Update:
-    """One worker's contribution to a round, as the broker received it."""
+    """One worker's contribution to a round, as the broker received it.
+
+    ``tensors`` may hold :class:`~fedctl.wire.tensors.SparseTensor` values (sparse or fp16 uploads); the kernels
+    in :mod:`fedctl.strategies.kernels` accept both, so no update is densified on its own.
+    """
 
     worker: str
     num_examples: int
-    tensors: Mapping[str, np.ndarray]
+    tensors: Mapping[str, Tensor]
     kind: str
     base_version: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -51,12 +99,18 @@ class Update:
 
 @dataclass(frozen=True)
 class ClientResult:
-    """What the worker side of a strategy returns: the tensors to push and their kind."""
+    """What the worker side of a strategy returns: the tensors to push, their kind and the new local state.
+
+    ``state`` is the worker's private, persistent strategy state (e.g. DGC's residuals and momentum): named numpy
+    arrays the worker keeps between rounds, saves with its state dir and passes back to the next client_update.
+    It never leaves the worker.
+    """
 
     kind: str
-    tensors: Params
+    tensors: Mapping[str, Tensor]
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    state: Params = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -81,20 +135,68 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     update_kind: ClassVar[str]
+    options: ClassVar[Mapping[str, Option]] = {}
+    """The strategy's settings; ``TaskConfig.options`` may set any of them and nothing else."""
 
     def __init__(self, task: TaskConfig) -> None:
         self.task = task
+        unknown = sorted(set(task.options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise ConfigError(f"strategy {self.name!r} has no option {unknown[0]!r}",
+                              f"its options are: {known} (see `fedctl strategies`)")
+        self.opts: dict[str, Any] = {k: o.parse(k, task.options[k]) if k in task.options else o.default
+                                     for k, o in self.options.items()}
 
     def task_for_round(self, round_no: int, seed: int) -> dict[str, Any]:
-        """The ``task`` map of the model message: everything a worker needs to run :meth:`client_update`."""
-        return {"strategy": self.name, "kind": self.update_kind, "epochs": self.task.epochs,
-                "batch_size": self.task.batch_size, "lr": self.task.lr, "seed": seed}
+        """The ``task`` map of the model message: everything a worker needs to run :meth:`client_update`.
+
+        Subclasses may add per-round fields (e.g. DGC's sparsity of the warm-up schedule).
+        """
+        task: dict[str, Any] = {"strategy": self.name, "kind": self.update_kind, "epochs": self.task.epochs,
+                                "batch_size": self.task.batch_size, "lr": self.task.lr_at(round_no - 1),
+                                "seed": seed, "round": round_no}
+        if self.opts:
+            task["options"] = {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)
+                               for k, v in self.opts.items()}
+        return task
 
     @abstractmethod
-    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any]) -> ClientResult:
-        """Worker side: compute the update to push from the global ``weights`` and the round's ``task``."""
+    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
+                      state: Mapping[str, np.ndarray]) -> ClientResult:
+        """Worker side: compute the update to push from the global ``weights`` and the round's ``task``.
+
+        ``state`` is what the previous call returned as ``ClientResult.state`` (empty on a worker's first round).
+        """
 
     @abstractmethod
     def aggregate(self, weights: Params, updates: Sequence[Update], state: dict[str, Any],
                   rng: np.random.Generator) -> AggregateResult:
         """Broker side: combine the round's updates into new global weights."""
+
+    def downlink(self, current: Params, base: Params | None) -> dict[str, Tensor] | None:
+        """What to send a worker that holds ``base`` (None: it holds nothing) so that it gets ``current``.
+
+        Returns replacement tensors: a dense array replaces the whole tensor, a SparseTensor replaces the entries
+        at its indices (values are the new values, not differences, so the worker's copy equals ``current``
+        bit for bit). The default sends exactly the entries that changed, each tensor sparse when that is smaller
+        than dense; None means "send the dense model". A strategy may send less (Selective SGD's θ_d).
+        """
+        if base is None:
+            return None
+        return exact_delta(current, base)
+
+
+def exact_delta(current: Params, base: Params) -> dict[str, Tensor]:
+    """Per tensor: the entries of ``current`` that differ from ``base`` as a SparseTensor of new values, or the
+    dense tensor when at least a quarter of it changed (where sparse stops being smaller on the wire)."""
+    out: dict[str, Tensor] = {}
+    for name, new in current.items():
+        flat_new, flat_old = new.reshape(-1), base[name].reshape(-1)
+        changed = np.flatnonzero(flat_new != flat_old)
+        if changed.size * 4 >= flat_new.size:
+            out[name] = new
+        else:
+            out[name] = SparseTensor(tuple(new.shape), changed.astype(np.uint32 if flat_new.size < 2**32
+                                                                      else np.uint64), flat_new[changed])
+    return out

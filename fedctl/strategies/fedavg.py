@@ -20,7 +20,8 @@ class FedAvg(Strategy):
     name = "fedavg"
     update_kind = KIND_WEIGHTS
 
-    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any]) -> ClientResult:
+    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
+                      state: Mapping[str, np.ndarray]) -> ClientResult:
         result = trainer.fit(weights, int(task["epochs"]), int(task["batch_size"]), float(task["lr"]),
                              int(task["seed"]))
         return ClientResult(KIND_WEIGHTS, result.params, result.num_examples, dict(result.metrics))

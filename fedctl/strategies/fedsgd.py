@@ -20,12 +20,13 @@ from fedctl.wire.constants import KIND_GRADIENT
 
 @register
 class FedSGD(Strategy):
-    """w ← w − η · Σ_k (n_k/n) · g_k."""
+    """w ← w − η_t · Σ_k (n_k/n) · g_k, with η_t = η · lr_decay^t after t aggregations (state ``step``)."""
 
     name = "fedsgd"
     update_kind = KIND_GRADIENT
 
-    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any]) -> ClientResult:
+    def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
+                      state: Mapping[str, np.ndarray]) -> ClientResult:
         result = trainer.gradient(weights, int(task["batch_size"]), int(task["seed"]))
         return ClientResult(KIND_GRADIENT, result.params, result.num_examples, dict(result.metrics))
 
@@ -33,5 +34,7 @@ class FedSGD(Strategy):
                   rng: np.random.Generator) -> AggregateResult:
         grad = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
         norm = float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grad.values())))
-        return AggregateResult(axpy(-self.task.lr, grad, weights), state,
-                               {"updates": float(len(updates)), "grad_norm": norm})
+        step = int(state.get("step", 0))
+        lr = self.task.lr_at(step)
+        return AggregateResult(axpy(-lr, grad, weights), {**state, "step": step + 1},
+                               {"updates": float(len(updates)), "grad_norm": norm, "lr": lr})

@@ -1,4 +1,9 @@
-"""Numerical kernels shared by strategies: example-weighted means and sums over named tensors."""
+"""Numerical kernels shared by strategies: example-weighted means and sums over named tensors.
+
+Inputs may mix dense arrays and :class:`~fedctl.wire.tensors.SparseTensor` (any float dtype, e.g. fp16 values):
+a sparse term is scattered into the one accumulator, never densified on its own, so summing K sparse updates
+costs O(model + Σ nnz) memory and time, not O(K · model).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.wire.tensors import SparseTensor, Tensor
 
 Params = dict[str, np.ndarray]
 
@@ -19,7 +25,16 @@ def example_weights(counts: Sequence[int]) -> np.ndarray:
     return np.asarray(counts, dtype=np.float64) / total
 
 
-def weighted_sum(tensors: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
+def accumulate(acc: np.ndarray, term: Tensor, weight: float) -> None:
+    """acc += weight · term in place; a sparse term touches only its nnz entries (its indices are unique)."""
+    if isinstance(term, SparseTensor):
+        flat = acc.reshape(-1)
+        flat[term.indices] += float(weight) * term.values.astype(np.float64)
+    else:
+        acc += float(weight) * np.asarray(term, dtype=np.float64)
+
+
+def weighted_sum(tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
                  dtype: np.dtype = np.dtype(np.float32)) -> Params:
     """Σ_k weights[k] · tensors[k][name] for every name, accumulated in float64 and returned as ``dtype``."""
     if len(tensors) != len(weights):
@@ -27,18 +42,23 @@ def weighted_sum(tensors: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
     names = list(tensors[0])
     out: Params = {}
     for name in names:
-        acc = np.zeros(np.shape(tensors[0][name]), dtype=np.float64)
+        acc = np.zeros(tuple(tensors[0][name].shape), dtype=np.float64)
         for t, w in zip(tensors, weights):
-            acc += float(w) * np.asarray(t[name], dtype=np.float64)
+            accumulate(acc, t[name], w)
         out[name] = acc.astype(dtype)
     return out
 
 
-def weighted_mean(tensors: Sequence[Mapping[str, np.ndarray]], counts: Sequence[int]) -> Params:
+def weighted_mean(tensors: Sequence[Mapping[str, Tensor]], counts: Sequence[int]) -> Params:
     """Example-weighted mean Σ_k (n_k/n) · tensors[k]."""
     return weighted_sum(tensors, example_weights(counts).tolist())
 
 
-def axpy(alpha: float, x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray]) -> Params:
-    """y + alpha · x for every name, in y's dtype."""
-    return {name: (y[name] + alpha * np.asarray(x[name], dtype=np.float64)).astype(y[name].dtype) for name in y}
+def axpy(alpha: float, x: Mapping[str, Tensor], y: Mapping[str, np.ndarray]) -> Params:
+    """y + alpha · x for every name, in y's dtype (x may be sparse)."""
+    out: Params = {}
+    for name in y:
+        acc = y[name].astype(np.float64)
+        accumulate(acc, x[name], alpha)
+        out[name] = acc.astype(y[name].dtype)
+    return out

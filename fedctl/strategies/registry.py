@@ -36,11 +36,15 @@ def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_strategy(name: str, task: TaskConfig) -> Strategy:
-    """Instantiate the strategy registered as ``name``; ConfigError lists the known ones otherwise."""
+def get_strategy_class(name: str) -> type[Strategy]:
+    """The class registered as ``name``; ConfigError lists the known ones otherwise."""
     _load_builtins()
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ConfigError(f"unknown strategy {name!r}", f"choose one of: {', '.join(sorted(_REGISTRY))}") from None
-    return cls(task)
+
+
+def get_strategy(name: str, task: TaskConfig) -> Strategy:
+    """Instantiate the strategy registered as ``name`` with ``task`` (its options checked)."""
+    return get_strategy_class(name)(task)

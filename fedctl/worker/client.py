@@ -13,19 +13,23 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
-from fedctl.errors import ConfigError, ModelMismatch, RemoteError, TransportError
+from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError, TransportError
 from fedctl.models import ModelSpec, get_model
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
+from fedctl.wire import check_against_spec, densify
 from fedctl.wire import constants as C
-from fedctl.wire import densify
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
-from fedctl.worker.frameworks.base import Trainer
+from fedctl.wire.tensors import SparseTensor
+from fedctl.worker.frameworks.base import Params, Trainer
+from fedctl.worker.state import WorkerState
 from fedctl.worker.transport import Connection
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ class WorkerConfig:
     connect_timeout_s: float = 60.0
     max_backoff_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    state_dir: Path | None = None
+    """Where the worker keeps its state (held model, strategy residuals) across restarts; None: in memory only."""
 
     def __post_init__(self) -> None:
         if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
@@ -88,6 +94,10 @@ class Worker:
         self.conn: Connection | None = None
         self.bytes_out = 0
         self.bytes_in = 0
+        self.state = WorkerState.load(config.state_dir) if config.state_dir is not None else WorkerState()
+        if self.state.run_id is not None:
+            log.info("loaded worker state of run %s from %s (model version %s, %d strategy arrays)",
+                     self.state.run_id, config.state_dir, self.state.version, len(self.state.strategy))
 
     async def _send_join(self, conn: Connection) -> asyncio.Future[Message]:
         return await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
@@ -131,6 +141,7 @@ class Worker:
                 raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
             self.run = dict(reply["run"])
             spec = self.spec = check_spec(self.run["model"])
+            self.state = self.state.for_run(str(self.run["run_id"]))
         except BaseException:
             self._close()  # a refused join must not leave its socket open
             raise
@@ -177,25 +188,52 @@ class Worker:
         if self.trainer is None:
             assert self.spec is not None
             self.trainer = self.make_trainer(self.spec)
-        return strategy.client_update(weights, self.trainer, task)
+        return strategy.client_update(weights, self.trainer, task, self.state.strategy)
+
+    def _weights_of(self, model: Message) -> Params:
+        """The weights a model message gives: the dense model, or replacements applied to the held version."""
+        assert self.spec is not None
+        shapes = {p.name: p.shape for p in self.spec.params}
+        base = model.get("base")
+        if base is None:
+            check_against_spec(model.tensors, shapes)
+            return {k: np.asarray(v, dtype=np.float32) for k, v in densify(model.tensors).items()}
+        if base != self.state.version or not self.state.model:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"the broker sent changes on model version {base}, "
+                                f"this worker holds {self.state.version}")
+        check_against_spec(model.tensors, {k: shapes[k] for k in model.tensors if k in shapes})
+        weights = dict(self.state.model)
+        for name, tensor in model.tensors.items():
+            if isinstance(tensor, SparseTensor):
+                updated = weights[name].copy()
+                updated.reshape(-1)[tensor.indices] = tensor.values
+                weights[name] = updated
+            else:
+                weights[name] = np.array(tensor, dtype=np.float32)
+        return weights
 
     async def _round(self, model: Message, lost: asyncio.Event) -> Message:
         """Train on the model the broker handed out and push the update; returns the broker's answer."""
         assert self.conn is not None
         task = dict(model["task"])
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
-                                                               float(task["lr"])))
-        weights = densify(model.tensors)
+                                                               float(task["lr"]),
+                                                               options=dict(task.get("options") or {})))
+        weights = self._weights_of(model)
+        self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
         result = await asyncio.to_thread(self._train, strategy, weights, task)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["train_time_s"] = time.perf_counter() - started
         future = await self.conn.request(C.PUSH, tensors=result.tensors, round=model["round"],
-                                         base_version=model["version"], seq=self.rounds_trained,
+                                         base_version=model["version"], seq=self.state.seq,
                                          kind=result.kind, num_examples=result.num_examples, metrics=metrics)
         reply = await self._wait(future, lost)
         if reply.type == C.ACK:
             self.rounds_trained += 1
+            self.state.strategy, self.state.seq = dict(result.state), self.state.seq + 1
+            if self.config.state_dir is not None:
+                await asyncio.to_thread(self.state.save, self.config.state_dir)
             log.info("round %d: pushed %s (loss %.4f, %.2f s)", model["round"], result.kind,
                      metrics.get("train_loss", float("nan")), metrics["train_time_s"])
         elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED):
@@ -211,7 +249,8 @@ class Worker:
         beat = asyncio.ensure_future(self._heartbeat(self.conn, lost))
         try:
             while True:
-                reply = await self._wait(await self.conn.request(C.PULL), lost)
+                held = self.state.version if self.state.model else None
+                reply = await self._wait(await self.conn.request(C.PULL, version=held), lost)
                 if reply.type == C.DONE:
                     return reply
                 self._check_error(reply)

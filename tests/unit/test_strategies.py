@@ -129,7 +129,8 @@ def test_register_refuses_nameless_and_conflicting_classes() -> None:
 
 def test_task_for_round_carries_what_a_worker_needs() -> None:
     task = get_strategy("fedavg", TaskConfig(3, 20, 0.25)).task_for_round(4, 99)
-    assert task == {"strategy": "fedavg", "kind": "weights", "epochs": 3, "batch_size": 20, "lr": 0.25, "seed": 99}
+    assert task == {"strategy": "fedavg", "kind": "weights", "epochs": 3, "batch_size": 20, "lr": 0.25, "seed": 99,
+                    "round": 4}
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -144,7 +145,7 @@ def test_fedavg_client_update_reduces_the_loss(mlp: tuple[NumpyMLPTrainer, Param
     trainer, weights = mlp
     strategy = get_strategy("fedavg", TaskConfig(2, 10, 0.05))
     task = strategy.task_for_round(1, seed=5)
-    result = strategy.client_update(weights, trainer, task)
+    result = strategy.client_update(weights, trainer, task, {})
     assert result.kind == "weights" and result.num_examples == 200
     assert set(result.tensors) == set(weights)
     assert all(result.tensors[k].shape == weights[k].shape and result.tensors[k].dtype == np.float32
@@ -152,7 +153,7 @@ def test_fedavg_client_update_reduces_the_loss(mlp: tuple[NumpyMLPTrainer, Param
     before, after = trainer.evaluate(weights)["loss"], trainer.evaluate(result.tensors)["loss"]
     assert after < 0.5 * before
     assert "train_loss" in result.metrics
-    again = strategy.client_update(weights, trainer, task)
+    again = strategy.client_update(weights, trainer, task, {})
     assert all(np.array_equal(again.tensors[k], result.tensors[k]) for k in weights), "same seed, same result"
 
 
@@ -162,7 +163,7 @@ def test_fedsgd_client_update_returns_the_trainers_gradient(mlp: tuple[NumpyMLPT
     trainer, weights = mlp
     strategy = get_strategy("fedsgd", TaskConfig(1, batch_size, 0.1))
     task = strategy.task_for_round(1, seed=11)
-    result = strategy.client_update(weights, trainer, task)
+    result = strategy.client_update(weights, trainer, task, {})
     expected = trainer.gradient(weights, batch_size, 11)
     assert result.kind == "gradient" and result.num_examples == expected.num_examples
     for k in weights:
@@ -172,6 +173,6 @@ def test_fedsgd_client_update_returns_the_trainers_gradient(mlp: tuple[NumpyMLPT
 def test_fedsgd_round_with_numpy_mlp_reduces_the_loss(mlp: tuple[NumpyMLPTrainer, Params]) -> None:
     trainer, weights = mlp
     strategy = get_strategy("fedsgd", TaskConfig(1, 0, 0.5))
-    grad = strategy.client_update(weights, trainer, strategy.task_for_round(1, 0))
+    grad = strategy.client_update(weights, trainer, strategy.task_for_round(1, 0), {})
     new = strategy.aggregate(weights, [Update("a", grad.num_examples, grad.tensors, grad.kind)], {}, RNG).weights
     assert trainer.evaluate(new)["loss"] < trainer.evaluate(weights)["loss"]
