@@ -46,7 +46,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
              "num_examples": (_int(0), True), "model": (_str(64), False), "host": (_str(255), False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
-    C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True)},
+    C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
              "kind": (lambda v: isinstance(v, str) and v in C.UPDATE_KINDS, True),
              "num_examples": (_int(1), True), "metrics": (_metrics, False)},
