@@ -69,7 +69,10 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if msg["kind"] != broker.strategy.update_kind:
         raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
                             f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
-    check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES)
+    if msg["kind"] == C.KIND_WEIGHTS:
+        check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES)
+    else:  # a gradient or delta may leave out tensors it does not change (zero)
+        check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
     admission = broker.policy.admit(record.worker, msg["round"])
     if admission.duplicate:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")

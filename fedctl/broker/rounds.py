@@ -16,12 +16,19 @@ from fedctl.wire.tensors import SparseTensor, Tensor
 if TYPE_CHECKING:
     from fedctl.broker.policy import OpenRound
     from fedctl.broker.service import Broker
+    from fedctl.strategies.base import Update
 
 log = logging.getLogger(__name__)
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
+
+
+def _mean_metrics(updates: list[Update]) -> dict[str, float]:
+    """Mean over the round's updates of each metric the workers reported (loss, kept elements, time...)."""
+    keys = sorted({k for u in updates for k in u.metrics})
+    return {k: round(sum(float(u.metrics.get(k, 0.0)) for u in updates) / max(len(updates), 1), 6) for k in keys}
 
 
 class RoundDriver:
@@ -99,6 +106,7 @@ class RoundDriver:
             round_no = b.state["round"] + 1
             opened = await self.wait_open(round_no)
             started, in0, out0 = time.perf_counter(), b.transport.counters.bytes_in, b.transport.counters.bytes_out
+            push0, model0 = b.bytes_in_by_type.get(C.PUSH, 0), b.bytes_out_by_type.get(C.MODEL, 0)
             b.updates = []
             await self._hand_out(opened)
             await self.wait_until(lambda: b.policy.should_close(b.now()), b.policy.time_left(b.now()))
@@ -108,7 +116,7 @@ class RoundDriver:
                             "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
                             b.policy.quorum(closed))
                 continue
-            last = await self._complete(closed, started, in0, out0)
+            last = await self._complete(closed, started, (in0, out0, push0, model0))
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected)}
 
     async def _evaluate(self, round_no: int) -> dict[str, float]:
@@ -123,8 +131,9 @@ class RoundDriver:
             log.info("target accuracy %.4f reached in round %d; ending the run", target, round_no)
         return evaluation
 
-    async def _complete(self, closed: OpenRound, started: float, in0: int, out0: int) -> dict[str, Any]:
+    async def _complete(self, closed: OpenRound, started: float, counts: tuple[int, int, int, int]) -> dict[str, Any]:
         b = self.b
+        in0, out0, push0, model0 = counts
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
         updates = sorted(b.updates, key=lambda u: u.worker)
         result = await asyncio.to_thread(b.strategy.aggregate, b.store.weights, updates,
@@ -142,6 +151,9 @@ class RoundDriver:
                   "train_loss": train_loss, "participants": len(updates), "selected": len(closed.selected),
                   "connected": len(b.registry), "bytes_in": b.transport.counters.bytes_in - in0,
                   "bytes_out": b.transport.counters.bytes_out - out0,
+                  "update_bytes_in": b.bytes_in_by_type.get(C.PUSH, 0) - push0,
+                  "model_bytes_out": b.bytes_out_by_type.get(C.MODEL, 0) - model0,
+                  "update_metrics": _mean_metrics(updates),
                   "duration_s": round(eval_started - started, 4), "eval_s": round(eval_s, 4),
                   "rejected_total": sum(b.rejected.values()),
                   "strategy": {k: v for k, v in result.metrics.items()}}

@@ -29,7 +29,7 @@ from fedctl.errors import ConfigError, ProtocolError
 from fedctl.models import get_model, init_params
 from fedctl.strategies import Update, get_strategy
 from fedctl.wire import constants as C
-from fedctl.wire import decode, encode, make, peek_id
+from fedctl.wire import decode, encode, make, payload_bytes, peek_id
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 
@@ -66,6 +66,9 @@ class Broker:
         self.now = clock
         self.updates: list[Update] = []
         self.rejected: dict[str, int] = {}
+        self.bytes_in_by_type: dict[str, int] = {}
+        """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
+        self.bytes_out_by_type: dict[str, int] = {}
         self.finished = False
         self.changed = asyncio.Event()
         self._ctx = ctx or zmq.asyncio.Context.instance()
@@ -107,7 +110,11 @@ class Broker:
                 "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes}
 
     async def send(self, identity: bytes, msg: Message, tensor_frames: list[bytes] | None = None) -> bool:
-        return await self.transport.send(identity, encode(msg, tensor_frames))
+        frames = encode(msg, tensor_frames)
+        sent = await self.transport.send(identity, frames)
+        if sent:
+            self.bytes_out_by_type[msg.type] = self.bytes_out_by_type.get(msg.type, 0) + payload_bytes(frames)
+        return sent
 
     async def reply(self, identity: bytes, request: Message, mtype: str, tensors: Params | None = None,
                     **fields: Any) -> bool:
@@ -137,6 +144,7 @@ class Broker:
         """Decode, validate and dispatch one message; a bad one is refused and changes nothing."""
         try:
             msg = decode(frames, C.WORKER_TO_BROKER)
+            self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + payload_bytes(frames)
             record = self.registry.by_identity(identity)
             if record is not None:
                 self.registry.touch(record, self.now())

@@ -48,7 +48,8 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
     sampled = max(math.floor(p.fraction * p.clients + 1e-9), 1)
     state = out / "runs" / p.name
     config = BrokerConfig(model=p.model, strategy=p.strategy, rounds=max_rounds,
-                          task=TaskConfig(p.epochs, p.batch_size, p.lr, p.lr_decay), sync=SyncConfig(p.fraction, sampled, 900.0),
+                          task=TaskConfig(p.epochs, p.batch_size, p.lr, p.lr_decay, dict(p.options)),
+                          sync=SyncConfig(p.fraction, sampled, 900.0),
                           seed=0, state_dir=state, eval_every=p.eval_every,
                           target_accuracy=p.target if stop_at_target else None, done_linger_s=2.0)
     summary, _ = run_with_progress(config, SimConfig(data, backend="torch", parallel=parallel), "torch", p.name)
@@ -98,6 +99,64 @@ def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_r
         reached = s.get("rounds_to_target", s.get("epochs_to_target"))
         console.print(f"[bold]{name}[/]: best accuracy {s.get('best_accuracy')}, to target "
                       f"{'not reached' if reached is None else f'{reached:.1f}'}; table in {files['markdown']}")
+
+
+COMM_SUITE = ("lenet5-fedsgd-iid", "lenet5-dgc-999-iid", "lenet5-dgc-99-iid", "mlp-ssgd-u1", "mlp-ssgd-u01",
+              "mlp-ssgd-u001", "lenet5-ssgd-u1", "lenet5-ssgd-u01", "lenet5-ssgd-u001")
+"""The presets of `fedctl bench comm` by default: dense references first (ratios are taken against them)."""
+
+
+@bench_group.command("comm")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
+              help=f"Run (repeatable) [default: {', '.join(COMM_SUITE)}].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True)
+@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the MNIST IDX files are (otherwise the usual search path).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Override the presets' round budget.")
+@click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
+@click.option("--stop-at-target/--full-budget", default=True, show_default=True)
+@click.option("--skip-existing", is_flag=True, help="Skip presets that already have a row in OUT/comm.json.")
+@click.option("--topk/--no-topk", default=True, show_default=True,
+              help="Also time sampled vs exact top-k selection on 1M and 10M elements.")
+def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
+               stop_at_target: bool, skip_existing: bool, topk: bool) -> None:
+    """Communication savings: dense FedSGD vs DGC vs Selective SGD on the same model, data, clients and rounds;
+    uplink and downlink bytes counted on the broker's socket, per round and to the target accuracy."""
+    import json
+
+    import numpy as np
+
+    from fedctl.compress.topk import time_selection
+    from fedctl.sim import comm
+
+    quiet_workers()
+    path = out / "comm.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"results": [], "topk": []}
+    done = {r["preset"] for r in old["results"]} if skip_existing else set()
+    rows = old["results"]
+    for name in presets or COMM_SUITE:
+        if name in done:
+            console.print(f"[bold]{name}[/]: already in {path}; skipped")
+            continue
+        p = get_preset(name)
+        if p.strategy == "central":
+            raise click.UsageError(f"{name} is a centralised baseline; bench comm compares federated runs")
+        row = run_federated(p, out, source_dir, max_rounds or p.max_rounds, parallel, stop_at_target)
+        row.update(command=f"fedctl bench comm --preset {p.name}", reference=p.reference, options=dict(p.options))
+        rows = [r for r in rows if r["preset"] != name] + [row]
+        comm.write(rows, old["topk"], out)
+    timings = old["topk"]
+    if topk:
+        rng = np.random.default_rng(0)
+        with console.status("[bold]top-k[/]: sampled vs exact selection at density 0.001"):
+            timings = [time_selection(n, 0.001, 7, rng) for n in (1_000_000, 10_000_000)]
+    files = comm.write(rows, timings, out)
+    for t in timings:
+        console.print(f"top-k on {t['numel']:,} elements: exact {t['exact_s'] * 1e3:.1f} ms, sampled "
+                      f"{t['sampled_s'] * 1e3:.2f} ms ({t['speedup']:.1f}×), selected {t['selected']:,} of "
+                      f"k={t['k']:,}")
+    console.print(f"table in {files['markdown']}, plot in {files['plot']}")
 
 
 @bench_group.command("scale")

@@ -10,8 +10,8 @@ import click
 
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
-from fedctl.models import MODELS
 from fedctl.errors import ConfigError
+from fedctl.models import MODELS
 from fedctl.strategies import TaskConfig, strategy_names
 
 F = TypeVar("F", bound=Callable[..., Any])

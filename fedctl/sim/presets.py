@@ -34,6 +34,10 @@ class Preset:
     paper_note: str = ""
     lr_decay: float = 1.0
     """η · lr_decay^t: t counts epochs for the centralised baseline and rounds for a federated run."""
+    options: tuple[tuple[str, str], ...] = ()
+    """Strategy options (``--opt KEY=VALUE``)."""
+    reference: str | None = None
+    """`fedctl bench comm`: the dense preset this run's bytes are compared with."""
 
     @property
     def target(self) -> float:
@@ -50,13 +54,16 @@ class Preset:
         b = "∞" if self.batch_size == 0 else str(self.batch_size)
         split = "" if self.iid else ", non-IID"
         decay = f"×{self.lr_decay:g}/round" if self.lr_decay != 1.0 else ""
-        return f"{self.model} {self.strategy} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{decay}{split}"
+        opts = "".join(f" {k}={v}" for k, v in self.options)
+        return (f"{self.model} {self.strategy}{opts} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{decay}"
+                f"{split}")
 
 
 def _p(name: str, model: str, strategy: str, e: int, b: int, lr: float, iid: bool = True, rounds: int = 300,
-       paper: int | None = None, every: int = 1, note: str = "", decay: float = 1.0) -> Preset:
+       paper: int | None = None, every: int = 1, note: str = "", decay: float = 1.0, ref: str | None = None,
+       **options: str) -> Preset:
     return Preset(name, model, strategy, e, b, lr, iid=iid, max_rounds=rounds, paper_rounds=paper,
-                  eval_every=every, paper_note=note, lr_decay=decay)
+                  eval_every=every, paper_note=note, lr_decay=decay, options=tuple(options.items()), reference=ref)
 
 
 PAPER_2NN = "paper's 2NN (199,210 parameters), Table 1"
@@ -81,6 +88,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     _p("lenet5-fedavg-e5-b50-iid", "lenet5", "fedavg", 5, 50, 0.2, rounds=150, paper=29, note=PAPER_CNN),
     _p("lenet5-fedavg-e5-b10-noniid", "lenet5", "fedavg", 5, 10, 0.05, iid=False, rounds=100, paper=229,
        note=PAPER_CNN),
+    # Communication (fedctl bench comm): DGC against dense FedSGD (lenet5-fedsgd-iid, same η schedule, B=∞); the
+    # worker-side momentum 0.9 multiplies the step by ~10, hence η/7.5. One top-k over the whole model.
+    _p("lenet5-dgc-999-iid", "lenet5", "dgc", 1, 0, 0.02, rounds=3000, every=25, decay=0.9995, sparsity="0.999",
+       scope="model", dense_below="0", warmup_rounds="25", ref="lenet5-fedsgd-iid"),
+    _p("lenet5-dgc-99-iid", "lenet5", "dgc", 1, 0, 0.02, rounds=3000, every=25, decay=0.9995, sparsity="0.99",
+       scope="model", dense_below="0", warmup_rounds="25", ref="lenet5-fedsgd-iid"),
+    # Selective SGD: local SGD (E=1, B=10), θ_u of the update up; the broker sums the uploads (η 0.01 × 10
+    # participants ≈ FedAvg's η 0.1 at θ_u = 1).
+    *(_p(f"{m}-ssgd-u{str(t).replace('.', '')}", m, "ssgd", 1, 10, 0.01, rounds=rounds, every=every,
+         ref=f"{m}-ssgd-u1", theta_u=str(t)) for m, rounds, every in (("mlp", 100, 2), ("lenet5", 60, 2))
+      for t in (0.01, 0.1, 1)),
     # Centralised baselines: plain SGD on all 60,000 images; "rounds" are epochs here.
     _p("central-mlp", "mlp", "central", 1, 10, 0.1, rounds=20),
     # Constant-η SGD with B=10 hovers at 98.5–98.95% for LeNet-5 (measured); a per-epoch decay settles it.
@@ -88,6 +106,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # Smoke: the pipeline end to end in seconds (CI).
     Preset("smoke", "mlp", "fedavg", 1, 10, 0.1, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=3),
     Preset("smoke-central", "mlp", "central", 1, 10, 0.1, dataset="mnist-sample", max_rounds=1),
+    Preset("smoke-fedsgd", "mlp", "fedsgd", 1, 0, 0.2, fraction=0.5, clients=10, dataset="mnist-sample",
+           max_rounds=4),
+    Preset("smoke-dgc", "mlp", "dgc", 1, 0, 0.05, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=4,
+           options=(("sparsity", "0.99"), ("scope", "model")), reference="smoke-fedsgd"),
 )}
 
 

@@ -36,15 +36,23 @@ def accumulate(acc: np.ndarray, term: Tensor, weight: float) -> None:
 
 def weighted_sum(tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float],
                  dtype: np.dtype = np.dtype(np.float32)) -> Params:
-    """Σ_k weights[k] · tensors[k][name] for every name, accumulated in float64 and returned as ``dtype``."""
+    """Σ_k weights[k] · tensors[k][name] for every name, accumulated in float64 and returned as ``dtype``.
+
+    A name missing from some tensor sets counts as zero there (sparse pushes leave out tensors they do not change);
+    the result has every name that appears in any set.
+    """
     if len(tensors) != len(weights):
         raise ValueError("one weight per tensor set is required")
-    names = list(tensors[0])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in tensors:
+        for name, tensor in t.items():
+            shapes.setdefault(name, tuple(tensor.shape))
     out: Params = {}
-    for name in names:
-        acc = np.zeros(tuple(tensors[0][name].shape), dtype=np.float64)
+    for name, shape in shapes.items():
+        acc = np.zeros(shape, dtype=np.float64)
         for t, w in zip(tensors, weights):
-            accumulate(acc, t[name], w)
+            if name in t:
+                accumulate(acc, t[name], w)
         out[name] = acc.astype(dtype)
     return out
 
@@ -55,9 +63,12 @@ def weighted_mean(tensors: Sequence[Mapping[str, Tensor]], counts: Sequence[int]
 
 
 def axpy(alpha: float, x: Mapping[str, Tensor], y: Mapping[str, np.ndarray]) -> Params:
-    """y + alpha · x for every name, in y's dtype (x may be sparse)."""
+    """y + alpha · x for every name, in y's dtype (x may be sparse; a name x lacks is left as it is in y)."""
     out: Params = {}
     for name in y:
+        if name not in x:
+            out[name] = y[name]
+            continue
         acc = y[name].astype(np.float64)
         accumulate(acc, x[name], alpha)
         out[name] = acc.astype(y[name].dtype)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from fedctl.strategies.base import Strategy, TaskConfig
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg")
+_BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg", "fedctl.strategies.dgc", "fedctl.strategies.ssgd")
 S = TypeVar("S", bound=type)
 
 

@@ -40,6 +40,16 @@ ENC_DENSE = "dense"
 ENC_SPARSE = "sparse"
 ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<f8"})
 ALLOWED_INDEX_DTYPES = frozenset({"<u4", "<u8", "<i8"})
+"""Index dtypes of ``index_enc`` "raw" (the only sparse layout before ``index_enc`` existed)."""
+
+# Index encodings of a sparse frame (tensor frame field "index_enc"; absent means "raw").
+INDEX_RAW = "raw"
+INDEX_VARINT = "varint"
+INDEX_BITMAP = "bitmap"
+INDEX_ENCODINGS = (INDEX_VARINT, INDEX_BITMAP, INDEX_RAW)
+"""In the encoder's order of preference when two encodings take the same number of bytes."""
+MAX_VARINT_BYTES = 6
+"""Longest LEB128 gap a decoder accepts: 6 × 7 bits cover every gap below MAX_TENSOR_ELEMENTS = 2**40."""
 
 # Update kinds a push may carry (header field "kind").
 KIND_WEIGHTS = "weights"

@@ -1,7 +1,8 @@
 """Tensor payloads of wire protocol v1: one msgpack map per tensor frame, dense or sparse (indices + values).
 
-Pure: numpy and msgpack only. Every decoded frame is checked against the rules of docs/protocol.md §4 before a
-numpy array is built; nothing from the network is unpickled or trusted for a size.
+Sparse indices travel as LEB128 gaps ("varint"), a bitmap or raw integers, whichever is smallest. Pure: numpy
+and msgpack only. Every decoded frame is checked against the rules of docs/protocol.md §4 before a numpy array
+is built; nothing from the network is unpickled or trusted for a size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Union
 
 import msgpack
 import numpy as np
+import numpy.typing as npt
 
 from fedctl.errors import ProtocolError
 from fedctl.wire.constants import (
@@ -20,9 +22,14 @@ from fedctl.wire.constants import (
     ALLOWED_INDEX_DTYPES,
     ENC_DENSE,
     ENC_SPARSE,
+    INDEX_BITMAP,
+    INDEX_ENCODINGS,
+    INDEX_RAW,
+    INDEX_VARINT,
     MAX_NAME_CHARS,
     MAX_NDIM,
     MAX_TENSOR_ELEMENTS,
+    MAX_VARINT_BYTES,
     ErrorCode,
 )
 
@@ -47,8 +54,9 @@ class SparseTensor:
     def dtype(self) -> np.dtype:
         return self.values.dtype
 
-    def to_dense(self) -> np.ndarray:
-        out = np.zeros(self.numel, dtype=self.values.dtype)
+    def to_dense(self, dtype: npt.DTypeLike | None = None) -> np.ndarray:
+        """The dense array, of ``dtype`` (default: the values' dtype)."""
+        out = np.zeros(self.numel, dtype=self.values.dtype if dtype is None else dtype)
         out[self.indices] = self.values
         return out.reshape(self.shape)
 
@@ -77,19 +85,120 @@ def _dtype_str(arr: np.ndarray) -> str:
     return arr.dtype.newbyteorder("<").str if arr.dtype.byteorder == "=" else arr.dtype.str
 
 
+def _index_dtype(numel: int) -> np.dtype:
+    """The dtype of decoded indices: compact when it can address every element, else numpy's own index type."""
+    return np.dtype(np.uint32) if numel < 2**32 else np.dtype(np.int64)
+
+
+def _raw_dtype(numel: int) -> np.dtype:
+    return np.dtype("<u4") if numel <= 2**32 else np.dtype("<u8")
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+_VARINT_STEPS = [np.uint64(1 << (7 * k)) for k in range(1, MAX_VARINT_BYTES)]
+"""A gap takes one LEB128 byte plus one for each of these it reaches (numel ≤ 2**40 bounds it to 6 bytes)."""
+
+
+def _gaps(name: str, t: SparseTensor) -> np.ndarray:
+    """The uint64 gaps of ``t``'s indices (indices[0], then indices[i] - indices[i-1] - 1), checking the tensor."""
+    idx, numel = t.indices, t.numel
+    if idx.ndim != 1 or idx.dtype.kind not in "iu" or t.values.shape != idx.shape:
+        raise _bad(f"sparse tensor {name!r} needs 1-d integer indices and as many 1-d values")
+    if not idx.size:
+        return np.zeros(0, np.uint64)
+    if not (0 <= int(idx[0]) < numel and 0 <= int(idx[-1]) < numel):
+        raise _bad(f"sparse tensor {name!r} has an index outside 0..{numel - 1}")
+    # Ends in range and strictly increasing in int64 => every index is in range (a wrapped u8 would decrease).
+    flat = idx.astype(np.int64, copy=False)
+    gaps = np.empty(idx.size, np.int64)
+    gaps[0] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=gaps[1:])
+    if idx.size > 1 and gaps[1:].min() < 1:
+        raise _bad(f"sparse tensor {name!r} indices must be strictly increasing")
+    gaps[1:] -= 1
+    return gaps.view(np.uint64)
+
+
+def _varint_nbytes(gaps: np.ndarray) -> int:
+    if not gaps.size:
+        return 0
+    top = gaps.max()
+    return gaps.size + sum(int(np.count_nonzero(gaps >= step)) for step in _VARINT_STEPS if top >= step)
+
+
+def _encode_varint(gaps: np.ndarray, nbytes: int) -> np.ndarray:
+    """Unsigned LEB128 of every gap, concatenated: a (gaps × longest) byte matrix, one vectorised column per byte
+    position (at most 6), then its row-major bytes that lie within each varint's length."""
+    if nbytes == gaps.size:  # every gap < 128: the bytes are the gaps
+        return gaps.astype(np.uint8)
+    top = gaps.max()
+    lengths = np.ones(gaps.size, np.uint8)
+    for step in _VARINT_STEPS:
+        if top < step:
+            break
+        lengths += (gaps >= step).view(np.uint8)
+    width = int(lengths.max())
+    rest = gaps.astype(np.uint32) if top < 2**32 else gaps  # narrower temporaries are faster
+    matrix = np.empty((gaps.size, width), np.uint8)
+    for j in range(width):
+        matrix[:, j] = (rest & 0x7F).astype(np.uint8) | ((lengths > j + 1).view(np.uint8) << 7)
+        rest = rest >> 7
+    return matrix[np.arange(width, dtype=np.uint8) < lengths[:, None]]
+
+
+def _encode_bitmap(t: SparseTensor) -> np.ndarray:
+    bits = np.zeros(t.numel, np.bool_)
+    bits[t.indices] = True
+    return np.packbits(bits, bitorder="little")  # pads the last byte with zero bits
+
+
+def _plan(name: str, t: SparseTensor) -> tuple[str, int, np.ndarray]:
+    """The smallest index encoding of ``t``: (index_enc, index bytes, gaps); ties go in INDEX_ENCODINGS order."""
+    gaps = _gaps(name, t)
+    sizes = {INDEX_VARINT: _varint_nbytes(gaps), INDEX_BITMAP: (t.numel + 7) // 8,
+             INDEX_RAW: t.nnz * _raw_dtype(t.numel).itemsize}
+    enc = min(INDEX_ENCODINGS, key=sizes.__getitem__)
+    return enc, sizes[enc], gaps
+
+
+def index_encoding(t: SparseTensor) -> str:
+    """The ``index_enc`` the encoder chooses for ``t``: "varint", "bitmap" or "raw"."""
+    return _plan("<sparse>", t)[0]
+
+
+def sparse_nbytes(t: SparseTensor) -> int:
+    """Payload bytes of ``t`` on the wire: index bytes of the chosen encoding plus value bytes (no msgpack framing).
+
+    ``sparse_nbytes(t) / t.nnz`` is the "bytes per kept element" of a compressor.
+    """
+    return _plan("<sparse>", t)[1] + t.values.nbytes
+
+
+def _sparse_body(name: str, t: SparseTensor) -> dict[str, Any]:
+    enc, nbytes, gaps = _plan(name, t)
+    body: dict[str, Any] = {"name": name, "enc": ENC_SPARSE, "dtype": _dtype_str(t.values), "shape": list(t.shape),
+                            "nnz": t.nnz, "index_enc": enc}
+    if enc == INDEX_VARINT:
+        body["indices"] = _as_buffer(_encode_varint(gaps, nbytes))
+    elif enc == INDEX_BITMAP:
+        body["indices"] = _as_buffer(_encode_bitmap(t))
+    else:
+        raw = t.indices.astype(_raw_dtype(t.numel), copy=False)
+        body["index_dtype"], body["indices"] = raw.dtype.str, _as_buffer(raw)
+    body["values"] = _as_buffer(t.values)
+    return body
+
+
 def encode_tensor(name: str, tensor: Tensor) -> bytes:
-    """Encode one named tensor as a msgpack map (docs/protocol.md §4)."""
+    """Encode one named tensor as a msgpack map (docs/protocol.md §4).
+
+    Raises
+    ------
+    ProtocolError
+        BAD_TENSOR for a SparseTensor whose indices are not 1-d, sorted, unique and in range.
+    """
     if isinstance(tensor, SparseTensor):
-        body: dict[str, Any] = {
-            "name": name,
-            "enc": ENC_SPARSE,
-            "dtype": _dtype_str(tensor.values),
-            "shape": list(tensor.shape),
-            "nnz": tensor.nnz,
-            "index_dtype": _dtype_str(tensor.indices),
-            "indices": _as_buffer(tensor.indices),
-            "values": _as_buffer(tensor.values),
-        }
+        body = _sparse_body(name, tensor)
     else:
         arr = np.asarray(tensor)
         body = {"name": name, "enc": ENC_DENSE, "dtype": _dtype_str(arr), "shape": list(arr.shape),
@@ -97,58 +206,144 @@ def encode_tensor(name: str, tensor: Tensor) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
 
 
-def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+# ----------------------------------------------------------------------------------------------- decoding
+def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], tensor: str = "") -> Any:
+    where = f"tensor {tensor!r}" if tensor else "tensor frame"
     if key not in body:
-        raise _bad(f"tensor frame lacks field {key!r}")
+        raise _bad(f"{where} lacks field {key!r}")
     value = body[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise _bad(f"tensor field {key!r} has the wrong type {type(value).__name__}")
+        raise _bad(f"{where} field {key!r} has the wrong type {type(value).__name__}")
     return value
 
 
-def _shape(body: Mapping[str, Any]) -> tuple[int, ...]:
-    raw = _field(body, "shape", list)
+def _shape(body: Mapping[str, Any], tensor: str) -> tuple[int, ...]:
+    raw = _field(body, "shape", list, tensor)
     if len(raw) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
-        raise _bad(f"tensor shape {raw!r} is not a list of at most {MAX_NDIM} non-negative integers")
+        raise _bad(f"tensor {tensor!r} shape {raw!r} is not a list of at most {MAX_NDIM} non-negative integers")
     if math.prod(max(d, 1) for d in raw) > MAX_TENSOR_ELEMENTS:
-        raise _bad(f"tensor shape {raw!r} exceeds {MAX_TENSOR_ELEMENTS} elements")
+        raise _bad(f"tensor {tensor!r} shape {raw!r} exceeds {MAX_TENSOR_ELEMENTS} elements")
     return tuple(raw)
 
 
-def _dtype(body: Mapping[str, Any], key: str, allowed: frozenset[str]) -> np.dtype:
-    name = _field(body, key, str)
+def _dtype(body: Mapping[str, Any], key: str, allowed: frozenset[str], tensor: str) -> np.dtype:
+    name = _field(body, key, str, tensor)
     if name not in allowed:
-        raise _bad(f"tensor {key} {name!r} is not allowed (allowed: {', '.join(sorted(allowed))})")
+        raise _bad(f"tensor {tensor!r} {key} {name!r} is not allowed (allowed: {', '.join(sorted(allowed))})")
     return np.dtype(name)
 
 
+_BINARY = (bytes, bytearray, memoryview)
+
+
 def _array(buf: Any, dtype: np.dtype, count: int, what: str) -> np.ndarray:
-    if not isinstance(buf, (bytes, bytearray, memoryview)):
-        raise _bad(f"tensor {what} is not a binary field")
+    if not isinstance(buf, _BINARY):
+        raise _bad(f"{what} is not a binary field")
     expected = count * dtype.itemsize
     if len(buf) != expected:
-        raise _bad(f"tensor {what} holds {len(buf)} bytes but its header declares {expected}")
+        raise _bad(f"{what} holds {len(buf)} bytes but its header declares {expected}")
     return np.frombuffer(buf, dtype=dtype, count=count)
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    if values.dtype.itemsize == 2:  # numpy's float16 isfinite is slow scalar code: test the exponent bits
+        return not np.any((values.view(np.uint16) & 0x7C00) == 0x7C00)
+    return bool(np.isfinite(values).all())
+
+
 def _check_finite(name: str, values: np.ndarray) -> None:
-    if values.size and not np.isfinite(values).all():
+    if values.size and not _all_finite(values):
         raise _bad(f"tensor {name!r} contains NaN or infinite values", ErrorCode.NON_FINITE)
 
 
-def _decode_sparse(name: str, body: Mapping[str, Any], shape: tuple[int, ...], dtype: np.dtype) -> SparseTensor:
-    numel = math.prod(shape)
-    nnz = _field(body, "nnz", int)
-    if not 0 <= nnz <= numel:
-        raise _bad(f"sparse tensor {name!r} declares nnz={nnz} for {numel} elements")
-    index_dtype = _dtype(body, "index_dtype", ALLOWED_INDEX_DTYPES)
-    indices = _array(body.get("indices"), index_dtype, nnz, "indices")
-    values = _array(body.get("values"), dtype, nnz, "values")
+def _index_bytes(name: str, body: Mapping[str, Any]) -> np.ndarray:
+    buf = body.get("indices")
+    if not isinstance(buf, _BINARY):
+        raise _bad(f"sparse tensor {name!r} field 'indices' is missing or not binary")
+    return np.frombuffer(buf, np.uint8)
+
+
+def _decode_raw(name: str, body: Mapping[str, Any], numel: int, nnz: int) -> np.ndarray:
+    index_dtype = _dtype(body, "index_dtype", ALLOWED_INDEX_DTYPES, name)
+    indices = _array(body.get("indices"), index_dtype, nnz, f"sparse tensor {name!r} indices")
     # Compare in the index dtype (a cast of u8 to i8 would wrap) and bound the ends as Python ints.
     if nnz and (int(indices[-1]) >= numel or not (indices[1:] > indices[:-1]).all()):
         raise _bad(f"sparse tensor {name!r} indices must be strictly increasing and below {numel}")
     if nnz and int(indices[0]) < 0:
         raise _bad(f"sparse tensor {name!r} has a negative index")
+    return indices.astype(_index_dtype(numel), copy=False)
+
+
+def _varint_gaps(name: str, buf: np.ndarray, nnz: int) -> np.ndarray:
+    """The uint64 values of ``nnz`` concatenated canonical LEB128 varints of at most MAX_VARINT_BYTES bytes."""
+    ends = np.flatnonzero(buf < 0x80)  # a byte without the continuation bit ends a varint
+    if ends.size != nnz or (buf.size and (not ends.size or ends[-1] != buf.size - 1)):
+        raise _bad(f"sparse tensor {name!r} varint indices hold {ends.size} complete varints "
+                   f"({buf.size - (int(ends[-1]) + 1 if ends.size else 0)} trailing bytes), nnz declares {nnz}")
+    if ends.size == buf.size:  # every varint is one byte
+        return buf.astype(np.uint64)
+    lengths = np.diff(ends, prepend=-1)
+    if lengths.max() > MAX_VARINT_BYTES:
+        raise _bad(f"sparse tensor {name!r} has a varint longer than {MAX_VARINT_BYTES} bytes")
+    if ((buf[ends] == 0) & (lengths > 1)).any():
+        raise _bad(f"sparse tensor {name!r} has a non-minimal varint (a multi-byte varint ending in 0x00)")
+    # Branch-free: gather byte j of every varint (zero-padded past the end), masked where the varint is shorter.
+    starts = ends - lengths + 1
+    low = np.zeros(buf.size + MAX_VARINT_BYTES, np.uint8)
+    np.bitwise_and(buf, 0x7F, out=low[:buf.size])
+    gaps = low[starts].astype(np.uint64)
+    for j in range(1, int(lengths.max())):
+        gaps |= (low[starts + j] * (lengths > j).view(np.uint8)).astype(np.uint64) << np.uint64(7 * j)
+    return gaps
+
+
+def _decode_varint(name: str, body: Mapping[str, Any], numel: int, nnz: int) -> np.ndarray:
+    gaps = _varint_gaps(name, _index_bytes(name, body), nnz)
+    if not nnz:
+        return np.zeros(0, _index_dtype(numel))
+    # Each gap is below numel, so a uint64 cumulative sum of nnz terms cannot wrap while nnz * numel < 2**64;
+    # beyond that a wrap would show as a decrease, which the order check catches.
+    if int(gaps.max()) >= numel:
+        raise _bad(f"sparse tensor {name!r} has a varint gap beyond its {numel} elements")
+    indices = np.cumsum(gaps, dtype=np.uint64)
+    indices += np.arange(nnz, dtype=np.uint64)
+    if int(indices[-1]) >= numel or (nnz * numel >= 2**64 and not (indices[1:] > indices[:-1]).all()):
+        raise _bad(f"sparse tensor {name!r} varint indices run past its {numel} elements")
+    return indices.astype(_index_dtype(numel))
+
+
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
+
+
+def _decode_bitmap(name: str, body: Mapping[str, Any], numel: int, nnz: int) -> np.ndarray:
+    buf = _index_bytes(name, body)
+    if buf.size != (numel + 7) // 8:  # checked before any allocation sized by numel
+        raise _bad(f"sparse tensor {name!r} bitmap holds {buf.size} bytes, {numel} elements need {(numel + 7) // 8}")
+    if numel % 8 and buf[-1] >> (numel % 8):
+        raise _bad(f"sparse tensor {name!r} bitmap has padding bits set after element {numel - 1}")
+    count = int(_POPCOUNT[buf].sum(dtype=np.int64))
+    if count != nnz:
+        raise _bad(f"sparse tensor {name!r} bitmap has {count} bits set, nnz declares {nnz}")
+    bits = np.unpackbits(buf, count=numel, bitorder="little").view(np.bool_)  # nonzero is faster on bools
+    return np.flatnonzero(bits).astype(_index_dtype(numel), copy=False)
+
+
+_INDEX_DECODERS = {INDEX_RAW: _decode_raw, INDEX_VARINT: _decode_varint, INDEX_BITMAP: _decode_bitmap}
+
+
+def _decode_sparse(name: str, body: Mapping[str, Any], shape: tuple[int, ...], dtype: np.dtype) -> SparseTensor:
+    numel = math.prod(shape)
+    nnz = _field(body, "nnz", int, name)
+    if not 0 <= nnz <= numel:
+        raise _bad(f"sparse tensor {name!r} declares nnz={nnz} for {numel} elements")
+    index_enc = _field(body, "index_enc", str, name) if "index_enc" in body else INDEX_RAW
+    decoder = _INDEX_DECODERS.get(index_enc)
+    if decoder is None:
+        raise _bad(f"sparse tensor {name!r} has unknown index_enc {index_enc!r} "
+                   f"(expected one of {', '.join(INDEX_ENCODINGS)})")
+    # Values first: their length bounds nnz by bytes actually received before indices are expanded.
+    values = _array(body.get("values"), dtype, nnz, f"sparse tensor {name!r} values")
+    indices = decoder(name, body, numel, nnz)
     _check_finite(name, values)
     return SparseTensor(shape, indices, values)
 
@@ -165,28 +360,29 @@ def decode_tensor(frame: bytes | memoryview) -> tuple[str, Tensor]:
     name = _field(body, "name", str)
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise _bad(f"tensor name must have 1..{MAX_NAME_CHARS} characters")
-    enc = _field(body, "enc", str)
-    shape = _shape(body)
-    dtype = _dtype(body, "dtype", ALLOWED_DTYPES)
+    enc = _field(body, "enc", str, name)
+    shape = _shape(body, name)
+    dtype = _dtype(body, "dtype", ALLOWED_DTYPES, name)
     if enc == ENC_SPARSE:
         return name, _decode_sparse(name, body, shape, dtype)
     if enc != ENC_DENSE:
         raise _bad(f"tensor {name!r} has unknown encoding {enc!r} (expected 'dense' or 'sparse')")
-    arr = _array(body.get("data"), dtype, math.prod(shape), "data").reshape(shape)
+    arr = _array(body.get("data"), dtype, math.prod(shape), f"tensor {name!r} data").reshape(shape)
     _check_finite(name, arr)
     return name, arr
 
 
 def check_against_spec(tensors: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]],
-                       dtypes: frozenset[str] = frozenset({"<f4"})) -> None:
-    """Require exactly the expected tensor names with the expected shapes and an allowed dtype.
+                       dtypes: frozenset[str] = frozenset({"<f4"}), partial: bool = False) -> None:
+    """Require exactly the expected tensor names (a subset of them when ``partial``) with the expected shapes and
+    an allowed dtype.
 
     Raises
     ------
     ProtocolError
         with code MODEL_MISMATCH naming the first offending tensor.
     """
-    missing = [n for n in expected if n not in tensors]
+    missing = [] if partial else [n for n in expected if n not in tensors]
     extra = [n for n in tensors if n not in expected]
     if missing or extra:
         raise ProtocolError(ErrorCode.MODEL_MISMATCH,

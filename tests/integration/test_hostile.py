@@ -104,7 +104,8 @@ def hostile_table(peer: RawPeer, open_round: int) -> tuple[list[tuple[str, list[
     renamed["fc9.bias"] = renamed.pop("fc3.bias")
     reshaped = good_tensors()
     reshaped["fc1.weight"] = np.ascontiguousarray(reshaped["fc1.weight"].T)
-    wrong_dtype = {k: v.astype(np.float64) for k, v in good_tensors().items()}
+    wrong_dtype = good_tensors()  # one float64 tensor (a whole float64 model would exceed the size limit)
+    wrong_dtype["fc3.bias"] = wrong_dtype["fc3.bias"].astype(np.float64)
     valid_join = peer.msg(C.JOIN, worker="mallory", backend="numpy", num_examples=100)
     before = [
         ("garbage", [b"\xc1\x00garbage"], ErrorCode.MALFORMED),
@@ -124,7 +125,7 @@ def hostile_table(peer: RawPeer, open_round: int) -> tuple[list[tuple[str, list[
     after = [
         ("push with wrong tensor names", peer.push(renamed, open_round), ErrorCode.MODEL_MISMATCH),
         ("push with a wrong shape", peer.push(reshaped, open_round), ErrorCode.MODEL_MISMATCH),
-        ("push with float64 tensors", peer.push(wrong_dtype, open_round), ErrorCode.MODEL_MISMATCH),
+        ("push with a float64 tensor", peer.push(wrong_dtype, open_round), ErrorCode.MODEL_MISMATCH),
         ("push with no tensors", peer.push({}, open_round), ErrorCode.MODEL_MISMATCH),
         ("push with the wrong kind", peer.push(good_tensors(), open_round, kind="gradient"), ErrorCode.WRONG_KIND),
         ("push for a round not open", peer.push(good_tensors(), open_round + 5), ErrorCode.STALE_UPDATE),
