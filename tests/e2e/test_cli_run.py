@@ -113,3 +113,41 @@ def test_demo(tmp_path: Path) -> None:
     assert float(final.group(1)) > 0.85, run.stdout
     assert re.search(r"workers exited 0\W+3/3", run.stdout), run.stdout
     assert len(read_metrics(out / "state")) == 3
+
+
+def test_dgc_run_with_torch_and_mxnet_workers_that_keep_state(spawn: Launcher, partition_dir: Path,
+                                                              tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    broker, endpoint = serve(spawn, state, "--strategy", "dgc", "--batch-size", "0", "--lr", "0.05", "--rounds", "3",
+                             "--min-workers", "2", "--opt", "sparsity=0.99", "--opt", "scope=model")
+    workers = [spawn(f"join-dgc-{backend}", "join", "--connect", endpoint, "--data", f"shard{i}", "--data-dir",
+                     str(partition_dir), "--backend", backend, "--threads", "1", "--state-dir",
+                     str(tmp_path / f"worker-{backend}"))
+               for i, backend in enumerate(["torch", "mxnet"])]
+    procs = [broker, *workers]
+    assert_all_exit_0(procs, wait_all(procs))
+    metrics = read_metrics(state)
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    dense_push = 109_386 * 4
+    assert all(m["update_bytes_in"] < 2 * dense_push / 20 for m in metrics), [m["update_bytes_in"] for m in metrics]
+    for backend in ("torch", "mxnet"):
+        assert (tmp_path / f"worker-{backend}" / "worker-state.npz").is_file()
+
+
+def test_strategies_command_lists_every_algorithm_and_its_options(tmp_path: Path) -> None:
+    done = fedctl(tmp_path, "strategies")
+    assert done.returncode == 0, done.stderr
+    for name in ("fedavg", "fedsgd", "dgc", "ssgd"):
+        assert name in done.stdout
+    for option in ("sparsity", "momentum", "warmup_rounds", "theta_u", "theta_d", "dp_epsilon"):
+        assert option in done.stdout
+
+
+def test_a_bad_strategy_option_is_refused_with_its_fix(tmp_path: Path) -> None:
+    done = fedctl(tmp_path, "serve", "--bind", LOOPBACK_ANY, "--strategy", "dgc", "--opt", "sparsity=1.5",
+                  "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 2
+    assert "sparsity" in done.stderr and "in [0, 1)" in done.stderr
+    done = fedctl(tmp_path, "serve", "--bind", LOOPBACK_ANY, "--strategy", "fedavg", "--opt", "sparsity=0.9",
+                  "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 2 and "no option 'sparsity'" in done.stderr

@@ -61,3 +61,21 @@ def test_bench_fl_smoke_writes_table_and_plots(tmp_path: Path) -> None:
     assert "fedctl bench fl --preset smoke" in table and "centralised" in table
     for png in ("fl_accuracy_vs_round.png", "fl_accuracy_vs_bytes.png", "fl_accuracy_vs_epochs.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_comm_smoke_compares_dgc_with_dense_fedsgd(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    run = fedctl(tmp_path, "bench", "comm", "--preset", "smoke-fedsgd", "--preset", "smoke-dgc", "--no-topk",
+                 "--out", str(out), timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads((out / "comm.json").read_text())
+    rows = {r["preset"]: r for r in data["results"]}
+    assert set(rows) == {"smoke-fedsgd", "smoke-dgc"}
+    dense, dgc = rows["smoke-fedsgd"]["comm"], rows["smoke-dgc"]["comm"]
+    # Bytes are counted on the broker's socket: 5 dense MLP pushes per round against 1%-sparse ones.
+    assert dense["up_per_round"] > 5 * 109_386 * 4
+    assert dgc["vs_reference"]["reference"] == "smoke-fedsgd"
+    assert dgc["vs_reference"]["up_ratio_per_round"] > 20
+    assert 0.005 < dgc["density"] < 0.02 and dgc["bytes_per_kept"] < 12
+    assert "fedctl bench comm --preset smoke-dgc" in (out / "comm.md").read_text()
+    assert (out / "comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
