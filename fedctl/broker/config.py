@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedctl.broker.policy import SyncConfig
+from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
 from fedctl.strategies.base import TaskConfig
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES
@@ -32,6 +32,10 @@ class BrokerConfig:
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
+    policy: str = "sync"
+    """Consistency policy: ``sync`` (rounds), ``ssp:S`` (stale-synchronous, bound S) or ``async``."""
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    """SSP / async settings (hard staleness limit, staleness weighting, buffer); the bound comes from ``policy``."""
     history_mb: float = 64.0
     """Memory for past model versions, from which a worker holding one gets only what changed (0: always dense)."""
 
@@ -45,6 +49,7 @@ class BrokerConfig:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
+        parse_policy(self.policy)
         if self.history_mb < 0:
             raise ConfigError(f"--history-mb must be >= 0, got {self.history_mb}",
                               "use 0 to always send the model dense")

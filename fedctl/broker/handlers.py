@@ -42,6 +42,7 @@ async def on_join(broker: Broker, identity: bytes, msg: Message) -> None:
     record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], msg.get("host", ""),
                           broker.now())
     again = broker.registry.add(record)
+    broker.policy.join(record.worker)
     log.info("worker %s %s (%s, %d examples, %d connected)", record.worker, "rejoined" if again else "joined",
              record.backend, record.num_examples, len(broker.registry))
     await broker.reply(identity, msg, C.WELCOME, worker=record.worker, run=broker.run_info())
@@ -53,8 +54,8 @@ async def on_pull(broker: Broker, identity: bytes, msg: Message) -> None:
     if broker.finished:
         await broker.send_done(record, re=msg.id)
         return
-    # A sampled worker that pulls again before pushing (it restarted) will not answer this round.
-    broker.policy.worker_gone(record.worker)
+    # A worker that pulls again before pushing (it restarted) will not push the work it was given.
+    broker.policy.pulled(record.worker)
     record.pending_pull = msg.id
     record.holds_version = msg.get("version")
     broker.changed.set()
@@ -73,15 +74,21 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES)
     else:  # a gradient or delta may leave out tensors it does not change (zero)
         check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
-    admission = broker.policy.admit(record.worker, msg["round"])
+    # While updates are being applied, what arrives now is applied on top of the next version: count it so.
+    version = broker.store.version + (1 if broker.applying else 0)
+    admission = broker.policy.admit(record.worker, msg["round"], msg["base_version"], version)
     if admission.duplicate:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")
         return
     if admission.code is not None:
+        if admission.code == ErrorCode.STALE_UPDATE:
+            broker.stale_refused += 1
         raise ProtocolError(admission.code, admission.reason)
-    if msg["base_version"] != broker.store.version:
+    if msg["kind"] == C.KIND_WEIGHTS and broker.store.at(msg["base_version"]) is None:
+        # Applied out of round, a weights update becomes the change from its base, which must still be kept.
+        broker.policy.pulled(record.worker)
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
-                            f"round {msg['round']} trains version {broker.store.version}")
+                            "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
     # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
     broker.updates.append(Update(record.worker, msg["num_examples"], dict(msg.tensors), msg["kind"],
                                  msg["base_version"], dict(msg.get("metrics") or {})))

@@ -1,4 +1,5 @@
-"""Consistency policies. ``sync``: synchronous rounds with client fraction C, a quorum and a deadline.
+"""Consistency policies. ``sync``: synchronous rounds with client fraction C, a quorum and a deadline;
+``ssp:S``: stale-synchronous parallel (Ho et al. 2013) with per-worker clocks and bound S; ``async``: S = ∞.
 
 A policy is a sans-IO object: the service tells it what happened (a worker is ready, an update arrived, a worker
 is gone, time passed) and asks what to do (start a round with whom, admit or refuse an update, close the round).
@@ -41,6 +42,8 @@ class Admission:
     code: ErrorCode | None = None
     reason: str = ""
     duplicate: bool = False
+    staleness: int = 0
+    """Model versions between the update's base and the current model (clock policies)."""
 
     @property
     def admitted(self) -> bool:
@@ -81,8 +84,16 @@ class SyncRoundPolicy:
         self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s)
         return self.current
 
-    def admit(self, worker: str, round_no: int) -> Admission:
-        """Decide on an update from ``worker`` for ``round_no``."""
+    def join(self, worker: str) -> None:
+        """A worker joined or rejoined (nothing to do: rounds sample whoever waits)."""
+
+    def pulled(self, worker: str) -> None:
+        """A worker asks for work again: if it was sampled and has not pushed (it restarted), it will not."""
+        self.worker_gone(worker)
+
+    def admit(self, worker: str, round_no: int, base_version: int | None = None,
+              version: int | None = None) -> Admission:
+        """Decide on an update from ``worker`` for ``round_no`` trained on ``base_version`` (current: ``version``)."""
         cur = self.current
         if cur is None or round_no != cur.number:
             return Admission(ErrorCode.STALE_UPDATE, f"round {round_no} is not open"
@@ -91,6 +102,9 @@ class SyncRoundPolicy:
             return Admission(ErrorCode.NOT_SELECTED, f"worker {worker!r} was not sampled for round {round_no}")
         if worker in cur.received:
             return Admission(duplicate=True)
+        if base_version is not None and version is not None and base_version != version:
+            return Admission(ErrorCode.STALE_UPDATE, f"update is based on model version {base_version}, "
+                             f"round {round_no} trains version {version}")
         return Admission()
 
     def record(self, worker: str) -> None:
@@ -125,3 +139,139 @@ class SyncRoundPolicy:
 
     def time_left(self, now: float) -> float | None:
         return None if self.current is None else max(self.current.deadline - now, 0.0)
+
+
+# -- stale-synchronous parallel and asynchronous ----------------------------------------------------------------
+
+
+def parse_policy(text: str) -> float | None:
+    """The staleness bound S of a ``--policy`` value: None for ``sync``, an int for ``ssp:S``, inf for ``async``."""
+    if text == "sync":
+        return None
+    if text == "async":
+        return math.inf
+    name, _, bound = text.partition(":")
+    if name == "ssp" and bound.isdigit():
+        return int(bound)
+    raise ConfigError(f"--policy {text!r} is not a consistency policy",
+                      "use sync, ssp:S with a bound S >= 0 (e.g. ssp:2), or async")
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    """SSP / async settings.
+
+    bound:
+        S: a worker at clock c may start its next update only while c − (slowest live worker's clock) ≤ S
+        (math.inf: fully asynchronous).
+    max_staleness:
+        Hard limit: an update based on a model more than this many versions old is refused (STALE_UPDATE).
+    staleness_exponent:
+        a in the weight (1 + τ)^−a of an update τ versions old (0: no weighting; 1: 1/(1+τ)).
+    buffer:
+        Apply updates in groups of this many arrivals (1: each as it arrives; K > 1: FedBuff-style).
+    """
+
+    bound: float = math.inf
+    max_staleness: int = 50
+    staleness_exponent: float = 0.5
+    buffer: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.bound >= 0:
+            raise ConfigError(f"the SSP bound must be >= 0, got {self.bound}", "use e.g. --policy ssp:2")
+        if self.max_staleness < 0:
+            raise ConfigError(f"--max-staleness must be >= 0, got {self.max_staleness}")
+        if self.staleness_exponent < 0:
+            raise ConfigError(f"--staleness-exponent must be >= 0, got {self.staleness_exponent}",
+                              "0 applies every update at full weight, 1 weighs it by 1/(1+staleness)")
+        if self.buffer < 1:
+            raise ConfigError(f"--buffer must be >= 1, got {self.buffer}")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A model handed to a worker: the clock tick it computes and the version it starts from."""
+
+    tick: int
+    base_version: int
+
+
+class ClockPolicy:
+    """Per-worker clocks for SSP (bound S) and async (S = ∞); sans-IO like :class:`SyncRoundPolicy`.
+
+    A worker's clock counts its applied updates; it survives the worker's reconnects (keyed by worker id) and is
+    saved with the broker's state. A new worker starts at the slowest live worker's clock, so joining late never
+    holds the others back. A worker that leaves or expires stops counting towards the minimum, which releases
+    the pulls it was holding up.
+    """
+
+    def __init__(self, config: ClockConfig, clocks: dict[str, int] | None = None) -> None:
+        self.config = config
+        self.name = "async" if math.isinf(config.bound) else f"ssp:{int(config.bound)}"
+        self.clocks: dict[str, int] = dict(clocks or {})
+        self.live: set[str] = set()
+        self.assigned: dict[str, Assignment] = {}
+
+    def join(self, worker: str) -> None:
+        if worker not in self.clocks:
+            self.clocks[worker] = self.min_clock() or 0
+        self.live.add(worker)
+
+    def worker_gone(self, worker: str) -> None:
+        self.live.discard(worker)
+        self.assigned.pop(worker, None)
+
+    def pulled(self, worker: str) -> None:
+        """A pull while a model is out means the worker dropped that work (it restarted): forget it."""
+        self.assigned.pop(worker, None)
+
+    def min_clock(self) -> int | None:
+        return min((self.clocks[w] for w in self.live), default=None)
+
+    def max_clock(self) -> int | None:
+        return max((self.clocks[w] for w in self.live), default=None)
+
+    def may_start(self, worker: str) -> bool:
+        """May ``worker`` be handed a model now? (clock − min live clock ≤ S)."""
+        low = self.min_clock()
+        return low is None or self.clocks.get(worker, low) - low <= self.config.bound
+
+    def assign(self, worker: str, version: int) -> int:
+        """Hand ``worker`` the model of ``version``; returns the clock tick its update will count as."""
+        tick = self.clocks.get(worker, 0) + 1
+        self.assigned[worker] = Assignment(tick, version)
+        return tick
+
+    def busy(self) -> int:
+        """Live workers computing an update right now."""
+        return sum(1 for w in self.assigned if w in self.live)
+
+    def admit(self, worker: str, round_no: int, base_version: int | None = None,
+              version: int | None = None) -> Admission:
+        """Decide on an update for clock tick ``round_no`` computed on ``base_version`` (current: ``version``)."""
+        if round_no <= self.clocks.get(worker, 0):
+            return Admission(duplicate=True)
+        job = self.assigned.get(worker)
+        if job is None or job.tick != round_no:
+            return Admission(ErrorCode.NOT_SELECTED, f"no model was handed to worker {worker!r} for its update "
+                             f"{round_no}; pull first")
+        if base_version is not None and base_version != job.base_version:
+            return Admission(ErrorCode.STALE_UPDATE, f"update {round_no} of {worker!r} claims base version "
+                             f"{base_version}, it was handed version {job.base_version}")
+        staleness = 0 if version is None else version - job.base_version
+        if staleness > self.config.max_staleness:
+            self.assigned.pop(worker, None)
+            return Admission(ErrorCode.STALE_UPDATE, f"update is {staleness} model versions old; this broker "
+                             f"applies updates at most {self.config.max_staleness} old (--max-staleness)",
+                             staleness=staleness)
+        return Admission(staleness=staleness)
+
+    def record(self, worker: str) -> None:
+        """Count an admitted update: the worker's clock advances."""
+        self.clocks[worker] = self.clocks.get(worker, 0) + 1
+        self.assigned.pop(worker, None)
+
+    def weight(self, staleness: int) -> float:
+        """(1 + τ)^−a: how much an update τ versions old counts."""
+        return float((1.0 + max(staleness, 0)) ** -self.config.staleness_exponent)

@@ -15,6 +15,7 @@ from fedctl.wire.tensors import SparseTensor, Tensor
 
 if TYPE_CHECKING:
     from fedctl.broker.policy import OpenRound
+    from fedctl.broker.registry import WorkerRecord
     from fedctl.broker.service import Broker
     from fedctl.strategies.base import Update
 
@@ -31,11 +32,51 @@ def _mean_metrics(updates: list[Update]) -> dict[str, float]:
     return {k: round(sum(float(u.metrics.get(k, 0.0)) for u in updates) / max(len(updates), 1), 6) for k in keys}
 
 
+def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]]:
+    """For each model version some worker holds: the tensors to send it, their frames, and whether they are a
+    delta on that version. Runs in a thread (diffing and encoding touch the whole model)."""
+    store = b.store
+    out: dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]] = {}
+    dense: tuple[dict[str, Tensor], list[bytes], bool] = (dict(store.weights), encode_tensors(store.weights), False)
+    for version in held:
+        base = None if version is None else store.at(version)
+        delta = None if base is None else b.strategy.downlink(store.weights, base)
+        if delta is None:
+            out[version] = dense
+            continue
+        # Unchanged tensors are left out: the worker keeps its copy of them.
+        changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
+        frames = encode_tensors(changed)
+        out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
+    return out
+
+
+async def hand_out(b: Broker, jobs: list[tuple[WorkerRecord, int]]) -> None:
+    """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: dense, or only what
+    changed since the version it holds when that is smaller. Frames are encoded once per distinct held version."""
+    if not jobs:
+        return
+    downlinks = await asyncio.to_thread(build_downlinks, b, {r.holds_version for r, _ in jobs})
+    for record, number in jobs:
+        task = b.strategy.task_for_round(number, int(b.rng.integers(2**31)))
+        tensors, frames, is_delta = downlinks[record.holds_version]
+        msg = make(C.MODEL, b.next_id(), re=record.pending_pull, tensors=tensors, round=number,
+                   version=b.store.version, task=task, base=record.holds_version if is_delta else None)
+        record.pending_pull = None
+        if not await b.send(record.identity, msg, frames):
+            b.drop(record, "is unreachable (its connection is gone)")
+
+
 class RoundDriver:
     """Drives rounds ``state['round'] + 1 … rounds`` of one broker."""
 
     def __init__(self, broker: Broker) -> None:
+        from fedctl.broker.policy import SyncRoundPolicy
+
+        assert isinstance(broker.policy, SyncRoundPolicy)
         self.b = broker
+        self.policy: SyncRoundPolicy = broker.policy
+        self.started = time.monotonic() - float(broker.state.get("elapsed_s", 0.0))
 
     async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool:
         """Wait until ``condition()`` holds (re-checked whenever the broker's state changes); False on timeout."""
@@ -58,7 +99,7 @@ class RoundDriver:
 
         def try_open() -> bool:
             ready = [r.worker for r in self.b.registry.waiting()]
-            got = self.b.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
+            got = self.policy.try_start(round_no, ready, len(self.b.registry), self.b.now(), self.b.rng)
             if got is not None:
                 opened.append(got)
             return got is not None
@@ -66,38 +107,10 @@ class RoundDriver:
         await self.wait_until(try_open)
         return opened[0]
 
-    def _downlinks(self, held: set[int | None]) -> dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]]:
-        """For each model version some sampled worker holds: the tensors to send it, their frames, and whether
-        they are a delta on that version. Runs in a thread (diffing and encoding touch the whole model)."""
-        store = self.b.store
-        out: dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]] = {}
-        dense: tuple[dict[str, Tensor], list[bytes], bool] = (dict(store.weights), encode_tensors(store.weights),
-                                                              False)
-        for version in held:
-            base = None if version is None else store.at(version)
-            delta = None if base is None else self.b.strategy.downlink(store.weights, base)
-            if delta is None:
-                out[version] = dense
-                continue
-            # Unchanged tensors are left out: the worker keeps its copy of them.
-            changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
-            frames = encode_tensors(changed)
-            out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
-        return out
-
     async def _hand_out(self, opened: OpenRound) -> None:
-        """Answer each sampled worker's pull with the model: dense, or only what changed since the version it
-        holds when that is smaller. Frames are encoded once per distinct held version."""
+        """Answer each sampled worker's pull with the model (see :func:`hand_out`)."""
         records = [r for r in (self.b.registry.get(w) for w in opened.selected) if r is not None]
-        downlinks = await asyncio.to_thread(self._downlinks, {r.holds_version for r in records})
-        for record in records:
-            task = self.b.strategy.task_for_round(opened.number, int(self.b.rng.integers(2**31)))
-            tensors, frames, is_delta = downlinks[record.holds_version]
-            msg = make(C.MODEL, self.b.next_id(), re=record.pending_pull, tensors=tensors, round=opened.number,
-                       version=self.b.store.version, task=task, base=record.holds_version if is_delta else None)
-            record.pending_pull = None
-            if not await self.b.send(record.identity, msg, frames):
-                self.b.drop(record, "is unreachable (its connection is gone)")
+        await hand_out(self.b, [(r, opened.number) for r in records])
 
     async def run(self) -> dict[str, Any]:
         b = self.b
@@ -109,12 +122,12 @@ class RoundDriver:
             push0, model0 = b.bytes_in_by_type.get(C.PUSH, 0), b.bytes_out_by_type.get(C.MODEL, 0)
             b.updates = []
             await self._hand_out(opened)
-            await self.wait_until(lambda: b.policy.should_close(b.now()), b.policy.time_left(b.now()))
-            closed, ok = b.policy.close()
+            await self.wait_until(lambda: self.policy.should_close(b.now()), self.policy.time_left(b.now()))
+            closed, ok = self.policy.close()
             if not ok:
                 log.warning("round %d failed: %d of %d sampled workers answered before the deadline (quorum %d); "
                             "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
-                            b.policy.quorum(closed))
+                            self.policy.quorum(closed))
                 continue
             last = await self._complete(closed, started, (in0, out0, push0, model0))
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected)}
@@ -141,6 +154,7 @@ class RoundDriver:
         b.store.replace(result.weights)
         b.state["round"] = closed.number
         b.state["strategy_state"] = result.state
+        b.state["elapsed_s"] = time.monotonic() - self.started
         eval_started = time.perf_counter()
         evaluation = await self._evaluate(closed.number)
         eval_s = time.perf_counter() - eval_started
@@ -155,6 +169,7 @@ class RoundDriver:
                   "model_bytes_out": b.bytes_out_by_type.get(C.MODEL, 0) - model0,
                   "update_metrics": _mean_metrics(updates),
                   "duration_s": round(eval_started - started, 4), "eval_s": round(eval_s, 4),
+                  "elapsed_s": round(b.state["elapsed_s"], 3),
                   "rejected_total": sum(b.rejected.values()),
                   "strategy": {k: v for k, v in result.metrics.items()}}
         await asyncio.to_thread(b.checkpointer.save, b.store, b.state)

@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,9 @@ import zmq
 import zmq.asyncio
 
 from fedctl.broker import handlers
+from fedctl.broker.clocks import ClockDriver
 from fedctl.broker.config import BrokerConfig
-from fedctl.broker.policy import SyncRoundPolicy
+from fedctl.broker.policy import ClockPolicy, SyncRoundPolicy, parse_policy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
 from fedctl.broker.rounds import RoundDriver
 from fedctl.broker.store import Checkpointer, ParameterStore
@@ -57,7 +59,8 @@ class Broker:
         self.config = config
         self.spec = get_model(config.model)
         self.strategy = get_strategy(config.strategy, config.task)
-        self.policy = SyncRoundPolicy(config.sync)
+        bound = parse_policy(config.policy)
+        self.policy: SyncRoundPolicy | ClockPolicy = SyncRoundPolicy(config.sync)
         self.registry = WorkerRegistry(config.liveness_s)
         self.checkpointer = Checkpointer(config.state_dir)
         self.expected_shapes = {p.name: p.shape for p in self.spec.params}
@@ -75,6 +78,12 @@ class Broker:
         self._msg_id = 0
         self.store, self.state = self._load_or_init()
         self.store.history_bytes = int(self.config.history_mb * 2**20)
+        if bound is not None:
+            self.policy = ClockPolicy(replace(config.clock, bound=bound), self.state.get("clocks"))
+        self.applied_total = 0
+        self.stale_refused = 0
+        self.applying = False
+        """True while the clock driver applies updates (admission then counts one more version of staleness)."""
         self.rng = np.random.default_rng([config.seed, self.state["round"]])
         self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes)
         self.endpoint = self.transport.endpoint
@@ -166,13 +175,15 @@ class Broker:
 
     async def run(self) -> dict[str, Any]:
         """Run every round, tell the workers the run is done, and return a summary."""
-        log.info("broker on %s: model %s (%d parameters), strategy %s, %d rounds", self.endpoint, self.spec.name,
-                 self.spec.num_params, self.strategy.name, self.config.rounds)
+        log.info("broker on %s: model %s (%d parameters), strategy %s, policy %s, %d %s", self.endpoint,
+                 self.spec.name, self.spec.num_params, self.strategy.name, self.policy.name, self.config.rounds,
+                 "rounds" if isinstance(self.policy, SyncRoundPolicy) else "model versions")
         try:
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(self._reader())
                 reaper = tg.create_task(self._reaper())
-                summary = await RoundDriver(self).run()
+                driver = RoundDriver(self) if isinstance(self.policy, SyncRoundPolicy) else ClockDriver(self)
+                summary = await driver.run()
                 await self._finish()
                 reader.cancel()
                 reaper.cancel()

@@ -28,15 +28,17 @@ log = logging.getLogger(__name__)
               help="Give up if no broker answers within this many seconds.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True,
+              help="Emulate a slower device (benchmarks): each update takes this many times longer.")
 def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
-             threads: int | None, connect_timeout: float, state_dir: Path | None) -> None:
+             threads: int | None, connect_timeout: float, state_dir: Path | None, slowdown: float) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     check_endpoint(connect, "--connect", bind=False)
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
                           backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout,
-                          state_dir=state_dir)
+                          state_dir=state_dir, slowdown=slowdown)
     make = trainer_factory(backend, shard, device, threads)
     # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
     from fedctl.models import get_model

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from fedctl.broker.config import BrokerConfig
-from fedctl.broker.policy import SyncConfig
+from fedctl.broker.policy import ClockConfig, SyncConfig
 from fedctl.errors import ConfigError
 from fedctl.models import MODELS
 from fedctl.strategies import TaskConfig, strategy_names
@@ -34,6 +34,15 @@ RUN_OPTIONS = [
                  help="Round r uses η · lr_decay^(r−1) (1 = constant)."),
     click.option("--opt", "strategy_options", multiple=True, metavar="KEY=VALUE",
                  help="A strategy option (repeatable), e.g. --opt sparsity=0.999; `fedctl strategies` lists them."),
+    click.option("--policy", default="sync", show_default=True, metavar="sync|ssp:S|async",
+                 help="Consistency policy: synchronous rounds, stale-synchronous parallel with bound S, or fully "
+                      "asynchronous (for ssp/async, --rounds counts model versions)."),
+    click.option("--max-staleness", type=click.IntRange(min=0), default=50, show_default=True,
+                 help="ssp/async: refuse an update based on a model more than this many versions old."),
+    click.option("--staleness-exponent", type=click.FloatRange(min=0), default=0.5, show_default=True,
+                 help="ssp/async: weigh an update τ versions old by (1+τ)^-a (0: no weighting)."),
+    click.option("--buffer", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="ssp/async: apply updates in groups of this many arrivals (1: each as it arrives)."),
     click.option("--history-mb", type=click.FloatRange(min=0), default=64.0, show_default=True,
                  help="Memory for past model versions, so a worker is sent only what changed since the version "
                       "it holds (0: always the dense model)."),
@@ -47,7 +56,8 @@ RUN_OPTIONS = [
                  help="End the run once the evaluated test accuracy reaches this."),
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
-            "lr_decay", "strategy_options", "history_mb", "seed", "state_dir", "eval_every", "target_accuracy")
+            "lr_decay", "strategy_options", "policy", "max_staleness",
+            "staleness_exponent", "buffer", "history_mb", "seed", "state_dir", "eval_every", "target_accuracy")
 
 
 def run_options(f: F) -> F:
@@ -76,5 +86,7 @@ def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
                                         parse_options(o["strategy_options"])),
                         sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
                         state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
-                        history_mb=o["history_mb"],
+                        history_mb=o["history_mb"], policy=o["policy"],
+                        clock=ClockConfig(max_staleness=o["max_staleness"],
+                                          staleness_exponent=o["staleness_exponent"], buffer=o["buffer"]),
                         **extra)

@@ -80,16 +80,22 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True,
               help="Training threads shared by the virtual workers.")
 @click.option("--transport", type=click.Choice(["tcp", "inproc"]), default="tcp", show_default=True)
+@click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Emulate heterogeneous devices: this fraction of the workers is --slowdown times slower.")
+@click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True)
+@click.option("--delay", "delay_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Emulated device seconds added to every update (before the slowdown factor).")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
                  shards_per_client: int | None, workers: int | None, backend: str, parallel: int, transport: str,
-                 **run: Any) -> None:
+                 slow_fraction: float, slowdown: float, delay_s: float, **run: Any) -> None:
     """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
     `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
     quiet_workers()
     config = broker_config(run, done_linger_s=2.0)
     data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
                             Path(config.state_dir).parent / "partitions")
-    sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport)
+    sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport,
+                    slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay_s)
     try:
         summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
     except KeyboardInterrupt:

@@ -162,8 +162,45 @@ def plot(rows: Sequence[Result], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_theta(rows: Sequence[Result], path: Path) -> bool:
+    """Selective SGD: best test accuracy and uplink bytes per round against θ_u (log x), one line per model.
+    False (nothing written) when there are no Selective SGD rows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_model: dict[str, list[tuple[float, float, float]]] = {}
+    for r in rows:
+        theta = (r.get("options") or {}).get("theta_u")
+        if r["strategy"] != "ssgd" or theta is None or r["comm"].get("best_accuracy") is None:
+            continue
+        by_model.setdefault(r["model"], []).append((float(theta), float(r["comm"]["best_accuracy"]),
+                                                    float(r["comm"]["up_per_round"] or 0)))
+    if not by_model:
+        return False
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    acc_ax, bytes_ax = fig.subplots(1, 2)
+    for model, pts in sorted(by_model.items()):
+        pts.sort()
+        thetas = [p[0] for p in pts]
+        acc_ax.plot(thetas, [p[1] for p in pts], marker="o", label=model)
+        bytes_ax.plot(thetas, [p[2] for p in pts], marker="o", label=model)
+    for ax, ylabel in ((acc_ax, "best test accuracy"), (bytes_ax, "uplink bytes per round (socket)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("θ_u (fraction of the update uploaded)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    bytes_ax.set_yscale("log")
+    acc_ax.set_title("Selective SGD: accuracy vs θ_u")
+    bytes_ax.set_title("Selective SGD: uplink vs θ_u")
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def write(rows: Sequence[Result], topk: Sequence[dict[str, Any]], out: Path) -> dict[str, Path]:
-    """comm.json (rows with their records and comm summary, top-k timings), comm.md and comm.png."""
+    """comm.json (rows with their records and comm summary, top-k timings), comm.md, comm.png and (with
+    Selective SGD rows) comm_ssgd_theta.png."""
     by_name = {r["preset"]: r for r in rows}
     for r in rows:
         ref_name = reference_preset(r)
@@ -174,4 +211,6 @@ def write(rows: Sequence[Result], topk: Sequence[dict[str, Any]], out: Path) -> 
                                         default=_json_default))
     paths["markdown"].write_text(markdown(rows, topk))
     plot(rows, paths["plot"])
+    if plot_theta(rows, out / "comm_ssgd_theta.png"):
+        paths["theta_plot"] = out / "comm_ssgd_theta.png"
     return paths

@@ -45,8 +45,17 @@ class SimConfig:
     """Training threads shared by all virtual workers (sampled workers train concurrently up to this)."""
     transport: str = "tcp"
     """``tcp`` (loopback, as across machines) or ``inproc``."""
+    slow_fraction: float = 0.0
+    """Heterogeneous devices: this fraction of the workers (the first ones by shard name) is ``slowdown``× slower."""
+    slowdown: float = 1.0
+    delay_s: float = 0.0
+    """Emulated device time added to every update of every worker (seconds, before the slowdown factor)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.slow_fraction <= 1.0:
+            raise ConfigError(f"--slow-fraction must be in [0, 1], got {self.slow_fraction}")
+        if self.slowdown < 1.0 or self.delay_s < 0:
+            raise ConfigError("--slowdown must be >= 1 and --delay >= 0")
         if self.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {self.parallel}")
         if self.transport not in ("tcp", "inproc"):
@@ -87,9 +96,12 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
         broker = Broker(config, evaluator, on_round=on_round, ctx=ctx)
         if broker.is_complete():  # resumed a finished run: nothing to train, no worker to start
             return {**await broker.run(), "workers": 0, "workers_that_trained": 0, "peak_rss_mb": peak_rss_mb()}
+        slow = round(sim.slow_fraction * len(shards))
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
-                                       connect_timeout_s=120.0), _trainer_factory(shard, sim.backend, sim.device),
-                          ctx=ctx) for shard in shards]
+                                       connect_timeout_s=120.0, slowdown=sim.slowdown if i < slow else 1.0,
+                                       delay_s=sim.delay_s),
+                          _trainer_factory(shard, sim.backend, sim.device), ctx=ctx)
+                   for i, shard in enumerate(shards)]
         log.info("simulating %d workers (%s) against %s", len(workers), sim.backend, broker.endpoint)
         async with asyncio.TaskGroup() as tg:
             run = tg.create_task(broker.run())

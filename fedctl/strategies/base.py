@@ -174,6 +174,19 @@ class Strategy(ABC):
                   rng: np.random.Generator) -> AggregateResult:
         """Broker side: combine the round's updates into new global weights."""
 
+    def apply_async(self, weights: Params, updates: Sequence[Update], scales: Sequence[float],
+                    state: dict[str, Any], rng: np.random.Generator) -> AggregateResult:
+        """Broker side under SSP / async: apply updates computed on older model versions as they arrive.
+
+        ``scales`` are the staleness weights (1 + τ)^−a, one per update. A ``weights`` update arrives here as
+        the change from its base model (kind ``delta``). The default scales each update and applies the strategy's
+        own rule (``aggregate``), which is right for gradients and deltas; strategies that aggregate ``weights``
+        override it.
+        """
+        scaled = [Update(u.worker, u.num_examples, scale_tensors(u.tensors, s), u.kind, u.base_version, u.metrics)
+                  for u, s in zip(updates, scales)]
+        return self.aggregate(weights, scaled, state, rng)
+
     def downlink(self, current: Params, base: Params | None) -> dict[str, Tensor] | None:
         """What to send a worker that holds ``base`` (None: it holds nothing) so that it gets ``current``.
 
@@ -185,6 +198,19 @@ class Strategy(ABC):
         if base is None:
             return None
         return exact_delta(current, base)
+
+
+def scale_tensors(tensors: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:
+    """Every tensor times ``scale`` (sparse stays sparse; 1.0 returns them unchanged)."""
+    if scale == 1.0:
+        return dict(tensors)
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        if isinstance(t, SparseTensor):
+            out[name] = SparseTensor(t.shape, t.indices, (t.values.astype(np.float32) * np.float32(scale)))
+        else:
+            out[name] = np.asarray(t, np.float32) * np.float32(scale)
+    return out
 
 
 def exact_delta(current: Params, base: Params) -> dict[str, Tensor]:

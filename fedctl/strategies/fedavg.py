@@ -7,8 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Params, Strategy, Update
-from fedctl.strategies.kernels import weighted_mean
+from fedctl.strategies.base import (
+    AggregateResult,
+    ClientResult,
+    LocalTrainer,
+    Params,
+    Strategy,
+    Update,
+    scale_tensors,
+)
+from fedctl.strategies.kernels import axpy, weighted_mean
 from fedctl.strategies.registry import register
 from fedctl.wire.constants import KIND_WEIGHTS
 
@@ -30,3 +38,11 @@ class FedAvg(Strategy):
                   rng: np.random.Generator) -> AggregateResult:
         new = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
         return AggregateResult(new, state, {"updates": float(len(updates))})
+
+    def apply_async(self, weights: Params, updates: Sequence[Update], scales: Sequence[float],
+                    state: dict[str, Any], rng: np.random.Generator) -> AggregateResult:
+        """SSP / async (FedAsync-style): w ← w + Σ_k (n_k/n) · s_k · Δ_k, Δ_k the change worker k made to its base
+        model and s_k its staleness weight; one fresh update (s = 1) moves w all the way to the worker's model."""
+        scaled = [scale_tensors(u.tensors, s) for u, s in zip(updates, scales)]
+        change = weighted_mean(scaled, [u.num_examples for u in updates])
+        return AggregateResult(axpy(1.0, change, weights), state, {"updates": float(len(updates))})

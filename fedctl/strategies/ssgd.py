@@ -43,7 +43,7 @@ from fedctl.wire.constants import KIND_DELTA
 from fedctl.wire.tensors import SparseTensor, Tensor
 
 SELECT_MODES = ("largest", "random")
-COMBINE_MODES = ("sum", "mean")
+COMBINE_MODES = ("sum", "mean", "mean-sent")
 NOISE_STREAM = 0x55D
 """Second word of the seed of the selection/noise generator, so it is independent of the trainer's shuffling,
 which is seeded by task["seed"] alone."""
@@ -68,8 +68,9 @@ OPTIONS: dict[str, Option] = {
                   _finite_nonneg, "a finite number >= 0"),
     "gamma": Option(float, math.inf, "bound γ: uploaded values are clipped to [−γ, γ] (inf = no bound; the DP "
                     "variant needs a finite γ)", lambda v: v > 0, "> 0 (or inf)"),
-    "combine": Option(str, "sum", "how the broker applies the round's uploads: 'sum' (the paper) or 'mean' "
-                      "(example-weighted)", lambda v: v in COMBINE_MODES, "one of: sum, mean"),
+    "combine": Option(str, "sum", "how the broker applies the round's uploads: 'sum' (the paper), 'mean' "
+                      "(example-weighted over all uploads) or 'mean-sent' (each entry: the mean of the uploads that "
+                      "carry it)", lambda v: v in COMBINE_MODES, "one of: sum, mean, mean-sent"),
     "dp_epsilon": Option(float, 0.0, "privacy budget ε of each upload (sparse vector technique); 0 = no DP",
                          _finite_nonneg, "a finite number >= 0 (0 turns DP off)"),
 }
@@ -234,15 +235,27 @@ class SelectiveSGD(Strategy):
                   rng: np.random.Generator) -> AggregateResult:
         if not updates:
             raise ConfigError("cannot aggregate: no update")
-        if self.opts["combine"] == "sum":
+        mode = self.opts["combine"]
+        if mode == "sum":
             coeffs = [1.0] * len(updates)
         else:
             coeffs = example_weights([u.num_examples for u in updates]).tolist()
         new: Params = {}
         for name, w in weights.items():
             acc = w.astype(np.float64)
-            for u, coeff in zip(updates, coeffs):
-                accumulate(acc, u.tensors[name], coeff)  # sparse uploads scatter into the one accumulator
+            if mode == "mean-sent":
+                # Each entry moves by the example-weighted mean of the uploads that carry it.
+                total, weight = np.zeros(w.size), np.zeros(w.size)
+                for u, coeff in zip(updates, coeffs):
+                    if name in u.tensors:
+                        accumulate(total, _flat(u.tensors[name]), coeff)
+                        accumulate(weight, _flat(_ones_like(u.tensors[name])), coeff)
+                sent = weight > 0
+                acc.reshape(-1)[sent] += total[sent] / weight[sent]
+            else:
+                for u, coeff in zip(updates, coeffs):
+                    if name in u.tensors:  # a left-out tensor is zero
+                        accumulate(acc, u.tensors[name], coeff)  # sparse uploads scatter into one accumulator
             new[name] = acc.astype(w.dtype)
         nnz = sum(_entries(t) for u in updates for t in u.tensors.values())
         metrics = {"updates": float(len(updates)), "uploaded_nnz": float(nnz)}
@@ -285,3 +298,15 @@ def _check_combination(opts: Mapping[str, Any]) -> None:
     if opts["dp_epsilon"] > 0 and math.isinf(opts["gamma"]):
         raise ConfigError("ssgd with dp_epsilon > 0 needs a finite bound gamma (the sensitivity is 2·gamma)",
                           "pass e.g. --opt gamma=0.01 with --opt dp_epsilon=...")
+
+
+def _flat(t: Tensor) -> Tensor:
+    if isinstance(t, SparseTensor):
+        return SparseTensor((int(np.prod(t.shape)),), t.indices, t.values)
+    return np.asarray(t).reshape(-1)
+
+
+def _ones_like(t: Tensor) -> Tensor:
+    if isinstance(t, SparseTensor):
+        return SparseTensor(t.shape, t.indices, np.ones(t.values.shape, np.float32))
+    return np.ones(np.shape(t), np.float32)

@@ -58,12 +58,17 @@ class WorkerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     state_dir: Path | None = None
     """Where the worker keeps its state (held model, strategy residuals) across restarts; None: in memory only."""
+    slowdown: float = 1.0
+    """Emulate a slower device: each update takes ``slowdown`` × (training time + ``delay_s``) (benchmarks)."""
+    delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"--connect {self.connect!r} is not a ZeroMQ endpoint", "use e.g. tcp://HOST:5555")
         if self.num_examples < 1:
             raise ConfigError("the shard holds no examples", "check --data and --data-dir")
+        if self.slowdown < 1.0 or self.delay_s < 0:
+            raise ConfigError("--slowdown must be >= 1 and --delay >= 0", "e.g. --slowdown 5 for a 5x slower device")
 
 
 def check_spec(announced: dict[str, Any]) -> ModelSpec:
@@ -223,6 +228,10 @@ class Worker:
         self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
         result = await asyncio.to_thread(self._train, strategy, weights, task)
+        trained_s = time.perf_counter() - started
+        emulated = self.config.slowdown * (trained_s + self.config.delay_s)
+        if emulated > trained_s:  # an emulated slower device (heartbeats keep flowing meanwhile)
+            await asyncio.sleep(emulated - trained_s)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["train_time_s"] = time.perf_counter() - started
         future = await self.conn.request(C.PUSH, tensors=result.tensors, round=model["round"],

@@ -301,3 +301,19 @@ def test_more_upload_trains_at_least_as_well(curves: dict[tuple[float, str], dic
 def test_sum_the_default_trains_better_than_mean(curves: dict[tuple[float, str], dict[str, float]]) -> None:
     assert SelectiveSGD.options["combine"].default == "sum"
     assert curves[(0.1, "sum")]["loss"] < curves[(0.1, "mean")]["loss"]
+
+
+def test_mean_sent_moves_each_entry_by_the_mean_of_the_uploads_that_carry_it() -> None:
+    from fedctl.strategies.base import TaskConfig as TC
+    from fedctl.strategies.base import Update as U
+    from fedctl.strategies.ssgd import SelectiveSGD as S
+    from fedctl.wire.tensors import SparseTensor as ST
+
+    strategy = S(TC(options={"combine": "mean-sent"}))
+    w = {"t": np.zeros(4, np.float32), "u": np.ones(2, np.float32)}
+    a = U("a", 1, {"t": ST((4,), np.array([0, 1], np.uint32), np.array([1.0, 2.0], np.float32))}, "delta")
+    b = U("b", 3, {"t": ST((4,), np.array([1, 3], np.uint32), np.array([6.0, 8.0], np.float32))}, "delta")
+    got = strategy.aggregate(w, [a, b], {}, np.random.default_rng(0)).weights
+    # entry 0: only a (1.0); entry 1: (1·2 + 3·6)/4 = 5; entry 2: nobody; entry 3: only b (8.0); "u" left out.
+    np.testing.assert_allclose(got["t"], [1.0, 5.0, 0.0, 8.0])
+    np.testing.assert_array_equal(got["u"], w["u"])

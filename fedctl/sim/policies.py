@@ -1,0 +1,503 @@
+"""Consistency policies compared under stragglers (``fedctl bench policies``) and the broker's heartbeat
+round-trip under load (``fedctl bench heartbeat``): run settings, pure summaries, the probe, the reports.
+
+Wall time to target follows McMahan et al.'s rounds to target with ``elapsed_s`` in place of the round: the
+best-so-far accuracy, interpolated linearly between the evaluated records around the crossing, starting from the
+initial model's accuracy at 0 s. The summaries are pure functions over ``metrics.jsonl`` records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
+from fedctl.broker.service import Broker
+from fedctl.errors import ConfigError, ProtocolError, TransportError
+from fedctl.models import get_model
+from fedctl.sim.metrics import rounds_to_target
+from fedctl.sim.runner import SimConfig
+from fedctl.strategies import TaskConfig, strategy_names
+from fedctl.wire import constants as C
+from fedctl.wire import decode, encode, make
+
+log = logging.getLogger(__name__)
+Record = Mapping[str, Any]
+DASH = "—"
+
+
+@dataclass(frozen=True)
+class PolicyBench:
+    """One comparison: the same model, data, K workers and speed profile under each consistency policy.
+
+    Budgets and evaluation are counted in applied updates so that rounds (sync, K updates each) and model
+    versions (ssp/async, ``buffer`` updates each) compare: sync runs ⌈max_updates / K⌉ rounds and evaluates every
+    ⌈eval_every / K⌉ rounds, the clock policies run ⌈max_updates / buffer⌉ versions and evaluate every
+    ⌈eval_every / buffer⌉ versions (eval_every defaults to K: the same evaluation cost per update).
+    """
+
+    policies: tuple[str, ...] = ("sync", "ssp:1", "ssp:4", "async")
+    workers: int = 20
+    model: str = "lenet5"
+    strategy: str = "fedavg"
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(1, 50, 0.05))
+    slow_fraction: float = 0.2
+    slowdown: float = 5.0
+    delay_s: float = 1.0
+    target: float = 0.985
+    max_updates: int = 4000
+    eval_every: int | None = None
+    """Evaluate every this many applied updates (default K)."""
+    quorum: int | None = None
+    """Sync: updates a round needs (default K − max(1, K // 10): a dead worker is dropped and rounds go on)."""
+    round_timeout_s: float = 300.0
+    clock: ClockConfig = field(default_factory=ClockConfig)
+    """ssp/async settings (max staleness, staleness exponent, buffer); the bound comes from each policy's name."""
+    stop_at_target: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.policies:
+            raise ConfigError("name at least one policy", "e.g. --policy sync --policy async")
+        for p in self.policies:
+            parse_policy(p)
+        get_model(self.model)
+        if self.strategy not in strategy_names():
+            raise ConfigError(f"unknown strategy {self.strategy!r}", f"choose one of {', '.join(strategy_names())}")
+        if self.workers < 1 or self.max_updates < 1 or (self.eval_every is not None and self.eval_every < 1):
+            raise ConfigError("--workers, --max-updates and --eval-every must be at least 1")
+        if self.quorum is not None and not 1 <= self.quorum <= self.workers:
+            raise ConfigError(f"--quorum must be in 1..{self.workers} (the workers), got {self.quorum}")
+
+    @property
+    def sync_quorum(self) -> int:
+        return self.quorum if self.quorum is not None else max(self.workers - max(1, self.workers // 10), 1)
+
+    def per_step(self, policy: str) -> int:
+        """Updates one round (sync: all K) or one model version (ssp/async: ``buffer``) applies."""
+        return self.workers if parse_policy(policy) is None else self.clock.buffer
+
+    def broker_config(self, policy: str, state_dir: Path) -> BrokerConfig:
+        step = self.per_step(policy)
+        every = self.eval_every or self.workers
+        model_mb = get_model(self.model).num_params * 4 / 2**20
+        return BrokerConfig(model=self.model, strategy=self.strategy, rounds=math.ceil(self.max_updates / step),
+                            task=self.task, sync=SyncConfig(1.0, self.sync_quorum, self.round_timeout_s),
+                            seed=self.seed, state_dir=state_dir, eval_every=max(math.ceil(every / step), 1),
+                            target_accuracy=self.target if self.stop_at_target else None, done_linger_s=2.0,
+                            policy=policy, clock=self.clock,
+                            # Keep every version an admitted update may be based on (weights → change needs it).
+                            history_mb=max(64.0, (self.clock.max_staleness + 2) * model_mb))
+
+    def sim_config(self, data_dir: Path, backend: str, parallel: int) -> SimConfig:
+        return SimConfig(data_dir, self.workers, backend, parallel=parallel, slow_fraction=self.slow_fraction,
+                         slowdown=self.slowdown, delay_s=self.delay_s)
+
+    def describe(self) -> dict[str, Any]:
+        clock = {k: v for k, v in asdict(self.clock).items() if k != "bound"}  # per policy (and inf is no JSON)
+        return {**asdict(self), "policies": list(self.policies), "clock": clock, "sync_quorum": self.sync_quorum,
+                "slow_workers": round(self.slow_fraction * self.workers)}
+
+
+# -- summaries (pure) ----------------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (a value that occurred): the ⌈q/100 · n⌉-th smallest; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return float(ordered[min(max(math.ceil(q / 100 * len(ordered)), 1), len(ordered)) - 1])
+
+
+def staleness_of(records: Sequence[Record]) -> list[int]:
+    """τ of every applied update; sync records carry none, their updates all start from the current model (0)."""
+    out: list[int] = []
+    for r in records:
+        taus = r.get("staleness")
+        out.extend([int(t) for t in taus] if taus is not None else [0] * int(r.get("participants") or 0))
+    return out
+
+
+def staleness_stats(records: Sequence[Record]) -> dict[str, Any]:
+    """Count, mean, p50 / p90 (nearest rank), max and the exact histogram {τ: updates} of the applied updates."""
+    taus = staleness_of(records)
+    hist = Counter(taus)
+    return {"count": len(taus), "mean": sum(taus) / len(taus) if taus else None, "p50": percentile(taus, 50),
+            "p90": percentile(taus, 90), "max": max(taus, default=None),
+            "histogram": {str(t): hist[t] for t in sorted(hist)}}
+
+
+def _cumulative(values: Sequence[float | None]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += float(v or 0.0)
+        out.append(total)
+    return out
+
+
+def to_target(records: Sequence[Record], target: float, start_accuracy: float | None = None) -> dict[str, Any]:
+    """Wall seconds, wall seconds without evaluation pauses, and applied updates until the best-so-far test
+    accuracy reaches ``target`` (linear interpolation; the initial model at 0 s and 0 updates), else None."""
+    acc = [r.get("test_accuracy") for r in records]
+    # elapsed_s of a record is taken before its own evaluation, so only the earlier evaluations are in it.
+    evals = [0.0] + _cumulative([r.get("eval_s") for r in records])[:-1]
+    axes = {"wall_s": [float(r["elapsed_s"]) for r in records],
+            "wall_s_excl_eval": [float(r["elapsed_s"]) - e for r, e in zip(records, evals)],
+            "updates": _cumulative([r.get("participants") for r in records])}
+    return {f"{name}_to_target": rounds_to_target(xs, acc, target, start=(0.0, start_accuracy))
+            for name, xs in axes.items()}
+
+
+def summarize_policy(records: Sequence[Record], target: float, start_accuracy: float | None = None) -> dict[str, Any]:
+    """One policy's run: costs to the target, accuracy, throughput, staleness, held pulls and refusals."""
+    measured = [float(r["test_accuracy"]) for r in records if r.get("test_accuracy") is not None]
+    total = sum(int(r.get("participants") or 0) for r in records)
+    wall = float(records[-1]["elapsed_s"]) if records else 0.0
+    eval_s = sum(float(r.get("eval_s") or 0.0) for r in records)
+    held = [int(r["held_pulls"]) for r in records if r.get("held_pulls") is not None]
+    refused = [int(r["refused_stale_total"]) for r in records if r.get("refused_stale_total") is not None]
+    return {"target": target, "start_accuracy": start_accuracy, **to_target(records, target, start_accuracy),
+            "best_accuracy": max(measured, default=None), "final_accuracy": measured[-1] if measured else None,
+            "steps": len(records), "total_updates": total, "total_wall_s": wall,
+            "updates_per_s": total / wall if wall > 0 else None, "eval_share": eval_s / wall if wall > 0 else None,
+            "min_participants": min((int(r.get("participants") or 0) for r in records), default=None),
+            "staleness": staleness_stats(records), "max_held_pulls": max(held, default=None),
+            "refused_stale": max(refused, default=None)}
+
+
+def add_ratios(summaries: Mapping[str, dict[str, Any]], reference: str = "sync") -> None:
+    """Add each policy's wall time to target divided by the reference policy's (None when either is missing)."""
+    ref = summaries.get(reference, {})
+    for s in summaries.values():
+        for key in ("wall_s_to_target", "wall_s_excl_eval_to_target"):
+            mine, base = s.get(key), ref.get(key)
+            s[key.replace("_to_target", f"_ratio_vs_{reference}")] = (
+                mine / base if mine is not None and base else None)
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def _f(value: float | None, spec: str) -> str:
+    return DASH if value is None else format(value, spec)
+
+
+def _table_row(r: Mapping[str, Any]) -> str:
+    s, st = r["summary"], r["summary"]["staleness"]
+    cells = [f"`{r['policy']}`", _f(s["wall_s_to_target"], ".1f"), _f(s["wall_s_ratio_vs_sync"], ".2f"),
+             _f(s["wall_s_excl_eval_to_target"], ".1f"), _f(s["updates_to_target"], ".0f"),
+             _f(s["best_accuracy"], ".4f"), _f(s["final_accuracy"], ".4f"), str(s["total_updates"]),
+             _f(s["updates_per_s"], ".2f"), f"{_f(st['p50'], 'g')} / {_f(st['p90'], 'g')} / {_f(st['max'], 'g')}",
+             _f(s["max_held_pulls"], "d"), _f(s["refused_stale"], "d"), _f(s["eval_share"], ".0%")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def policies_markdown(setup: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], command: str) -> str:
+    b = setup["bench"]
+    task = b["task"]
+    lines = [
+        "# Consistency policies with stragglers: sync vs SSP vs async", "",
+        f"{b['model']} / {b['strategy']} (E={task['epochs']}, B={task['batch_size']}, η={task['lr']:g}) on "
+        f"{setup['dataset']}: the first {b['workers']} shards of a {setup['clients']}-client IID partition, the same "
+        f"seed for every policy. {b['slow_workers']} of the {b['workers']} workers are {b['slowdown']:g}× slower; "
+        f"every update also takes {b['delay_s']:g} s of emulated device time (before the slowdown). Sync: C = 1, "
+        f"quorum {b['sync_quorum']}, deadline {b['round_timeout_s']:g} s. ssp/async: staleness weight (1+τ)^−"
+        f"{b['clock']['staleness_exponent']:g}, max staleness {b['clock']['max_staleness']}, buffer "
+        f"{b['clock']['buffer']}. Target {b['target']:g}.", "",
+        "Wall time to target: best-so-far test accuracy interpolated on the broker's elapsed seconds (initial model "
+        "at 0 s); \"excl. eval\" subtracts the evaluation pauses before the crossing. Updates = applied updates "
+        "(cumulative participants). Staleness τ = model versions between an update's base and the model it was "
+        "applied to (sync: 0).", "",
+        "| policy | wall s to target | × sync | wall s excl. eval | updates to target | best acc | final acc "
+        "| updates | updates/s | τ p50 / p90 / max | max held pulls | refused stale | eval share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+        *[_table_row(r) for r in rows], "",
+        "![accuracy vs wall time](policies.png)", "", "![staleness](policies_staleness.png)", "",
+        "Command:", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def _evaluated_curve(r: Mapping[str, Any], axis: str) -> tuple[list[float], list[float]]:
+    start = r["summary"].get("start_accuracy")
+    xs, ys = ([0.0], [float(start)]) if start is not None else ([], [])
+    updates = 0.0
+    for rec in r["records"]:
+        updates += float(rec.get("participants") or 0)
+        if rec.get("test_accuracy") is not None:
+            xs.append(float(rec["elapsed_s"]) if axis == "wall" else updates)
+            ys.append(float(rec["test_accuracy"]))
+    return xs, ys
+
+
+def _figure(ncols: int, width: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], target: float, path: Path) -> None:
+    """Test accuracy vs wall seconds and vs applied updates, one curve per policy, the target dashed."""
+    fig, axes = _figure(2, 6.5)
+    for ax, axis, label in zip(axes, ("wall", "updates"), ("wall time (s)", "applied updates")):
+        low = 1.0
+        for r in rows:
+            xs, ys = _evaluated_curve(r, axis)
+            ax.plot(xs, ys, linewidth=1.2, marker="." if len(xs) < 40 else None, label=r["policy"])
+            low = min([low, *ys[1:]]) if len(ys) > 1 else low
+        ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label=f"target {target:g}")
+        ax.set_ylim(max(0.0, min(low, target) - 0.05), 1.0)
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=110)
+
+
+def plot_staleness(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """One histogram of applied-update staleness per policy."""
+    fig, axes = _figure(len(rows), 3.6)
+    for ax, r in zip(axes, rows):
+        hist = {int(k): v for k, v in r["summary"]["staleness"]["histogram"].items()}
+        ax.bar(list(hist), list(hist.values()), width=1.0)
+        ax.set_title(r["policy"])
+        ax.set_xlabel("staleness τ (model versions)")
+        ax.set_ylabel("applied updates")
+        ax.grid(True, alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+def write_policies_report(setup: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], out: Path,
+                          command: str) -> dict[str, Path]:
+    """OUT/policies.json (setup, rows with records and summaries), .md (table, command) and the two plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "policies.json", "markdown": out / "policies.md", "plot": out / "policies.png",
+             "staleness": out / "policies_staleness.png"}
+    doc = {"format": "fedctl-policies/1", "setup": setup, "command": command, "results": list(rows)}
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    paths["markdown"].write_text(policies_markdown(setup, rows, command))
+    plot_accuracy(rows, float(setup["bench"]["target"]), paths["plot"])
+    plot_staleness(rows, paths["staleness"])
+    return paths
+
+
+# -- heartbeat round-trip under load -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeartbeatBench:
+    """N no-op workers (in their own process) push dense updates as fast as an async broker takes them while a
+    probe heartbeats every ``interval_s`` for ``duration_s``."""
+
+    workers: int = 100
+    model: str = "lenet5"
+    duration_s: float = 20.0
+    interval_s: float = 0.02
+    budget_ms: float = 100.0
+    warmup_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        get_model(self.model)
+        if self.workers < 1 or not self.duration_s > 0 or not self.interval_s > 0:
+            raise ConfigError("--workers, --duration and --interval-ms must be positive")
+
+    def broker_config(self, state_dir: Path) -> BrokerConfig:
+        return BrokerConfig(bind="tcp://127.0.0.1:*", model=self.model, strategy="fedavg", rounds=2**40,
+                            task=TaskConfig(1, 50, 0.05), state_dir=state_dir, policy="async",
+                            clock=ClockConfig(max_staleness=1000), done_linger_s=2.0)
+
+
+class HeartbeatProbe:
+    """A raw DEALER that joins as a worker which never pulls and sends a heartbeat every ``interval_s`` on a
+    fixed schedule (a late reply never delays the next beat), timing each reply matched by ``re``.
+
+    It runs in its own thread with its own zmq context and a blocking socket, so it does not share the broker's
+    event loop; waking it costs at most the interpreter's switch interval (5 ms) of GIL hand-over.
+    """
+
+    def __init__(self, endpoint: str, interval_s: float, duration_s: float, grace_s: float = 2.0) -> None:
+        self.endpoint, self.interval_s, self.duration_s, self.grace_s = endpoint, interval_s, duration_s, grace_s
+
+    def run(self) -> dict[str, Any]:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        try:
+            self._join(sock)
+            result = self._beat(sock)
+            sock.send_multipart(encode(make(C.LEAVE, 2**31, reason="probe finished")))
+            return result
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    def _join(self, sock: zmq.Socket) -> None:
+        sock.send_multipart(encode(make(C.JOIN, 1, worker="heartbeat-probe", backend="probe", num_examples=1)))
+        if not sock.poll(30_000):
+            raise TransportError(f"the broker at {self.endpoint} did not welcome the probe within 30 s")
+        reply = decode(sock.recv_multipart(), C.BROKER_TO_WORKER)
+        if reply.type != C.WELCOME:
+            raise TransportError(f"the broker answered the probe's join with {reply.type}: {reply.get('reason')}")
+
+    def _beat(self, sock: zmq.Socket) -> dict[str, Any]:
+        pending: dict[int, float] = {}
+        rtts: list[float] = []
+        start = time.perf_counter()
+        end, next_send, msg_id = start + self.duration_s, start, 1
+        while True:
+            now = time.perf_counter()
+            if now < end and now >= next_send:
+                msg_id += 1
+                pending[msg_id] = time.perf_counter()
+                sock.send_multipart(encode(make(C.HEARTBEAT, msg_id, t=time.time())))
+                next_send += self.interval_s
+                continue
+            if now >= end and (not pending or now >= end + self.grace_s):
+                break
+            wait_s = (next_send if now < end else end + self.grace_s) - now
+            if sock.poll(max(math.ceil(wait_s * 1000), 0)):
+                frames = sock.recv_multipart()
+                got = time.perf_counter()
+                try:
+                    msg = decode(frames, C.BROKER_TO_WORKER)
+                except ProtocolError as err:
+                    log.warning("probe: undecodable reply (%s)", err)
+                    continue
+                if msg.type == C.HEARTBEAT and msg.re in pending:
+                    rtts.append(got - pending.pop(msg.re))
+        return {"sent": msg_id - 1, "answered": len(rtts), "unanswered": len(pending), "rtt_s": rtts,
+                "probe_s": time.perf_counter() - start}
+
+
+def run_noop_workers(endpoint: str, count: int) -> None:
+    """Entry point of the load process: ``count`` workers whose trainer returns the weights unchanged at once."""
+    logging.getLogger("fedctl").setLevel(logging.ERROR)
+    asyncio.run(_noop_workers(endpoint, count))
+
+
+async def _noop_workers(endpoint: str, count: int) -> None:
+    from fedctl.testing.trainers import NoOpTrainer
+    from fedctl.worker.client import Worker, WorkerConfig
+
+    ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, max(1024, 2 * count + 64))
+    try:
+        workers = [Worker(WorkerConfig(endpoint, f"noop-{i}", "noop", 600, connect_timeout_s=60.0), NoOpTrainer,
+                          ctx=ctx) for i in range(count)]
+        # A push racing the end of the run is refused (run finished): that is the end, not a failure.
+        await asyncio.gather(*(w.serve() for w in workers), return_exceptions=True)
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def wait_loaded(broker: Broker, workers: int, timeout_s: float) -> None:
+    """Wait until every load worker joined and the broker applied one update per worker."""
+    deadline = time.monotonic() + timeout_s
+    while len(broker.registry) < workers or broker.applied_total < workers:
+        if time.monotonic() > deadline:
+            raise TransportError(f"only {len(broker.registry)} of {workers} load workers joined and "
+                                 f"{broker.applied_total} updates were applied within {timeout_s:g} s")
+        await asyncio.sleep(0.1)
+
+
+async def _probe(broker: Broker, bench: HeartbeatBench) -> dict[str, Any]:
+    await wait_loaded(broker, bench.workers, bench.warmup_timeout_s)
+    counters = broker.transport.counters
+    applied0, in0, out0, t0 = broker.applied_total, counters.bytes_in, counters.bytes_out, time.monotonic()
+    probe = HeartbeatProbe(broker.endpoint, bench.interval_s, bench.duration_s)
+    with ThreadPoolExecutor(1, thread_name_prefix="probe") as pool:
+        beats = await asyncio.get_running_loop().run_in_executor(pool, probe.run)
+    dt = time.monotonic() - t0
+    return {**beats, "window_s": dt, "updates_applied": broker.applied_total - applied0,
+            "uplink_mb_per_s": (counters.bytes_in - in0) / dt / 1e6,
+            "downlink_mb_per_s": (counters.bytes_out - out0) / dt / 1e6}
+
+
+async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str, Any]:
+    """Broker in this process's loop, load workers in a child process, probe in a thread; returns the figures."""
+    ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, 1024)
+    proc = None
+    try:
+        broker = Broker(bench.broker_config(state_dir), None, ctx=ctx)
+        proc = multiprocessing.get_context("spawn").Process(target=run_noop_workers, daemon=True,
+                                                             args=(broker.endpoint, bench.workers))
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(broker.run())
+            proc.start()
+            try:
+                raw = await _probe(broker, bench)
+            finally:
+                # The broker has no stop request: end the run as a reached target does (every worker hears done).
+                broker.state["target_reached_at"] = broker.store.version
+                broker.changed.set()
+    finally:
+        if proc is not None and proc.pid is not None:
+            await asyncio.to_thread(proc.join, 20)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        ctx.destroy(linger=0)
+    return summarize_heartbeat(bench, raw, get_model(bench.model).num_params * 4)
+
+
+def summarize_heartbeat(bench: HeartbeatBench, raw: Mapping[str, Any], update_bytes: int) -> dict[str, Any]:
+    """RTT percentiles (ms, nearest rank over the answered beats), throughput, and the verdict on the budget."""
+    ms = [1000 * r for r in raw["rtt_s"]]
+    p99 = percentile(ms, 99)
+    return {"setup": {**asdict(bench), "update_bytes": update_bytes}, "heartbeats": raw["sent"],
+            "answered": raw["answered"], "unanswered": raw["unanswered"], "rtt_ms_p50": percentile(ms, 50),
+            "rtt_ms_p90": percentile(ms, 90), "rtt_ms_p99": p99, "rtt_ms_max": max(ms, default=None),
+            "updates_per_s": raw["updates_applied"] / raw["window_s"], "updates_applied": raw["updates_applied"],
+            "window_s": raw["window_s"], "uplink_mb_per_s": raw["uplink_mb_per_s"],
+            "downlink_mb_per_s": raw["downlink_mb_per_s"],
+            "within_budget": p99 is not None and p99 < bench.budget_ms and raw["unanswered"] == 0,
+            "rtt_ms": [round(v, 3) for v in ms]}
+
+
+def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -> dict[str, Path]:
+    """OUT/heartbeat.json (every RTT included) and OUT/heartbeat.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    s = result["setup"]
+    paths = {"json": out / "heartbeat.json", "markdown": out / "heartbeat.md"}
+    paths["json"].write_text(json.dumps({"format": "fedctl-heartbeat/1", "command": command, **result}, indent=1))
+    verdict = "yes" if result["within_budget"] else "no"
+    lines = [
+        "# Heartbeat round-trip under load", "",
+        f"{s['workers']} workers in a separate process push dense {s['model']} updates "
+        f"({s['update_bytes'] / 1000:.0f} kB each; their trainer returns the weights unchanged at once) to an async "
+        f"FedAvg broker as fast as it takes them. A probe in its own thread (own context, blocking DEALER) joins as "
+        f"a worker that never pulls and sends a heartbeat every {s['interval_s'] * 1000:g} ms for "
+        f"{s['duration_s']:g} s on a fixed schedule; RTT = send → matching reply (by `re`). Percentiles are "
+        "nearest-rank over the answered beats.", "",
+        "| heartbeats | unanswered | RTT p50 (ms) | p90 | p99 | max | updates applied/s | uplink MB/s "
+        f"| p99 < {s['budget_ms']:g} ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| {result['heartbeats']} | {result['unanswered']} | {_f(result['rtt_ms_p50'], '.2f')} | "
+        f"{_f(result['rtt_ms_p90'], '.2f')} | {_f(result['rtt_ms_p99'], '.2f')} | {_f(result['rtt_ms_max'], '.2f')} "
+        f"| {result['updates_per_s']:.1f} | {result['uplink_mb_per_s']:.1f} | {verdict} |", "",
+        "Command:", "", "```", command, "```", ""]
+    paths["markdown"].write_text("\n".join(lines))
+    return paths
+
+
+__all__ = ["HeartbeatBench", "HeartbeatProbe", "PolicyBench", "add_ratios", "measure_heartbeat", "percentile",
+           "staleness_stats", "summarize_heartbeat", "summarize_policy", "to_target",
+           "write_heartbeat_report", "write_policies_report"]
