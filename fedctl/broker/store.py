@@ -25,6 +25,8 @@ Params = dict[str, np.ndarray]
 MODEL_FILE = "model.npz"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+STATE_ARRAY_PREFIX = "strategy_state/"
+"""Arrays of the strategy's broker state are kept in model.npz under this prefix (JSON holds the rest)."""
 
 
 class ParameterStore:
@@ -77,8 +79,13 @@ class Checkpointer:
         self.dir = Path(state_dir)
 
     def save(self, store: ParameterStore, state: dict[str, Any]) -> None:
-        atomic_write(self.dir / MODEL_FILE, lambda fh: np.savez(fh, **store.weights))
-        payload = json.dumps({**state, "version": store.version}, indent=2, sort_keys=True).encode()
+        """Weights and the strategy's array state (e.g. server momentum) go to model.npz, the rest to JSON."""
+        strategy_state = dict(state.get("strategy_state") or {})
+        arrays = {STATE_ARRAY_PREFIX + k: v for k, v in strategy_state.items() if isinstance(v, np.ndarray)}
+        plain = {k: v for k, v in strategy_state.items() if not isinstance(v, np.ndarray)}
+        atomic_write(self.dir / MODEL_FILE, lambda fh: np.savez(fh, **store.weights, **arrays))
+        payload = json.dumps({**state, "strategy_state": plain, "version": store.version}, indent=2,
+                             sort_keys=True).encode()
         atomic_write(self.dir / STATE_FILE, lambda fh: fh.write(payload))
 
     def exists(self) -> bool:
@@ -88,8 +95,13 @@ class Checkpointer:
         """Load the last checkpoint; ConfigError when it is unreadable."""
         try:
             state = json.loads((self.dir / STATE_FILE).read_text())
+            if not isinstance(state, dict):
+                raise TypeError("state.json does not hold a JSON object")
             with np.load(self.dir / MODEL_FILE, allow_pickle=False) as npz:
-                weights = {k: npz[k] for k in npz.files}
+                weights = {k: npz[k] for k in npz.files if not k.startswith(STATE_ARRAY_PREFIX)}
+                arrays = {k.removeprefix(STATE_ARRAY_PREFIX): npz[k] for k in npz.files
+                          if k.startswith(STATE_ARRAY_PREFIX)}
+            state["strategy_state"] = {**dict(state.get("strategy_state") or {}), **arrays}
             # A torn zip raises BadZipFile; valid JSON of the wrong shape raises KeyError or TypeError.
             return ParameterStore(weights, int(state["version"])), state
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:

@@ -219,6 +219,15 @@ def write_scale_report(rows: list[dict[str, Any]], out: Path) -> None:
 # -- consistency policies with stragglers; heartbeat round-trip under load ------------------------------------------
 
 
+def _quiet_refusals() -> None:
+    """Updates refused as stale, or pushed after a run ended, are counted in the reports; a warning for each
+    would drown the progress display (-v keeps them)."""
+    quiet_workers()
+    if logging.getLogger().level > logging.DEBUG:
+        for name in ("fedctl.broker.service", "fedctl.worker.client"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _command_line() -> str:
     import shlex
     import sys
@@ -273,7 +282,7 @@ def bench_policies(policies: tuple[str, ...], dataset: str, clients: int, backen
     from fedctl.cli.common import resolve_backend
     from fedctl.sim.policies import add_ratios, write_policies_report
 
-    quiet_workers()
+    _quiet_refusals()
     bench = _policy_bench(policies, options)
     data = ensure_partition(None, dataset, clients, None, source_dir, 0, out / "partitions")
     start = _start_accuracy(bench, data, backend)
@@ -357,7 +366,7 @@ def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: fl
 
     from fedctl.sim.policies import HeartbeatBench, measure_heartbeat, write_heartbeat_report
 
-    quiet_workers()
+    _quiet_refusals()
     bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms)
     state = out / "runs" / "heartbeat"
     shutil.rmtree(state, ignore_errors=True)

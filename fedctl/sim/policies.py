@@ -214,7 +214,7 @@ def policies_markdown(setup: Mapping[str, Any], rows: Sequence[Mapping[str, Any]
         "# Consistency policies with stragglers: sync vs SSP vs async", "",
         f"{b['model']} / {b['strategy']} (E={task['epochs']}, B={task['batch_size']}, η={task['lr']:g}) on "
         f"{setup['dataset']}: the first {b['workers']} shards of a {setup['clients']}-client IID partition, the same "
-        f"seed for every policy. {b['slow_workers']} of the {b['workers']} workers are {b['slowdown']:g}× slower; "
+        f"seed for every policy. Slow workers: {b['slow_workers']} of {b['workers']}, {b['slowdown']:g}× slower; "
         f"every update also takes {b['delay_s']:g} s of emulated device time (before the slowdown). Sync: C = 1, "
         f"quorum {b['sync_quorum']}, deadline {b['round_timeout_s']:g} s. ssp/async: staleness weight (1+τ)^−"
         f"{b['clock']['staleness_exponent']:g}, max staleness {b['clock']['max_staleness']}, buffer "
@@ -274,9 +274,11 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], target: float, path: Path) 
 def plot_staleness(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     """One histogram of applied-update staleness per policy."""
     fig, axes = _figure(len(rows), 3.6)
+    top = max((r["summary"]["staleness"]["max"] or 0 for r in rows), default=0)
     for ax, r in zip(axes, rows):
         hist = {int(k): v for k, v in r["summary"]["staleness"]["histogram"].items()}
         ax.bar(list(hist), list(hist.values()), width=1.0)
+        ax.set_xlim(-0.5, max(top, 1) + 0.5)  # one scale for every policy
         ax.set_title(r["policy"])
         ax.set_xlabel("staleness τ (model versions)")
         ax.set_ylabel("applied updates")

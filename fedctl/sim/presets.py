@@ -80,8 +80,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        note=PAPER_2NN),
     _p("mlp-fedavg-e1-b10-noniid", "mlp", "fedavg", 1, 10, 0.05, iid=False, rounds=500, paper=664, note=PAPER_2NN),
     # LeNet-5 to 99%
-    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.15, rounds=6000, paper=626, every=25, note=PAPER_CNN,
+    _p("lenet5-fedsgd-iid", "lenet5", "fedsgd", 1, 0, 0.15, rounds=2500, paper=626, every=25, note=PAPER_CNN,
        decay=0.9995),
+    # Plain FedSGD creeps below 99% (0.987 at 2,000 rounds); with server momentum 0.9 (heavy ball) the same
+    # gradients go further per round.
+    _p("lenet5-fedsgd-momentum-iid", "lenet5", "fedsgd", 1, 0, 0.05, rounds=3000, paper=626, every=25,
+       note=PAPER_CNN, decay=0.9995, momentum="0.9"),
     _p("lenet5-fedavg-e1-b10-iid", "lenet5", "fedavg", 1, 10, 0.1, rounds=150, paper=34, note=PAPER_CNN),
     _p("lenet5-fedavg-e1-b50-iid", "lenet5", "fedavg", 1, 50, 0.2, rounds=200, paper=65, note=PAPER_CNN),
     _p("lenet5-fedavg-e5-b10-iid", "lenet5", "fedavg", 5, 10, 0.1, rounds=150, paper=20, note=PAPER_CNN),

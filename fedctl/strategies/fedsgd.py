@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Params, Strategy, Update
+from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Option, Params, Strategy, Update
 from fedctl.strategies.kernels import axpy, weighted_mean
 from fedctl.strategies.registry import register
 from fedctl.wire.constants import KIND_GRADIENT
@@ -20,10 +20,17 @@ from fedctl.wire.constants import KIND_GRADIENT
 
 @register
 class FedSGD(Strategy):
-    """w ← w − η_t · Σ_k (n_k/n) · g_k, with η_t = η · lr_decay^t after t aggregations (state ``step``)."""
+    """w ← w − η_t · Σ_k (n_k/n) · g_k, with η_t = η · lr_decay^t after t aggregations (state ``step``).
+
+    With ``--opt momentum=β`` > 0 the broker steps with heavy-ball momentum on the mean gradient (server
+    momentum, as in FedAvgM / Reddi et al. 2021): v ← β·v + ḡ, w ← w − η_t·v; v is kept in the broker state
+    (checkpointed). β = 0, the default, is McMahan et al.'s plain FedSGD.
+    """
 
     name = "fedsgd"
     update_kind = KIND_GRADIENT
+    options = {"momentum": Option(float, 0.0, "server momentum β on the mean gradient (0 = plain FedSGD)",
+                                  lambda v: 0.0 <= v < 1.0, "in [0, 1)")}
 
     def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
                       state: Mapping[str, np.ndarray]) -> ClientResult:
@@ -36,5 +43,12 @@ class FedSGD(Strategy):
         norm = float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grad.values())))
         step = int(state.get("step", 0))
         lr = self.task.lr_at(step)
-        return AggregateResult(axpy(-lr, grad, weights), {**state, "step": step + 1},
+        new_state: dict[str, Any] = {**state, "step": step + 1}
+        beta = float(self.opts["momentum"])
+        if beta > 0:
+            velocity = {name: beta * np.asarray(state.get(f"velocity/{name}", 0.0), np.float32) + g
+                        for name, g in grad.items()}
+            new_state.update({f"velocity/{name}": v.astype(np.float32) for name, v in velocity.items()})
+            grad = velocity
+        return AggregateResult(axpy(-lr, grad, weights), new_state,
                                {"updates": float(len(updates)), "grad_norm": norm, "lr": lr})

@@ -119,3 +119,23 @@ def test_store_keeps_past_versions_within_its_memory_bound() -> None:
     no_history = ParameterStore(w, history_bytes=0)
     no_history.replace({"w": np.ones(256, np.float32)})
     assert no_history.at(0) is None and no_history.kept_versions == 0
+
+
+def test_fedsgd_server_momentum_is_heavy_ball_and_survives_a_checkpoint(tmp_path: Any) -> None:
+    from fedctl.broker.store import Checkpointer
+
+    strategy = FedSGD(TaskConfig(lr=0.1, options={"momentum": "0.5"}))
+    w = {"w": np.zeros(2, np.float32)}
+    grad = Update("a", 1, {"w": np.ones(2, np.float32)}, "gradient")
+    first = strategy.aggregate(w, [grad], {}, np.random.default_rng(0))
+    second = strategy.aggregate(first.weights, [grad], first.state, np.random.default_rng(0))
+    # v1 = g = 1 → w = −0.1; v2 = 0.5 + 1 = 1.5 → w = −0.25
+    np.testing.assert_allclose(second.weights["w"], [-0.25, -0.25], rtol=1e-6)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(ParameterStore(second.weights, 2), {"round": 2, "strategy_state": second.state})
+    store, state = ckpt.load()
+    assert set(store.weights) == {"w"}, "strategy arrays are not model tensors"
+    np.testing.assert_array_equal(state["strategy_state"]["velocity/w"], second.state["velocity/w"])
+    assert state["strategy_state"]["step"] == 2
+    third = strategy.aggregate(store.weights, [grad], state["strategy_state"], np.random.default_rng(0))
+    np.testing.assert_allclose(third.weights["w"], [-0.425, -0.425], rtol=1e-6)  # v3 = 1.75
