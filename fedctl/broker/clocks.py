@@ -81,7 +81,7 @@ class ClockDriver:
         return (b.transport.counters.bytes_in, b.transport.counters.bytes_out, b.bytes_in_by_type.get(C.PUSH, 0),
                 b.bytes_out_by_type.get(C.MODEL, 0), time.perf_counter())
 
-    def _combine(self, updates: list[Update], version: int) -> AggregateResult:
+    def _combine(self, updates: list[Update], version: int, population: int) -> AggregateResult:
         """In a thread: staleness weights, weights updates turned into changes, then the strategy's rule."""
         b = self.b
         ready, scales = [], []
@@ -101,7 +101,7 @@ class ClockDriver:
             from fedctl.strategies.base import AggregateResult
 
             return AggregateResult(b.store.weights, b.state["strategy_state"], {"updates": 0.0})
-        return b.strategy.apply_async(b.store.weights, ready, scales, b.state["strategy_state"], b.rng)
+        return b.strategy.apply_async(b.store.weights, ready, scales, b.state["strategy_state"], b.rng, population)
 
     async def _apply(self, counts: tuple[int, int, int, int, float]) -> dict[str, Any]:
         b = self.b
@@ -113,7 +113,8 @@ class ClockDriver:
         self.staleness.update(taus)
         b.applying = True
         try:
-            result = await asyncio.to_thread(self._combine, updates, version)
+            population = sum(r.num_examples for r in b.registry.all() if r.worker in self.policy.live)
+            result = await asyncio.to_thread(self._combine, updates, version, population)
             b.store.replace(result.weights)
         finally:
             b.applying = False

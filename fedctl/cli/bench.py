@@ -102,7 +102,7 @@ def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_r
 
 
 COMM_SUITE = ("lenet5-fedsgd-iid", "lenet5-dgc-999-iid", "lenet5-dgc-99-iid", "mlp-ssgd-u1", "mlp-ssgd-u01",
-              "mlp-ssgd-u001", "lenet5-ssgd-u1", "lenet5-ssgd-u01", "lenet5-ssgd-u001")
+              "mlp-ssgd-u001", "mlp-ssgd-u001-dp10", "lenet5-ssgd-u1", "lenet5-ssgd-u01", "lenet5-ssgd-u001")
 """The presets of `fedctl bench comm` by default: dense references first (ratios are taken against them)."""
 
 
@@ -305,8 +305,8 @@ def _policy_bench(policies: tuple[str, ...], o: dict[str, Any]) -> Any:
     from fedctl.sim.policies import PolicyBench
 
     max_staleness = o["max_staleness"] if o["max_staleness"] is not None else 10 * o["workers"]
-    return PolicyBench(policies=policies or PolicyBench.policies, workers=o["workers"], model=o["model"],
-                       strategy=o["strategy"], task=TaskConfig(o["epochs"], o["batch_size"], o["lr"]),
+    return PolicyBench(policies=tuple(dict.fromkeys(policies)) or PolicyBench.policies, workers=o["workers"],
+                       model=o["model"], strategy=o["strategy"], task=TaskConfig(o["epochs"], o["batch_size"], o["lr"]),
                        slow_fraction=o["slow_fraction"], slowdown=o["slowdown"], delay_s=o["delay_s"],
                        target=o["target"], max_updates=o["max_updates"], eval_every=o["eval_every"],
                        quorum=o["quorum"], round_timeout_s=o["round_timeout_s"],

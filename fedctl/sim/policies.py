@@ -27,7 +27,7 @@ import zmq.asyncio
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.broker.service import Broker
-from fedctl.errors import ConfigError, ProtocolError, TransportError
+from fedctl.errors import ConfigError, FedctlError, ProtocolError, TransportError
 from fedctl.models import get_model
 from fedctl.sim.metrics import rounds_to_target
 from fedctl.sim.runner import SimConfig
@@ -220,16 +220,35 @@ def policies_markdown(setup: Mapping[str, Any], rows: Sequence[Mapping[str, Any]
         f"{b['clock']['staleness_exponent']:g}, max staleness {b['clock']['max_staleness']}, buffer "
         f"{b['clock']['buffer']}. Target {b['target']:g}.", "",
         "Wall time to target: best-so-far test accuracy interpolated on the broker's elapsed seconds (initial model "
-        "at 0 s); \"excl. eval\" subtracts the evaluation pauses before the crossing. Updates = applied updates "
+        "at 0 s); \"excl. eval\" subtracts the evaluation pauses before the crossing (exact for sync, whose workers "
+        "all wait while the model is evaluated; ssp/async workers already handed a model keep training through a "
+        "pause, so their time without evaluation lies between the two columns). Updates = applied updates "
         "(cumulative participants). Staleness τ = model versions between an update's base and the model it was "
         "applied to (sync: 0).", "",
         "| policy | wall s to target | × sync | wall s excl. eval | updates to target | best acc | final acc "
         "| updates | updates/s | τ p50 / p90 / max | max held pulls | refused stale | eval share |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-        *[_table_row(r) for r in rows], "",
+        *[_table_row(r) for r in rows], "", *_notes(b, rows),
         "![accuracy vs wall time](policies.png)", "", "![staleness](policies_staleness.png)", "",
         "Command:", "", "```", command, "```", ""]
     return "\n".join(lines)
+
+
+def _notes(b: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a reader should know about a row: short sync rounds, refused stale updates, budgets ended early."""
+    notes = []
+    for r in rows:
+        s, recs = r["summary"], r["records"]
+        short = sum(1 for rec in recs if int(rec.get("participants") or 0) < b["workers"])
+        if r["policy"] == "sync" and short:
+            notes.append(f"- `sync`: {short} of {len(recs)} rounds aggregated fewer than {b['workers']} updates "
+                         f"(a worker left, or missed the start of a round; quorum {b['sync_quorum']}).")
+        if s.get("refused_stale"):
+            notes.append(f"- `{r['policy']}`: {s['refused_stale']} updates refused as more than "
+                         f"{b['clock']['max_staleness']} versions old (their work is lost).")
+        if s["wall_s_to_target"] is None:
+            notes.append(f"- `{r['policy']}`: target not reached in {s['total_updates']} updates.")
+    return [*notes, ""] if notes else []
 
 
 def _evaluated_curve(r: Mapping[str, Any], axis: str) -> tuple[list[float], list[float]]:
@@ -437,7 +456,7 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
     """Broker in this process's loop, load workers in a child process, probe in a thread; returns the figures."""
     ctx = zmq.asyncio.Context()
     ctx.set(zmq.MAX_SOCKETS, 1024)
-    proc = None
+    proc, clean, failure, raw = None, False, None, {}
     try:
         broker = Broker(bench.broker_config(state_dir), None, ctx=ctx)
         proc = multiprocessing.get_context("spawn").Process(target=run_noop_workers, daemon=True,
@@ -447,17 +466,23 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
             proc.start()
             try:
                 raw = await _probe(broker, bench)
+            except FedctlError as err:  # raised below as itself, not inside the task group's ExceptionGroup
+                failure = err
             finally:
                 # The broker has no stop request: end the run as a reached target does (every worker hears done).
                 broker.state["target_reached_at"] = broker.store.version
                 broker.changed.set()
+        clean = True
     finally:
         if proc is not None and proc.pid is not None:
-            await asyncio.to_thread(proc.join, 20)
+            if clean:  # the workers heard done and leave by themselves
+                await asyncio.to_thread(proc.join, 20)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
         ctx.destroy(linger=0)
+    if failure is not None:
+        raise failure
     return summarize_heartbeat(bench, raw, get_model(bench.model).num_params * 4)
 
 
@@ -499,7 +524,3 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
     paths["markdown"].write_text("\n".join(lines))
     return paths
 
-
-__all__ = ["HeartbeatBench", "HeartbeatProbe", "PolicyBench", "add_ratios", "measure_heartbeat", "percentile",
-           "staleness_stats", "summarize_heartbeat", "summarize_policy", "to_target",
-           "write_heartbeat_report", "write_policies_report"]

@@ -175,12 +175,13 @@ class Strategy(ABC):
         """Broker side: combine the round's updates into new global weights."""
 
     def apply_async(self, weights: Params, updates: Sequence[Update], scales: Sequence[float],
-                    state: dict[str, Any], rng: np.random.Generator) -> AggregateResult:
+                    state: dict[str, Any], rng: np.random.Generator, population: int = 0) -> AggregateResult:
         """Broker side under SSP / async: apply updates computed on older model versions as they arrive.
 
-        ``scales`` are the staleness weights (1 + τ)^−a, one per update. A ``weights`` update arrives here as
-        the change from its base model (kind ``delta``). The default scales each update and applies the strategy's
-        own rule (``aggregate``), which is right for gradients and deltas; strategies that aggregate ``weights``
+        ``scales`` are the staleness weights (1 + τ)^−a, one per update; ``population`` is the number of examples
+        of all live workers (the n of a synchronous round with C = 1). A ``weights`` update arrives here as the
+        change from its base model (kind ``delta``). The default scales each update and applies the strategy's own
+        rule (``aggregate``), which is right for gradients and deltas; strategies that aggregate ``weights``
         override it.
         """
         scaled = [Update(u.worker, u.num_examples, scale_tensors(u.tensors, s), u.kind, u.base_version, u.metrics)

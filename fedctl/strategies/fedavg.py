@@ -16,7 +16,7 @@ from fedctl.strategies.base import (
     Update,
     scale_tensors,
 )
-from fedctl.strategies.kernels import axpy, weighted_mean
+from fedctl.strategies.kernels import axpy, weighted_mean, weighted_sum
 from fedctl.strategies.registry import register
 from fedctl.wire.constants import KIND_WEIGHTS
 
@@ -40,9 +40,12 @@ class FedAvg(Strategy):
         return AggregateResult(new, state, {"updates": float(len(updates))})
 
     def apply_async(self, weights: Params, updates: Sequence[Update], scales: Sequence[float],
-                    state: dict[str, Any], rng: np.random.Generator) -> AggregateResult:
-        """SSP / async (FedAsync-style): w ← w + Σ_k (n_k/n) · s_k · Δ_k, Δ_k the change worker k made to its base
-        model and s_k its staleness weight; one fresh update (s = 1) moves w all the way to the worker's model."""
-        scaled = [scale_tensors(u.tensors, s) for u, s in zip(updates, scales)]
-        change = weighted_mean(scaled, [u.num_examples for u in updates])
+                    state: dict[str, Any], rng: np.random.Generator, population: int = 0) -> AggregateResult:
+        """SSP / async: w ← w + Σ_k (n_k/N) · s_k · Δ_k, Δ_k the change worker k made to its base model, s_k its
+        staleness weight and N the examples of all live workers. Each update moves w by its share of a synchronous
+        FedAvg round over everyone (with every worker fresh and in one group — ``ssp:0 --buffer K`` — this is
+        exactly that round); applying each whole Δ_k instead would overshoot K-fold."""
+        n = max(population, sum(u.num_examples for u in updates), 1)
+        scaled = [scale_tensors(u.tensors, s * u.num_examples / n) for u, s in zip(updates, scales)]
+        change = weighted_sum(scaled, [1.0] * len(scaled))
         return AggregateResult(axpy(1.0, change, weights), state, {"updates": float(len(updates))})

@@ -168,3 +168,17 @@ def test_heartbeat_summary_and_report(tmp_path: Path) -> None:
     assert json.loads(files["json"].read_text())["heartbeats"] == 50
     assert "| 50 | 1 | 25.00 |" in files["markdown"].read_text()
     assert math.isclose(summarize_heartbeat(bench, {**raw, "unanswered": 0}, 1)["rtt_ms_p90"], 45.0)
+
+
+def test_report_notes_short_sync_rounds_refusals_and_missed_targets() -> None:
+    from fedctl.sim.policies import policies_markdown
+
+    rows = [_row("sync", [rec(5, 0.7, 6), rec(10, 0.75, 5)]),
+            _row("async", [rec(1, 0.9, 2, staleness=[0, 3], refused_stale_total=4, held_pulls=0)])]
+    add_ratios({r["policy"]: r["summary"] for r in rows})
+    bench = PolicyBench(policies=("sync", "async"), workers=6, model="mlp")
+    table = policies_markdown({"bench": bench.describe(), "dataset": "mnist", "clients": 100}, rows, "fedctl")
+    assert "`sync`: 1 of 2 rounds aggregated fewer than 6 updates" in table
+    assert "`sync`: target not reached in 11 updates" in table
+    assert "`async`: 4 updates refused as more than 50 versions old" in table
+    assert "`async`: target not reached" not in table
