@@ -104,6 +104,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     *(_p(f"{m}-ssgd-u{str(t).replace('.', '')}", m, "ssgd", 1, 10, 0.1, rounds=rounds, every=every,
          ref=f"{m}-ssgd-u1", theta_u=str(t), combine="mean-sent")
       for m, rounds, every in (("mlp", 100, 2), ("lenet5", 60, 2)) for t in (0.01, 0.1, 1)),
+    # Its differentially private variant (sparse vector technique), ε = 10 per upload, values bounded to ±0.01.
+    _p("mlp-ssgd-u001-dp10", "mlp", "ssgd", 1, 10, 0.1, rounds=100, every=2, ref="mlp-ssgd-u1", theta_u="0.01",
+       combine="mean-sent", gamma="0.01", dp_epsilon="10"),
     # Centralised baselines: plain SGD on all 60,000 images; "rounds" are epochs here.
     _p("central-mlp", "mlp", "central", 1, 10, 0.1, rounds=20),
     # Constant-η SGD with B=10 hovers at 98.5–98.95% for LeNet-5 (measured); a per-epoch decay settles it.
