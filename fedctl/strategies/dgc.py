@@ -230,7 +230,7 @@ class DGC(Strategy):
         else:
             tensors = {name: _compress(name, g, state, cfg, new_state) for name, g in grads.items()}
         # Few metrics: each costs ~20 bytes in a push whose payload is a few hundred bytes at 99.9% sparsity.
-        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics = {k: float(v) for k, v in result.metrics.items() if k == "train_loss"}
         metrics["kept"] = float(sum(_kept(t) for t in tensors.values()))
         if cfg.clip_norm > 0:
             metrics["clipped"] = float(cfg.clip_norm < norm)

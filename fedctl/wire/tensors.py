@@ -189,8 +189,14 @@ def _sparse_body(name: str, t: SparseTensor) -> dict[str, Any]:
     return body
 
 
+COMPACT_SPARSE_FIELDS = ("enc", "name", "dtype", "shape", "nnz", "index_enc", "indices", "values")
+"""Positional layout of a compact sparse frame (a msgpack array): the map's fields without their keys."""
+
+
 def encode_tensor(name: str, tensor: Tensor) -> bytes:
-    """Encode one named tensor as a msgpack map (docs/protocol.md §4).
+    """Encode one named tensor as a msgpack map, or a sparse one with varint or bitmap indices as the compact
+    positional array of :data:`COMPACT_SPARSE_FIELDS` (docs/protocol.md §4), which saves ~45 bytes of keys per
+    frame — a third of a 99.9%-sparse DGC push of LeNet-5.
 
     Raises
     ------
@@ -199,6 +205,8 @@ def encode_tensor(name: str, tensor: Tensor) -> bytes:
     """
     if isinstance(tensor, SparseTensor):
         body = _sparse_body(name, tensor)
+        if body["index_enc"] != INDEX_RAW:
+            return msgpack.packb([body[k] for k in COMPACT_SPARSE_FIELDS], use_bin_type=True)
     else:
         arr = np.asarray(tensor)
         body = {"name": name, "enc": ENC_DENSE, "dtype": _dtype_str(arr), "shape": list(arr.shape),
@@ -355,6 +363,13 @@ def decode_tensor(frame: bytes | memoryview) -> tuple[str, Tensor]:
                                max_map_len=16, max_str_len=1024, max_ext_len=0)
     except MSGPACK_ERRORS as exc:
         raise _bad(f"tensor frame is not valid msgpack ({type(exc).__name__})") from None
+    if isinstance(body, list):  # the compact sparse layout: positional fields, then the same checks
+        if len(body) != len(COMPACT_SPARSE_FIELDS) or body[0] != ENC_SPARSE:
+            raise _bad(f"a tensor frame that is an array must be the compact sparse layout of "
+                       f"{len(COMPACT_SPARSE_FIELDS)} fields starting with 'sparse'")
+        body = dict(zip(COMPACT_SPARSE_FIELDS, body))
+        if body["index_enc"] == INDEX_RAW:
+            raise _bad("the compact sparse layout has no index_dtype; raw indices need the map layout")
     if not isinstance(body, dict):
         raise _bad("tensor frame is not a msgpack map")
     name = _field(body, "name", str)

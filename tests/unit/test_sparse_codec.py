@@ -19,7 +19,14 @@ from fedctl.errors import ProtocolError
 from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import SparseTensor, decode_tensor, encode_tensor, index_encoding, sparse_nbytes
+from fedctl.wire.tensors import (
+    COMPACT_SPARSE_FIELDS,
+    SparseTensor,
+    decode_tensor,
+    encode_tensor,
+    index_encoding,
+    sparse_nbytes,
+)
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 E = ErrorCode
@@ -47,7 +54,9 @@ def ref_bitmap(indices: list[int], numel: int) -> bytes:
 
 
 def body_of(frame: bytes) -> dict[str, Any]:
-    return msgpack.unpackb(frame, raw=False)
+    """The frame's fields by name, whichever layout (map, or the compact positional array) it uses."""
+    body = msgpack.unpackb(frame, raw=False)
+    return dict(zip(COMPACT_SPARSE_FIELDS, body)) if isinstance(body, list) else body
 
 
 def round_trip(t: SparseTensor, name: str = "w") -> SparseTensor:
@@ -399,3 +408,27 @@ def test_mutated_frames_decode_to_valid_tensors_or_raise_protocol_error(data: st
     assert ind.size == nnz and (ind.size == 0 or (ind[0] >= 0 and ind[-1] < numel and (np.diff(ind) > 0).all()))
     expected = ref_varint(ind.tolist()) if enc == "varint" else ref_bitmap(ind.tolist(), numel)
     assert expected == bytes(payload)  # only canonical payloads are accepted
+
+
+def test_varint_and_bitmap_frames_use_the_compact_layout_and_maps_still_decode() -> None:
+    sparse = random_tensor(100_000, 0.001)
+    frame = encode_tensor("fc1.weight", sparse)
+    assert isinstance(msgpack.unpackb(frame, raw=False), list)
+    as_map = msgpack.packb(body_of(frame), use_bin_type=True)
+    assert len(frame) + 40 < len(as_map), "the positional layout drops the keys"
+    for f in (frame, as_map):
+        name, got = decode_tensor(f)
+        assert name == "fc1.weight" and isinstance(got, SparseTensor)
+        assert np.array_equal(got.indices, sparse.indices) and np.array_equal(got.values, sparse.values)
+
+
+@pytest.mark.parametrize("body", [
+    ["sparse", "w", "<f4", [4], 1, "varint", b"\x00"],  # 7 fields
+    ["dense", "w", "<f4", [4], 1, "varint", b"\x00", b"\x00\x00\x00\x00"],  # not sparse
+    ["sparse", "w", "<f4", [4], 1, "raw", b"\x00\x00\x00\x00", b"\x00\x00\x00\x00"],  # raw needs the map
+    ["sparse", "w", "<f4", [4], 2, "varint", b"\x00", b"\x00\x00\x00\x00"],  # nnz vs values
+])
+def test_malformed_compact_frames_are_refused(body: list[Any]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_tensor(msgpack.packb(body, use_bin_type=True))
+    assert info.value.code == ErrorCode.BAD_TENSOR
