@@ -38,6 +38,10 @@ class BrokerConfig:
     """SSP / async settings (hard staleness limit, staleness weighting, buffer); the bound comes from ``policy``."""
     history_mb: float = 64.0
     """Memory for past model versions, from which a worker holding one gets only what changed (0: always dense)."""
+    curve_secret_key: Path | None = None
+    """The broker's ``NAME.key_secret`` (``fedctl keygen``): with ``allowed_keys``, the ROUTER is a CURVE server."""
+    allowed_keys: Path | None = None
+    """Directory of the admitted workers' public keys (``*.key``); only with ``curve_secret_key``."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -55,3 +59,5 @@ class BrokerConfig:
                               "use 0 to always send the model dense")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max message size {self.max_message_bytes} is too small")
+        if (self.curve_secret_key is None) != (self.allowed_keys is None):
+            raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")

@@ -85,7 +85,8 @@ class Broker:
         self.applying = False
         """True while the clock driver applies updates (admission then counts one more version of staleness)."""
         self.rng = np.random.default_rng([config.seed, self.state["round"]])
-        self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes)
+        self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes,
+                                         secret_key=config.curve_secret_key, allowed_keys=config.allowed_keys)
         self.endpoint = self.transport.endpoint
 
     def _load_or_init(self) -> tuple[ParameterStore, dict[str, Any]]:

@@ -12,6 +12,7 @@ import logging
 import os
 import zipfile
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ Params = dict[str, np.ndarray]
 MODEL_FILE = "model.npz"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
+JOURNAL_FILE = "journal.jsonl"
 STATE_ARRAY_PREFIX = "strategy_state/"
 """Arrays of the strategy's broker state are kept in model.npz under this prefix (JSON holds the rest)."""
 
@@ -78,18 +80,57 @@ class Checkpointer:
     def __init__(self, state_dir: Path | str) -> None:
         self.dir = Path(state_dir)
 
-    def save(self, store: ParameterStore, state: dict[str, Any]) -> None:
-        """Weights and the strategy's array state (e.g. server momentum) go to model.npz, the rest to JSON."""
+    def save(self, store: ParameterStore, state: dict[str, Any],
+             applied: Sequence[dict[str, Any]] = ()) -> None:
+        """Checkpoint: weights (and the strategy's array state) to ``model-<version>.npz``, the journal lines of
+        the ``applied`` updates, then ``state.json`` naming that model file — the commit point. A crash before the
+        rename leaves the previous checkpoint in force (the orphan model file and journal lines of the version
+        that was not committed are ignored and cleaned up by :meth:`load`)."""
         strategy_state = dict(state.get("strategy_state") or {})
         arrays = {STATE_ARRAY_PREFIX + k: v for k, v in strategy_state.items() if isinstance(v, np.ndarray)}
         plain = {k: v for k, v in strategy_state.items() if not isinstance(v, np.ndarray)}
-        atomic_write(self.dir / MODEL_FILE, lambda fh: np.savez(fh, **store.weights, **arrays))
-        payload = json.dumps({**state, "strategy_state": plain, "version": store.version}, indent=2,
-                             sort_keys=True).encode()
+        model_file = f"model-{store.version}.npz"
+        atomic_write(self.dir / model_file, lambda fh: np.savez(fh, **store.weights, **arrays))
+        if applied:
+            self._append_journal([{**entry, "version": store.version} for entry in applied])
+        payload = json.dumps({**state, "strategy_state": plain, "version": store.version, "model_file": model_file},
+                             indent=2, sort_keys=True).encode()
         atomic_write(self.dir / STATE_FILE, lambda fh: fh.write(payload))
+        for old in self.dir.glob("model-*.npz"):
+            if old.name != model_file:
+                old.unlink(missing_ok=True)
+        (self.dir / MODEL_FILE).unlink(missing_ok=True)  # the single-file layout of older checkpoints
+
+    def _append_journal(self, entries: list[dict[str, Any]]) -> None:
+        with open(self.dir / JOURNAL_FILE, "a", encoding="utf-8") as fh:
+            for entry in entries:
+                fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_journal(self) -> list[dict[str, Any]]:
+        """The applied updates (one line each: version, round, worker, seq, base_version, num_examples)."""
+        path = self.dir / JOURNAL_FILE
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a torn last line from a crash
+                continue
+        return out
+
+    def _trim_journal(self, version: int) -> None:
+        """Drop journal lines of versions after the committed one (written just before a crash)."""
+        entries = self.read_journal()
+        kept = [e for e in entries if int(e.get("version", 0)) <= version]
+        if len(kept) != len(entries) or (self.dir / JOURNAL_FILE).is_file() and kept != entries:
+            payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept).encode()
+            atomic_write(self.dir / JOURNAL_FILE, lambda fh: fh.write(payload))
 
     def exists(self) -> bool:
-        return (self.dir / STATE_FILE).is_file() and (self.dir / MODEL_FILE).is_file()
+        return (self.dir / STATE_FILE).is_file()
 
     def load(self) -> tuple[ParameterStore, dict[str, Any]]:
         """Load the last checkpoint; ConfigError when it is unreadable."""
@@ -97,11 +138,15 @@ class Checkpointer:
             state = json.loads((self.dir / STATE_FILE).read_text())
             if not isinstance(state, dict):
                 raise TypeError("state.json does not hold a JSON object")
-            with np.load(self.dir / MODEL_FILE, allow_pickle=False) as npz:
+            model_file = str(state.get("model_file") or MODEL_FILE)
+            if "/" in model_file or "\\" in model_file:
+                raise ValueError(f"state.json names a model file outside the state dir: {model_file!r}")
+            with np.load(self.dir / model_file, allow_pickle=False) as npz:
                 weights = {k: npz[k] for k in npz.files if not k.startswith(STATE_ARRAY_PREFIX)}
                 arrays = {k.removeprefix(STATE_ARRAY_PREFIX): npz[k] for k in npz.files
                           if k.startswith(STATE_ARRAY_PREFIX)}
             state["strategy_state"] = {**dict(state.get("strategy_state") or {}), **arrays}
+            self._trim_journal(int(state["version"]))
             # A torn zip raises BadZipFile; valid JSON of the wrong shape raises KeyError or TypeError.
             return ParameterStore(weights, int(state["version"])), state
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:

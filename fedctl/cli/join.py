@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from fedctl.cli.common import check_endpoint, load_data, resolve_backend, trainer_factory
+from fedctl.security import check_join_security
 from fedctl.worker.client import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,24 @@ log = logging.getLogger(__name__)
               help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True,
               help="Emulate a slower device (benchmarks): each update takes this many times longer.")
+@click.option("--server-key", default=None, metavar="PATH|Z85",
+              help="The broker's CURVE public key: its NAME.key file or the 40-character key it prints. "
+                   "With --secret-key, the connection is encrypted and authenticated.")
+@click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="This worker's NAME.key_secret (`fedctl keygen`); its NAME.key must be in the broker's "
+                   "--allowed-keys directory.")
 def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
-             threads: int | None, connect_timeout: float, state_dir: Path | None, slowdown: float) -> None:
+             threads: int | None, connect_timeout: float, state_dir: Path | None, slowdown: float,
+             server_key: str | None, secret_key: Path | None) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     check_endpoint(connect, "--connect", bind=False)
+    curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
                           backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout,
-                          state_dir=state_dir, slowdown=slowdown)
+                          state_dir=state_dir, slowdown=slowdown,
+                          server_key=curve[0].decode("ascii") if curve else None, secret_key=secret_key)
     make = trainer_factory(backend, shard, device, threads)
     # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
     from fedctl.models import get_model

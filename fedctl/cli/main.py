@@ -11,6 +11,7 @@ from fedctl.cli.bench import bench_group
 from fedctl.cli.common import setup_logging
 from fedctl.cli.demo import demo_cmd
 from fedctl.cli.join import join_cmd
+from fedctl.cli.keygen import keygen_cmd
 from fedctl.cli.partition import partition_cmd
 from fedctl.cli.serve import serve_cmd
 from fedctl.cli.simulate import simulate_cmd
@@ -27,7 +28,7 @@ def cli(verbose: int, quiet: bool) -> None:
     setup_logging(verbose, quiet)
 
 
-for command in (serve_cmd, join_cmd, partition_cmd, demo_cmd, simulate_cmd, strategies_cmd, bench_group):
+for command in (serve_cmd, join_cmd, keygen_cmd, partition_cmd, demo_cmd, simulate_cmd, strategies_cmd, bench_group):
     cli.add_command(command)
 
 

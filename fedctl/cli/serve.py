@@ -14,6 +14,7 @@ from fedctl.broker.service import Broker
 from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
 from fedctl.cli.options import broker_config, run_options
 from fedctl.models import get_model
+from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,28 @@ log = logging.getLogger(__name__)
               help="A worker silent for this many seconds is dropped from the run.")
 @click.option("--max-message-mb", type=float, default=256.0, show_default=True,
               help="Largest frame accepted (ZMQ_MAXMSGSIZE).")
+@click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The broker's NAME.key_secret (`fedctl keygen`): encrypt with CURVE and admit only the workers "
+                   "in --allowed-keys. Required unless --bind is loopback, ipc or inproc.")
+@click.option("--allowed-keys", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory of the admitted workers' public keys (their NAME.key files).")
+@click.option("--insecure", is_flag=True, default=False,
+              help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
-              liveness: float, max_message_mb: float, **run: Any) -> None:
+              liveness: float, max_message_mb: float, secret_key: Path | None, allowed_keys: Path | None,
+              insecure: bool, **run: Any) -> None:
     """Run the parameter server: hold the global model, run synchronous rounds, aggregate, checkpoint."""
     check_endpoint(bind, "--bind", bind=True)
+    check_serve_security(bind, secret_key, allowed_keys, insecure)
+    if secret_key is not None and allowed_keys is not None:  # fail on a bad key before loading evaluation data
+        load_key_pair(secret_key)
+        load_allowed_keys(allowed_keys)
+    elif insecure and not is_local_bind(bind):
+        log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
+                    "travel unencrypted", bind)
     config = broker_config(run, bind=bind, heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
-                           max_message_bytes=int(max_message_mb * 2**20))
+                           max_message_bytes=int(max_message_mb * 2**20), curve_secret_key=secret_key,
+                           allowed_keys=allowed_keys)
     evaluator = None
     if eval_data:
         shard = load_data(eval_data, data_dir)

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError, TransportError
 from fedctl.models import ModelSpec, get_model
+from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
 from fedctl.wire import check_against_spec, densify
 from fedctl.wire import constants as C
@@ -61,6 +62,10 @@ class WorkerConfig:
     slowdown: float = 1.0
     """Emulate a slower device: each update takes ``slowdown`` × (training time + ``delay_s``) (benchmarks)."""
     delay_s: float = 0.0
+    server_key: str | None = None
+    """The broker's CURVE public key (40 Z85 characters); with ``secret_key``, the connection is CURVE."""
+    secret_key: Path | None = None
+    """This worker's ``NAME.key_secret`` file (``fedctl keygen``); only with ``server_key``."""
 
     def __post_init__(self) -> None:
         if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
@@ -69,6 +74,10 @@ class WorkerConfig:
             raise ConfigError("the shard holds no examples", "check --data and --data-dir")
         if self.slowdown < 1.0 or self.delay_s < 0:
             raise ConfigError("--slowdown must be >= 1 and --delay >= 0", "e.g. --slowdown 5 for a 5x slower device")
+        if (self.server_key is None) != (self.secret_key is None):
+            raise ConfigError("CURVE needs both --server-key and --secret-key", "pass both, or neither")
+        if self.server_key is not None:
+            check_z85_key(self.server_key, "--server-key")
 
 
 def check_spec(announced: dict[str, Any]) -> ModelSpec:
@@ -116,7 +125,8 @@ class Worker:
         welcome answering any attempt counts, so a slow broker is not answered with a storm of new connections.
         """
         started, attempt, wait_s = time.monotonic(), 0, 1.0
-        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes)
+        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes,
+                          server_key=self.config.server_key, secret_key=self.config.secret_key)
         self.conn = conn
         try:
             attempts: set[asyncio.Future[Message]] = set()
@@ -134,7 +144,9 @@ class Worker:
                 if waited >= self.config.connect_timeout_s:
                     raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
                                          "check that `fedctl serve` runs there and the port is reachable "
-                                         "(address, firewall), or raise --connect-timeout")
+                                         "(address, firewall), or raise --connect-timeout; if the broker uses "
+                                         "CURVE, check --server-key and that this worker's public key is in its "
+                                         "--allowed-keys directory")
                 log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
                             self.config.connect, attempt)
                 wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)

@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
-from fedctl.errors import ProtocolError
+from fedctl.errors import ProtocolError, TransportError
+from fedctl.security import check_join_security
 from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 from fedctl.wire.messages import Message
@@ -27,16 +30,45 @@ class Connection:
     Replies (messages whose ``re`` names a request) resolve that request's future; a ``done`` message sets
     :attr:`done`; anything else unsolicited lands in :attr:`inbox`. :attr:`last_heard` is the monotonic time of
     the last message from the broker, which the heartbeat task uses to judge the broker's liveness.
+
+    With ``server_key`` (the broker's Z85 public key) and ``secret_key`` (this worker's ``NAME.key_secret`` file)
+    the socket is a CURVE client: traffic is encrypted and the broker must hold that key pair. A broker that does
+    not admit this worker's public key never answers; libzmq then ends the connection for good, and the next
+    :meth:`request` raises TransportError naming the cause.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, max_message_bytes: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, max_message_bytes: int, *,
+                 server_key: str | bytes | None = None, secret_key: Path | None = None) -> None:
         self.endpoint = endpoint
+        curve = check_join_security(server_key.decode() if isinstance(server_key, bytes) else server_key,
+                                    secret_key)
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.RECONNECT_IVL, 200)
         self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        self._sock.connect(endpoint)
+        self.failure: tuple[str, str] | None = None
+        """Why the connection is gone for good (cause, fix), when a CURVE handshake told."""
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._public_key = ""
+        self._warned_handshake = False
+        try:
+            if curve is not None:
+                server_public, pair = curve
+                self._sock.curve_secretkey = pair.secret
+                self._sock.curve_publickey = pair.public
+                self._sock.curve_serverkey = server_public
+                self._public_key = pair.public.decode("ascii")
+                self._monitor = self._sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            self._sock.connect(endpoint)
+        except BaseException:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(0)
+            self._sock.close(0)
+            raise
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
@@ -46,6 +78,8 @@ class Connection:
         self.bytes_out = 0
         self.bytes_in = 0
         self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._monitor is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_handshakes(self._monitor))
 
     def next_id(self) -> int:
         self._next_id += 1
@@ -70,26 +104,69 @@ class Connection:
             elif msg.type != C.DONE:
                 self.inbox.put_nowait(msg)
 
-    async def send(self, mtype: str, tensors: Any = None, **fields: Any) -> int:
-        """Send a message without waiting for a reply; returns its id."""
-        msg = make(mtype, self.next_id(), tensors=tensors, **fields)
-        frames = encode(msg)
+    async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
+        """Note why a CURVE handshake failed: libzmq gives up on a refused key for good, retries a wrong server key."""
+        while True:
+            event = await recv_monitor_message(monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.failure = (f"the broker at {self.endpoint} refused this worker's CURVE key "
+                                f"{self._public_key} (ZAP status {event['value']})",
+                                "copy this worker's NAME.key into the broker's --allowed-keys directory, "
+                                "then join again")
+                log.warning("%s", self.failure[0])
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self.failure = (f"the broker at {self.endpoint} does not accept CURVE (handshake protocol error "
+                                f"{event['value']:#x}: it may serve plaintext)",
+                                "start the broker with --secret-key and --allowed-keys, or join without "
+                                "--server-key and --secret-key")
+                log.warning("%s", self.failure[0])
+            elif not self._warned_handshake:  # EVENT_HANDSHAKE_FAILED_NO_DETAIL: libzmq keeps retrying
+                self._warned_handshake = True
+                log.warning("the CURVE handshake with %s failed; is --server-key the broker's public key? "
+                            "(retrying)", self.endpoint)
+
+    async def _send_now(self, frames: list[bytes]) -> bool:
+        """Queue ``frames`` without waiting; False when the socket takes no more (its session is gone)."""
+        try:
+            await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
         self.bytes_out += sum(len(f) for f in frames)
-        await self._sock.send_multipart(frames, copy=False)
+        return True
+
+    async def send(self, mtype: str, tensors: Any = None, **fields: Any) -> int:
+        """Send a message without waiting for a reply; returns its id. A message the socket cannot take is dropped
+        (the broker's silence then shows in :attr:`last_heard`)."""
+        msg = make(mtype, self.next_id(), tensors=tensors, **fields)
+        if not await self._send_now(encode(msg)):
+            log.debug("dropped a %s message: the connection to %s takes no more", mtype, self.endpoint)
         return msg.id
 
     async def request(self, mtype: str, tensors: Any = None, **fields: Any) -> asyncio.Future[Message]:
-        """Send a message and return the future of its reply (the caller decides how long to wait)."""
+        """Send a message and return the future of its reply (the caller decides how long to wait).
+
+        Raises TransportError when the socket takes no more messages: libzmq ended the connection for good, as it
+        does when the handshake fails (CURVE refused, or CURVE at one end only); otherwise sends would block forever.
+        """
+        if self.failure is not None:
+            raise TransportError(*self.failure)
         msg_id = self.next_id()
+        frames = encode(make(mtype, msg_id, tensors=tensors, **fields))
+        if not await self._send_now(frames):
+            raise TransportError(*(self.failure or (
+                f"the connection to {self.endpoint} was closed and takes no more messages (a failed handshake?)",
+                "if the broker uses CURVE, pass --server-key and --secret-key (see `fedctl keygen`); if it does "
+                "not, drop them")))
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = future
-        frames = encode(make(mtype, msg_id, tensors=tensors, **fields))
-        self.bytes_out += sum(len(f) for f in frames)
-        await self._sock.send_multipart(frames, copy=False)
         return future
 
     def close(self) -> None:
         self._reader.cancel()
         for future in self._pending.values():
             future.cancel()
+        if self._monitor is not None:
+            self._watcher.cancel()
+            self._sock.disable_monitor()
+            self._monitor.close(0)
         self._sock.close(0)

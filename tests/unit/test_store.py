@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedctl.broker.store import METRICS_FILE, MODEL_FILE, STATE_FILE, Checkpointer, ParameterStore, atomic_write
+from fedctl.broker.store import METRICS_FILE, STATE_FILE, Checkpointer, ParameterStore, atomic_write
 from fedctl.errors import ConfigError
 from fedctl.models import get_model, init_params
 
@@ -38,7 +38,7 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert cp.exists()
     loaded, got = Checkpointer(tmp_path / "run").load()
     assert loaded.version == 4
-    assert got == {**state, "version": 4}
+    assert got == {**state, "version": 4, "model_file": "model-4.npz"}
     assert list(loaded.weights) == list(w)
     for k in w:
         assert loaded.weights[k].dtype == np.float32 and loaded.weights[k].tobytes() == w[k].tobytes()
@@ -59,7 +59,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
     for round_no in range(3):
         cp.save(ParameterStore(weights(), round_no), {"round": round_no})
     cp.append_metrics({"round": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MODEL_FILE, STATE_FILE, METRICS_FILE])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model-2.npz", STATE_FILE, METRICS_FILE])
 
 
 def test_atomic_write_that_fails_keeps_the_old_file(tmp_path: Path) -> None:
@@ -84,6 +84,9 @@ def test_append_metrics_writes_one_json_line_each(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == [{"round": 1, "x": 0.5}, {"round": 2, "x": None}]
 
 
+SAVED_MODEL = "model-2.npz"
+
+
 def _saved(tmp_path: Path) -> Checkpointer:
     cp = Checkpointer(tmp_path)
     cp.save(ParameterStore({"w": np.arange(4, dtype=np.float32)}, 2), {"round": 2, "run_id": "r"})
@@ -97,9 +100,9 @@ def _saved(tmp_path: Path) -> Checkpointer:
     lambda d: (d / STATE_FILE).write_text("[1, 2, 3]"),
     lambda d: (d / STATE_FILE).write_text('{"round": 2}'),
     lambda d: (d / STATE_FILE).write_text('{"round": 2, "version": "two"}'),
-    lambda d: (d / MODEL_FILE).write_bytes(b"not a zip file at all"),
-    lambda d: (d / MODEL_FILE).write_bytes((d / MODEL_FILE).read_bytes()[:60]),
-    lambda d: (d / MODEL_FILE).unlink(),
+    lambda d: (d / SAVED_MODEL).write_bytes(b"not a zip file at all"),
+    lambda d: (d / SAVED_MODEL).write_bytes((d / SAVED_MODEL).read_bytes()[:60]),
+    lambda d: (d / SAVED_MODEL).unlink(),
 ], ids=["bad-json", "empty", "binary", "json-list", "no-version", "version-not-int", "model-garbage",
         "model-truncated", "model-missing"])
 def test_a_damaged_checkpoint_gives_config_error_with_a_fix(tmp_path: Path, damage: Callable[[Path], Any]) -> None:
@@ -119,3 +122,27 @@ def test_read_metrics_skips_a_torn_last_line(tmp_path: Path) -> None:
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 3, "test_acc')  # a crash mid-append
     assert [r["round"] for r in ckpt.read_metrics()] == [1, 2]
+
+
+def test_a_crash_between_the_model_and_the_state_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    store = ParameterStore({"w": np.zeros(2, np.float32)})
+    store.replace({"w": np.ones(2)})
+    cp.save(store, {"round": 1}, applied=[{"round": 1, "worker": "a", "seq": 0}])
+    # Version 2 is half written: its model file and journal line exist, state.json still names version 1.
+    store.replace({"w": np.full(2, 2.0)})
+    atomic_write(tmp_path / "model-2.npz", lambda fh: np.savez(fh, **store.weights))
+    cp._append_journal([{"round": 2, "worker": "a", "seq": 1, "version": 2}])
+    loaded, state = Checkpointer(tmp_path).load()
+    assert loaded.version == 1 and loaded.weights["w"].tolist() == [1.0, 1.0] and state["round"] == 1
+    assert [(e["round"], e["worker"], e["version"]) for e in cp.read_journal()] == [(1, "a", 1)]
+
+
+def test_the_journal_lists_each_applied_update_once(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    store = ParameterStore({"w": np.zeros(2, np.float32)})
+    for r in (1, 2):
+        store.replace({"w": np.full(2, float(r))})
+        cp.save(store, {"round": r}, applied=[{"round": r, "worker": w, "seq": r - 1} for w in ("a", "b")])
+    entries = Checkpointer(tmp_path).read_journal()
+    assert [(e["version"], e["worker"]) for e in entries] == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]

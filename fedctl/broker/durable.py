@@ -1,0 +1,108 @@
+"""What the broker must not lose between checkpoints: the open round and the updates it has acknowledged.
+
+An update is written here (atomically, fsynced) *before* its ``ack`` is sent, and the round's selection before
+any model is handed out, so after a crash — ``kill -9`` at any moment — the restarted broker reopens the same
+round with the same updates and nothing acknowledged is lost. When a round is committed (the checkpoint's
+``state.json`` rename), its pending files are deleted; any left over from already-committed rounds are ignored
+and removed at start. The journal (``journal.jsonl``) lists every applied update once; see
+:meth:`fedctl.broker.store.Checkpointer.save`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedctl.fsio import atomic_write
+from fedctl.strategies.base import Update
+from fedctl.wire.tensors import SparseTensor, Tensor
+
+log = logging.getLogger(__name__)
+PENDING_DIR = "pending"
+ROUND_FILE = "round.json"
+
+
+def _update_file(worker: str, round_no: int) -> str:
+    return f"update-{round_no}-{worker.encode().hex()}.npz"
+
+
+class PendingStore:
+    """Files under ``<state_dir>/pending``: the open round (sync) and each acknowledged, not yet applied update."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir) / PENDING_DIR
+
+    # -- the open round --------------------------------------------------------------------------------------
+    def save_round(self, round_no: int, selected: tuple[str, ...]) -> None:
+        payload = json.dumps({"round": round_no, "selected": list(selected)}).encode()
+        atomic_write(self.dir / ROUND_FILE, lambda fh: fh.write(payload))
+
+    def load_round(self) -> tuple[int, tuple[str, ...]] | None:
+        path = self.dir / ROUND_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return int(data["round"]), tuple(str(w) for w in data["selected"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring an unreadable %s (%s)", path, exc)
+            return None
+
+    # -- updates ---------------------------------------------------------------------------------------------
+    def save_update(self, update: Update, round_no: int, seq: int) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        layout: dict[str, Any] = {}
+        for name, t in update.tensors.items():
+            if isinstance(t, SparseTensor):
+                arrays[f"{name}/indices"], arrays[f"{name}/values"] = t.indices, t.values
+                layout[name] = {"sparse": list(t.shape)}
+            else:
+                arrays[f"{name}/dense"] = np.asarray(t)
+                layout[name] = {"dense": True}
+        meta = {"worker": update.worker, "num_examples": update.num_examples, "kind": update.kind,
+                "base_version": update.base_version, "metrics": dict(update.metrics), "round": round_no,
+                "seq": seq, "layout": layout}
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: np.savez(fh, **arrays))
+
+    def load_updates(self) -> list[tuple[Update, int, int]]:
+        """Every readable pending update as (update, round, seq); unreadable files are logged and skipped."""
+        out = []
+        for path in sorted(self.dir.glob("update-*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+                meta = json.loads(arrays.pop("__meta__").tobytes())
+                tensors: dict[str, Tensor] = {}
+                for name, how in meta["layout"].items():
+                    if "sparse" in how:
+                        tensors[name] = SparseTensor(tuple(how["sparse"]), arrays[f"{name}/indices"],
+                                                     arrays[f"{name}/values"])
+                    else:
+                        tensors[name] = arrays[f"{name}/dense"]
+                update = Update(str(meta["worker"]), int(meta["num_examples"]), tensors, str(meta["kind"]),
+                                int(meta["base_version"]), dict(meta["metrics"]))
+                out.append((update, int(meta["round"]), int(meta["seq"])))
+            except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+                log.warning("ignoring an unreadable pending update %s (%s)", path.name, exc)
+        return out
+
+    def remove(self, worker: str, round_no: int) -> None:
+        (self.dir / _update_file(worker, round_no)).unlink(missing_ok=True)
+
+    def clear(self, through_round: int | None = None) -> None:
+        """Delete the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
+        if not self.dir.is_dir():
+            return
+        for path in self.dir.glob("update-*.npz"):
+            round_no = int(path.name.split("-")[1]) if path.name.split("-")[1].isdigit() else -1
+            if through_round is None or round_no <= through_round:
+                path.unlink(missing_ok=True)
+        opened = self.load_round()
+        if opened is not None and (through_round is None or opened[0] <= through_round):
+            (self.dir / ROUND_FILE).unlink(missing_ok=True)
