@@ -54,6 +54,7 @@ class ClockDriver:
         b = self.b
         last: dict[str, Any] = {}
         counts = self._counts()
+        b.updates, b.restored = list(b.restored), []
         while not b.is_complete():
             b.changed.clear()
             await self._grant()
@@ -140,7 +141,12 @@ class ClockDriver:
             "duration_s": round(eval_started - started, 4), "eval_s": round(time.perf_counter() - eval_started, 4),
             "elapsed_s": round(b.state["elapsed_s"], 3), "rejected_total": sum(b.rejected.values()),
             "strategy": dict(result.metrics)}
-        await asyncio.to_thread(b.checkpointer.save, b.store, b.state)
+        applied = [{"round": u.round, "worker": u.worker, "seq": u.seq, "base_version": u.base_version,
+                    "num_examples": u.num_examples, "staleness": tau} for u, tau in zip(updates, taus)]
+        await asyncio.to_thread(b.checkpointer.save, b.store, b.state, applied)
+        if b.pending is not None:
+            for u in updates:
+                b.pending.remove(u.worker, u.round)
         b.checkpointer.append_metrics(record)
         if record["test_accuracy"] is not None or b.store.version % 50 == 0:
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"

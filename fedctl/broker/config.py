@@ -32,6 +32,9 @@ class BrokerConfig:
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
+    durable_updates: bool = True
+    """Write each acknowledged update (and the open round) to ``<state_dir>/pending`` before acknowledging it, so a
+    broker killed mid-round resumes the round without losing anything it acknowledged."""
     policy: str = "sync"
     """Consistency policy: ``sync`` (rounds), ``ssp:S`` (stale-synchronous, bound S) or ``async``."""
     clock: ClockConfig = field(default_factory=ClockConfig)

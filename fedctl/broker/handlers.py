@@ -6,6 +6,7 @@ Handlers run in the reader task, never block, and touch only in-memory state; th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -90,10 +91,13 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
     # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
-    broker.updates.append(Update(record.worker, msg["num_examples"], dict(msg.tensors), msg["kind"],
-                                 msg["base_version"], dict(msg.get("metrics") or {})))
+    update = Update(record.worker, msg["num_examples"], dict(msg.tensors), msg["kind"], msg["base_version"],
+                    dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
+    broker.updates.append(update)
     broker.policy.record(record.worker)
     record.rounds_done += 1
+    if broker.pending is not None:  # durable before acknowledged: a crash after the ack loses nothing
+        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"])
     await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
     broker.changed.set()
 

@@ -59,6 +59,8 @@ class OpenRound:
     deadline: float
     received: list[str] = field(default_factory=list)
     gone: set[str] = field(default_factory=set)
+    handed: set[str] = field(default_factory=set)
+    """Selected workers holding this round's model; one that asks again (it restarted) is handed it again."""
 
 
 class SyncRoundPolicy:
@@ -81,15 +83,32 @@ class SyncRoundPolicy:
         m = min(self.sample_size(connected), len(ready))
         chosen = rng.choice(len(ready), size=m, replace=False)
         selected = tuple(sorted(ready[i] for i in chosen))
-        self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s)
+        self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s, handed=set(selected))
         return self.current
 
+    def restore(self, round_no: int, selected: tuple[str, ...], received: list[str], now: float) -> OpenRound:
+        """Reopen a round after a broker restart with the updates it had acknowledged (nobody holds its model:
+        each selected worker that pulls is handed it again); the deadline starts over."""
+        self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s, list(received))
+        return self.current
+
+    def needs_model(self, worker: str) -> bool:
+        """Is ``worker`` selected for the open round, without an answer, and without the model?"""
+        cur = self.current
+        return (cur is not None and worker in cur.selected and worker not in cur.received
+                and worker not in cur.handed and worker not in cur.gone)
+
     def join(self, worker: str) -> None:
-        """A worker joined or rejoined (nothing to do: rounds sample whoever waits)."""
+        """A worker joined or rejoined (nothing to do: rounds sample whoever waits, and one selected for the open
+        round is handed its model again when it pulls)."""
 
     def pulled(self, worker: str) -> None:
-        """A worker asks for work again: if it was sampled and has not pushed (it restarted), it will not."""
-        self.worker_gone(worker)
+        """A worker asks for work again: if it was sampled and has not pushed (it restarted), hand it the round's
+        model again (the driver does, see :meth:`needs_model`)."""
+        cur = self.current
+        if cur is not None and worker in cur.selected and worker not in cur.received:
+            cur.handed.discard(worker)
+            cur.gone.discard(worker)
 
     def admit(self, worker: str, round_no: int, base_version: int | None = None,
               version: int | None = None) -> Admission:

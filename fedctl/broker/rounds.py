@@ -117,20 +117,47 @@ class RoundDriver:
         last: dict[str, Any] = {}
         while not b.is_complete():
             round_no = b.state["round"] + 1
-            opened = await self.wait_open(round_no)
             started, in0, out0 = time.perf_counter(), b.transport.counters.bytes_in, b.transport.counters.bytes_out
             push0, model0 = b.bytes_in_by_type.get(C.PUSH, 0), b.bytes_out_by_type.get(C.MODEL, 0)
-            b.updates = []
-            await self._hand_out(opened)
-            await self.wait_until(lambda: self.policy.should_close(b.now()), self.policy.time_left(b.now()))
+            if self.policy.current is not None and self.policy.current.number == round_no:  # restored after a crash
+                opened = self.policy.current
+                b.updates, b.restored = list(b.restored), []
+                log.info("round %d resumed: %d of %d sampled workers had answered", round_no, len(b.updates),
+                         len(opened.selected))
+            else:
+                opened = await self.wait_open(round_no)
+                b.updates = []
+                if b.pending is not None:
+                    await asyncio.to_thread(b.pending.save_round, opened.number, opened.selected)
+                await self._hand_out(opened)
+            await self._wait_close(opened)
             closed, ok = self.policy.close()
             if not ok:
                 log.warning("round %d failed: %d of %d sampled workers answered before the deadline (quorum %d); "
                             "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
                             self.policy.quorum(closed))
+                if b.pending is not None:
+                    await asyncio.to_thread(b.pending.clear)
                 continue
             last = await self._complete(closed, started, (in0, out0, push0, model0))
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected)}
+
+    async def _wait_close(self, opened: OpenRound) -> None:
+        """Wait until the round can close, handing its model (again) to any selected worker that asks for it
+        without holding it — one that restarted mid-round, or everyone after a broker restart."""
+        b = self.b
+
+        def again() -> list[WorkerRecord]:
+            return [r for r in b.registry.waiting() if self.policy.needs_model(r.worker)]
+
+        while True:
+            await self.wait_until(lambda: self.policy.should_close(b.now()) or bool(again()),
+                                  self.policy.time_left(b.now()))
+            if self.policy.should_close(b.now()):
+                return
+            records = again()
+            opened.handed.update(r.worker for r in records)
+            await hand_out(b, [(r, opened.number) for r in records])
 
     async def _evaluate(self, round_no: int) -> dict[str, float]:
         """Centralised evaluation every ``eval_every`` rounds and after the last; notes a reached target."""
@@ -172,7 +199,11 @@ class RoundDriver:
                   "elapsed_s": round(b.state["elapsed_s"], 3),
                   "rejected_total": sum(b.rejected.values()),
                   "strategy": {k: v for k, v in result.metrics.items()}}
-        await asyncio.to_thread(b.checkpointer.save, b.store, b.state)
+        applied = [{"round": u.round, "worker": u.worker, "seq": u.seq, "base_version": u.base_version,
+                    "num_examples": u.num_examples} for u in updates]
+        await asyncio.to_thread(b.checkpointer.save, b.store, b.state, applied)
+        if b.pending is not None:
+            await asyncio.to_thread(b.pending.clear, closed.number)
         b.checkpointer.append_metrics(record)
         acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
         log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number, b.config.rounds,

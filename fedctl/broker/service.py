@@ -22,6 +22,7 @@ import zmq.asyncio
 from fedctl.broker import handlers
 from fedctl.broker.clocks import ClockDriver
 from fedctl.broker.config import BrokerConfig
+from fedctl.broker.durable import PendingStore
 from fedctl.broker.policy import ClockPolicy, SyncRoundPolicy, parse_policy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
 from fedctl.broker.rounds import RoundDriver
@@ -80,6 +81,9 @@ class Broker:
         self.store.history_bytes = int(self.config.history_mb * 2**20)
         if bound is not None:
             self.policy = ClockPolicy(replace(config.clock, bound=bound), self.state.get("clocks"))
+        self.pending = PendingStore(config.state_dir) if config.durable_updates else None
+        self.restored: list[Update] = self._restore_pending()
+        """Acknowledged updates of the round (sync) or buffer (ssp/async) the broker was in when it stopped."""
         self.applied_total = 0
         self.stale_refused = 0
         self.applying = False
@@ -88,6 +92,29 @@ class Broker:
         self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes,
                                          secret_key=config.curve_secret_key, allowed_keys=config.allowed_keys)
         self.endpoint = self.transport.endpoint
+
+    def _restore_pending(self) -> list[Update]:
+        """Updates acknowledged before a crash and not yet applied; stale files of committed rounds are removed."""
+        if self.pending is None:
+            return []
+        done = int(self.state["round"])
+        if isinstance(self.policy, SyncRoundPolicy):
+            self.pending.clear(through_round=done)
+            opened = self.pending.load_round()
+            if opened is None or opened[0] != done + 1:
+                self.pending.clear()
+                return []
+            updates = [u for u, r, _ in self.pending.load_updates() if r == done + 1 and u.worker in opened[1]]
+            self.policy.restore(done + 1, opened[1], [u.worker for u in updates], self.now())
+        else:
+            clocks = self.policy.clocks
+            updates = [u for u, tick, _ in self.pending.load_updates() if tick > clocks.get(u.worker, 0)]
+            for u in updates:
+                clocks[u.worker] = max(clocks.get(u.worker, 0), u.round)
+        if updates:
+            log.info("restored %d acknowledged update(s) not yet applied (%s)", len(updates),
+                     ", ".join(f"{u.worker}@{u.round}" for u in updates))
+        return updates
 
     def _load_or_init(self) -> tuple[ParameterStore, dict[str, Any]]:
         if self.checkpointer.exists():

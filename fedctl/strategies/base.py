@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -95,6 +95,10 @@ class Update:
     kind: str
     base_version: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    round: int = 0
+    """The round (sync) or clock tick (ssp/async) the update answers, and the worker's sequence number: with
+    ``worker`` they identify it, so a resent update is never applied twice."""
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,8 +188,7 @@ class Strategy(ABC):
         rule (``aggregate``), which is right for gradients and deltas; strategies that aggregate ``weights``
         override it.
         """
-        scaled = [Update(u.worker, u.num_examples, scale_tensors(u.tensors, s), u.kind, u.base_version, u.metrics)
-                  for u, s in zip(updates, scales)]
+        scaled = [replace(u, tensors=scale_tensors(u.tensors, s)) for u, s in zip(updates, scales)]
         return self.aggregate(weights, scaled, state, rng)
 
     def downlink(self, current: Params, base: Params | None) -> dict[str, Tensor] | None:

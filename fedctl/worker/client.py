@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 TrainerFactory = Callable[[ModelSpec], Trainer]
 
 
+@dataclass
+class Push:
+    """An update as sent: its tensors, header fields and the strategy result (whose state is committed on ack)."""
+
+    tensors: dict[str, Any]
+    fields: dict[str, Any]
+    result: ClientResult
+
+
 class BrokerLost(Exception):
     """Internal signal: the broker stopped answering heartbeats; reconnect."""
 
@@ -108,6 +117,8 @@ class Worker:
         self.conn: Connection | None = None
         self.bytes_out = 0
         self.bytes_in = 0
+        self.unacked: Push | None = None
+        """An update sent without an answer yet; resent (same round and seq) after a reconnect."""
         self.state = WorkerState.load(config.state_dir) if config.state_dir is not None else WorkerState()
         if self.state.run_id is not None:
             log.info("loaded worker state of run %s from %s (model version %s, %d strategy arrays)",
@@ -246,20 +257,31 @@ class Worker:
             await asyncio.sleep(emulated - trained_s)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["train_time_s"] = time.perf_counter() - started
-        future = await self.conn.request(C.PUSH, tensors=result.tensors, round=model["round"],
-                                         base_version=model["version"], seq=self.state.seq,
-                                         kind=result.kind, num_examples=result.num_examples, metrics=metrics)
-        reply = await self._wait(future, lost)
+        push = Push(dict(result.tensors), {"round": model["round"], "base_version": model["version"],
+                                           "seq": self.state.seq, "kind": result.kind,
+                                           "num_examples": result.num_examples, "metrics": metrics}, result)
+        self.unacked = push  # resent after a reconnect if no answer comes (the broker may have kept it)
+        return await self._push(push, lost)
+
+    async def _push(self, push: Push, lost: asyncio.Event) -> Message:
+        """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
+        assert self.conn is not None
+        reply = await self._wait(await self.conn.request(C.PUSH, tensors=push.tensors, **push.fields), lost)
+        self.unacked = None
+        round_no = push.fields["round"]
         if reply.type == C.ACK:
             self.rounds_trained += 1
-            self.state.strategy, self.state.seq = dict(result.state), self.state.seq + 1
+            self.state.strategy, self.state.seq = dict(push.result.state), self.state.seq + 1
             if self.config.state_dir is not None:
                 await asyncio.to_thread(self.state.save, self.config.state_dir)
-            log.info("round %d: pushed %s (loss %.4f, %.2f s)", model["round"], result.kind,
-                     metrics.get("train_loss", float("nan")), metrics["train_time_s"])
-        elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED):
-            log.warning("round %d: the broker did not use the update: %s", model["round"], reply["reason"])
+            log.info("round %d: pushed %s (%s; loss %.4f, %.2f s)", round_no, push.result.kind, reply["status"],
+                     push.fields["metrics"].get("train_loss", float("nan")), push.fields["metrics"]["train_time_s"])
+        elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED,
+                                                          ErrorCode.RUN_FINISHED):
+            log.warning("round %d: the broker did not use the update: %s", round_no, reply["reason"])
             return reply
+        elif reply.type == C.ERROR and reply["code"] == ErrorCode.NOT_JOINED:
+            self.unacked = push  # the broker restarted between our rejoin and this push: rejoin, resend
         self._check_error(reply)
         return reply
 
@@ -269,6 +291,13 @@ class Worker:
         lost = asyncio.Event()
         beat = asyncio.ensure_future(self._heartbeat(self.conn, lost))
         try:
+            if self.unacked is not None:
+                push, self.unacked = self.unacked, None
+                log.info("resending the update for round %d that the broker had not acknowledged",
+                         push.fields["round"])
+                answer = await self._push(push, lost)
+                if answer.type == C.DONE:
+                    return answer
             while True:
                 held = self.state.version if self.state.model else None
                 reply = await self._wait(await self.conn.request(C.PULL, version=held), lost)
