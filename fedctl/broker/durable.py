@@ -86,7 +86,8 @@ class PendingStore:
                     else:
                         tensors[name] = arrays[f"{name}/dense"]
                 update = Update(str(meta["worker"]), int(meta["num_examples"]), tensors, str(meta["kind"]),
-                                int(meta["base_version"]), dict(meta["metrics"]))
+                                int(meta["base_version"]), dict(meta["metrics"]), int(meta["round"]),
+                                int(meta["seq"]))
                 out.append((update, int(meta["round"]), int(meta["seq"])))
             except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
                 log.warning("ignoring an unreadable pending update %s (%s)", path.name, exc)

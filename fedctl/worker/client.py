@@ -192,16 +192,20 @@ class Worker:
         assert self.conn is not None
         lost_task = asyncio.ensure_future(lost.wait())
         done_task = asyncio.ensure_future(self.conn.done.wait())
+        forgotten_task = asyncio.ensure_future(self.conn.forgotten.wait())
         try:
-            waiting: set[asyncio.Future[Any]] = {future, lost_task, done_task}
+            waiting: set[asyncio.Future[Any]] = {future, lost_task, done_task, forgotten_task}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost_task.cancel()
             done_task.cancel()
+            forgotten_task.cancel()
         if future.done():
             return future.result()
         if self.conn.done_msg is not None:
             return self.conn.done_msg
+        if self.conn.forgotten.is_set():
+            raise Rejoin()
         raise BrokerLost()
 
     def _check_error(self, reply: Message) -> None:

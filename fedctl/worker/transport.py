@@ -19,6 +19,7 @@ from fedctl.errors import ProtocolError, TransportError
 from fedctl.security import check_join_security
 from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
+from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.forgotten = asyncio.Event()
+        """Set when the broker answers anything (a heartbeat, say) with NOT_JOINED: it no longer knows us."""
         self.done = asyncio.Event()
         self.done_msg: Message | None = None
         self.last_heard = time.monotonic()
@@ -98,6 +101,8 @@ class Connection:
             if msg.type == C.DONE:
                 self.done_msg = msg
                 self.done.set()
+            if msg.type == C.ERROR and msg.get("code") == ErrorCode.NOT_JOINED:
+                self.forgotten.set()  # the broker restarted: whatever we wait for will not come
             future = self._pending.pop(msg.re, None) if msg.re is not None else None
             if future is not None and not future.done():
                 future.set_result(msg)

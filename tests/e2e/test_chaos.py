@@ -1,0 +1,87 @@
+"""Chaos: SIGKILL the broker mid-round three times and two workers once during one run, restart them with the
+same commands, and check the run ends as an undisturbed one does, with every accepted update applied once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import Launcher, Proc, read_metrics
+
+pytestmark = pytest.mark.timeout(420)
+ROUNDS, WORKERS = 6, 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(spawn: Launcher, name: str, port: int, state: Path) -> Proc:
+    return spawn(name, "serve", "--bind", f"tcp://127.0.0.1:{port}", "--state-dir", str(state), "--rounds",
+                 str(ROUNDS), "--min-workers", str(WORKERS), "--fraction", "1.0", "--round-timeout", "90",
+                 "--liveness", "4", "--heartbeat-interval", "0.5", "--seed", "3")
+
+
+def join(spawn: Launcher, name: str, port: int, data: Path, shard: int, state: Path) -> Proc:
+    # --slowdown stretches each update to seconds, unequal per worker, so a kill can land between two pushes.
+    return spawn(name, "join", "--connect", f"tcp://127.0.0.1:{port}", "--data", f"shard{shard}", "--data-dir",
+                 str(data), "--backend", "torch", "--threads", "1", "--connect-timeout", "120", "--slowdown",
+                 str(6 + 10 * shard),
+                 "--state-dir", str(state / f"worker{shard}"))
+
+
+def wait_for(condition: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def acked_in_round(state: Path, round_no: int) -> bool:
+    """True once round ``round_no`` is open with an acknowledged update on disk (a kill now is mid-round)."""
+    return len(read_metrics(state)) == round_no - 1 and any((state / "pending").glob(f"update-{round_no}-*.npz"))
+
+
+def kill9(proc: Proc) -> None:
+    proc.popen.send_signal(signal.SIGKILL)
+    proc.popen.wait(timeout=10)
+
+
+def test_broker_killed_three_times_and_two_workers_once(spawn: Launcher, partition_dir: Path,
+                                                        tmp_path: Path) -> None:
+    port, state = free_port(), tmp_path / "chaos"
+    broker = serve(spawn, "broker-0", port, state)
+    workers = {i: join(spawn, f"worker{i}-0", port, partition_dir, i, tmp_path) for i in range(WORKERS)}
+    for kill, round_no in ((1, 1), (2, 3), (3, 5)):  # in rounds 1, 3 and 5, each after an update was acked
+        wait_for(lambda r=round_no: acked_in_round(state, r), 150, f"an acknowledged update in round {round_no}")
+        kill9(broker)
+        if kill == 2:  # two workers die too, one of them possibly mid-push
+            for i in (0, 1):
+                kill9(workers[i])
+                workers[i] = join(spawn, f"worker{i}-1", port, partition_dir, i, tmp_path)
+        broker = serve(spawn, f"broker-{kill}", port, state)
+    codes = {p.name: p.wait(240) for p in [broker, *workers.values()]}
+    assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in [broker, *workers.values()])
+
+    metrics = read_metrics(state)
+    final = json.loads((state / "state.json").read_text())
+    assert final["round"] == ROUNDS and final["version"] == ROUNDS  # as an undisturbed run ends
+    assert [m["round"] for m in metrics] == list(range(1, ROUNDS + 1))
+    journal = [json.loads(line) for line in (state / "journal.jsonl").read_text().splitlines()]
+    ids = Counter((e["worker"], e["round"]) for e in journal)
+    assert all(n == 1 for n in ids.values()), f"an update was applied twice: {ids}"
+    per_version = Counter(e["version"] for e in journal)
+    assert [per_version[v] for v in range(1, ROUNDS + 1)] == [m["participants"] for m in metrics]
+    assert all(m["participants"] == WORKERS for m in metrics)
+    assert not list((state / "pending").glob("update-*.npz")), "nothing left pending after the last round"
+    resumed = [p.name for p in spawn.procs if p.name.startswith("broker-") and " resumed: " in p.stderr]
+    assert resumed == ["broker-1", "broker-2", "broker-3"], "each restart resumed the open round's acked updates"

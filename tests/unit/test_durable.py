@@ -1,0 +1,42 @@
+"""The pending store: acknowledged updates and the open round survive a crash, exactly as they came."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fedctl.broker.durable import PendingStore
+from fedctl.strategies.base import Update
+from fedctl.wire.tensors import SparseTensor
+
+
+def test_updates_round_trip_with_their_identity_sparse_and_fp16_kept(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    sparse = SparseTensor((4, 5), np.array([1, 7, 19], np.uint32), np.array([0.5, -1, 2], np.float16))
+    update = Update("shard3@host/with:odd chars", 600, {"a": np.ones((2, 3), np.float32), "b": sparse},
+                    "gradient", 41, {"train_loss": 0.25}, round=42, seq=9)
+    store.save_update(update, 42, 9)
+    store.save_round(42, ("shard3@host/with:odd chars", "w2"))
+    [(got, round_no, seq)] = PendingStore(tmp_path).load_updates()
+    assert (round_no, seq, got.round, got.seq) == (42, 9, 42, 9)
+    assert (got.worker, got.num_examples, got.kind, got.base_version) == (update.worker, 600, "gradient", 41)
+    assert dict(got.metrics) == {"train_loss": 0.25}
+    assert np.array_equal(got.tensors["a"], update.tensors["a"])
+    b = got.tensors["b"]
+    assert isinstance(b, SparseTensor) and b.shape == (4, 5) and b.values.dtype == np.float16
+    assert b.indices.tolist() == [1, 7, 19] and b.values.tolist() == [0.5, -1.0, 2.0]
+    assert store.load_round() == (42, ("shard3@host/with:odd chars", "w2"))
+
+
+def test_clear_removes_committed_rounds_and_torn_files_are_skipped(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    for r in (3, 4):
+        store.save_update(Update("w", 1, {"a": np.zeros(2, np.float32)}, "weights", r - 1, round=r), r, r)
+    store.save_round(4, ("w",))
+    (store.dir / "update-4-ff.npz").write_bytes(b"torn")
+    store.clear(through_round=3)
+    assert [r for _, r, _ in store.load_updates()] == [4]
+    assert store.load_round() == (4, ("w",))
+    store.clear()
+    assert store.load_updates() == [] and store.load_round() is None
