@@ -52,8 +52,7 @@ def comm_summary(row: Result, reference: Result | None) -> dict[str, Any]:
     up = _series(records, "update_bytes_in", "bytes_in")
     down = _series(records, "model_bytes_out", "bytes_out")
     updates = sum(int(r.get("participants") or 0) for r in records)
-    kept = [float((r.get("update_metrics") or {}).get("kept", np.nan)) * int(r.get("participants") or 0)
-            for r in records]
+    kept = [_kept(r) for r in records]
     kept_total = float(np.nansum(kept)) if any(np.isfinite(kept)) else None
     numel = MODEL_PARAMS.get(row["model"])
     best = row["summary"].get("best_accuracy")
@@ -83,6 +82,15 @@ def comm_summary(row: Result, reference: Result | None) -> dict[str, Any]:
             "reference_accuracy_at_same_rounds": _best_until(reference, len(records)),
         }
     return out
+
+
+def _kept(record: dict[str, Any]) -> float:
+    """Elements the round's pushes carried: DGC reports ``kept`` per update, Selective SGD ``uploaded_nnz``."""
+    per_update = (record.get("update_metrics") or {}).get("kept")
+    if per_update is not None:
+        return float(per_update) * int(record.get("participants") or 0)
+    uploaded = (record.get("strategy") or {}).get("uploaded_nnz")
+    return float(uploaded) if uploaded is not None else float("nan")
 
 
 def _best_until(row: Result, rounds: int) -> float | None:
