@@ -179,6 +179,7 @@ class RoundDriver:
         result = await asyncio.to_thread(b.strategy.aggregate, b.store.weights, updates,
                                          b.state["strategy_state"], b.rng)
         b.store.replace(result.weights)
+        b.applied_total += len(updates)
         b.state["round"] = closed.number
         b.state["strategy_state"] = result.state
         b.state["elapsed_s"] = time.monotonic() - self.started

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import multiprocessing
+import resource
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -333,6 +334,8 @@ class HeartbeatBench:
     interval_s: float = 0.02
     budget_ms: float = 100.0
     warmup_timeout_s: float = 120.0
+    idle: bool = False
+    """Load test: sync rounds sampling 10 workers (C = 10/K), so the others only heartbeat and wait."""
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -340,6 +343,12 @@ class HeartbeatBench:
             raise ConfigError("--workers, --duration and --interval-ms must be positive")
 
     def broker_config(self, state_dir: Path) -> BrokerConfig:
+        if self.idle:
+            sampled = min(10, self.workers)
+            return BrokerConfig(bind="tcp://127.0.0.1:*", model=self.model, strategy="fedavg", rounds=2**40,
+                                task=TaskConfig(1, 50, 0.05), state_dir=state_dir,
+                                sync=SyncConfig(sampled / self.workers, sampled, 60.0), done_linger_s=2.0,
+                                durable_updates=False)
         return BrokerConfig(bind="tcp://127.0.0.1:*", model=self.model, strategy="fedavg", rounds=2**40,
                             task=TaskConfig(1, 50, 0.05), state_dir=state_dir, policy="async",
                             clock=ClockConfig(max_staleness=1000), done_linger_s=2.0)
@@ -465,7 +474,11 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
             tg.create_task(broker.run())
             proc.start()
             try:
+                cpu0, wall0 = time.process_time(), time.monotonic()
                 raw = await _probe(broker, bench)
+                raw["broker_cpu_percent"] = 100 * (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+                raw["broker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                raw["connected"] = len(broker.registry)
             except FedctlError as err:  # raised below as itself, not inside the task group's ExceptionGroup
                 failure = err
             finally:
@@ -497,6 +510,8 @@ def summarize_heartbeat(bench: HeartbeatBench, raw: Mapping[str, Any], update_by
             "window_s": raw["window_s"], "uplink_mb_per_s": raw["uplink_mb_per_s"],
             "downlink_mb_per_s": raw["downlink_mb_per_s"],
             "within_budget": p99 is not None and p99 < bench.budget_ms and raw["unanswered"] == 0,
+            "broker_cpu_percent": raw.get("broker_cpu_percent"), "broker_peak_rss_mb": raw.get("broker_peak_rss_mb"),
+            "connected": raw.get("connected"),
             "rtt_ms": [round(v, 3) for v in ms]}
 
 
@@ -504,14 +519,19 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
     """OUT/heartbeat.json (every RTT included) and OUT/heartbeat.md."""
     out.mkdir(parents=True, exist_ok=True)
     s = result["setup"]
-    paths = {"json": out / "heartbeat.json", "markdown": out / "heartbeat.md"}
+    name = "heartbeat-idle" if s.get("idle") else "heartbeat"
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     paths["json"].write_text(json.dumps({"format": "fedctl-heartbeat/1", "command": command, **result}, indent=1))
     verdict = "yes" if result["within_budget"] else "no"
+    load = (f"{s['workers']} workers in a separate process are connected to a sync FedAvg broker that samples 10 "
+            "per round (their trainer returns the weights at once); the others only heartbeat and wait with a held "
+            "pull." if s.get("idle") else
+            f"{s['workers']} workers in a separate process push dense {s['model']} updates "
+            f"({s['update_bytes'] / 1000:.0f} kB each; their trainer returns the weights unchanged at once) to an "
+            "async FedAvg broker as fast as it takes them.")
     lines = [
-        "# Heartbeat round-trip under load", "",
-        f"{s['workers']} workers in a separate process push dense {s['model']} updates "
-        f"({s['update_bytes'] / 1000:.0f} kB each; their trainer returns the weights unchanged at once) to an async "
-        f"FedAvg broker as fast as it takes them. A probe in its own thread (own context, blocking DEALER) joins as "
+        "# Heartbeat round-trip " + ("with mostly idle workers" if s.get("idle") else "under load"), "",
+        f"{load} A probe in its own thread (own context, blocking DEALER) joins as "
         f"a worker that never pulls and sends a heartbeat every {s['interval_s'] * 1000:g} ms for "
         f"{s['duration_s']:g} s on a fixed schedule; RTT = send → matching reply (by `re`). Percentiles are "
         "nearest-rank over the answered beats.", "",
@@ -520,6 +540,9 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
         f"| {result['heartbeats']} | {result['unanswered']} | {_f(result['rtt_ms_p50'], '.2f')} | "
         f"{_f(result['rtt_ms_p90'], '.2f')} | {_f(result['rtt_ms_p99'], '.2f')} | {_f(result['rtt_ms_max'], '.2f')} "
         f"| {result['updates_per_s']:.1f} | {result['uplink_mb_per_s']:.1f} | {verdict} |", "",
+        f"Broker process (this process: broker + probe thread): {_f(result.get('broker_cpu_percent'), '.0f')}% of "
+        f"one core during the probe, peak RSS {_f(result.get('broker_peak_rss_mb'), '.0f')} MiB; "
+        f"{result.get('connected')} workers connected.", "",
         "Command:", "", "```", command, "```", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
