@@ -3,6 +3,7 @@
 #   make test      install if needed, then the whole test suite
 #   make demo      install if needed, then a real local federation on the bundled MNIST sample
 #   make bench     install if needed, then the benchmarks (bench/results/: JSON, markdown, PNG)
+#   make fuzz      install if needed, add atheris, then fuzz the wire decoder for FUZZ_SECONDS (docs/reliability.md)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ STAMP  := $(VENV)/.stamp-install
 # MXNet 1.9.1 has no wheels beyond Python 3.11: newer Pythons get a PyTorch-only install.
 EXTRAS := $(shell $(PYTHON) -c 'import sys; print("torch,mxnet,dev" if sys.version_info < (3, 12) else "torch,dev")')
 
-.PHONY: install test acceptance test-fast demo bench lint typecheck clean fashion-mnist
+.PHONY: install test acceptance test-fast demo bench fuzz lint typecheck clean fashion-mnist
 
 install: $(STAMP)
 
@@ -41,6 +42,17 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
+
+# Coverage-guided fuzzing of the decoder. atheris is a fuzzing-only dependency, installed here and nowhere else;
+# the corpus and any crash-* reproducer go to FUZZ_DIR (under runs/, which git ignores).
+FUZZ_SECONDS ?= 300
+FUZZ_DIR     ?= runs/fuzz
+
+fuzz: install
+	$(PIP) install --quiet --only-binary=atheris atheris
+	mkdir -p $(FUZZ_DIR)/corpus
+	$(PY) fuzz/fuzz_decode.py -max_total_time=$(FUZZ_SECONDS) -timeout=5 -rss_limit_mb=2048 \
+		-print_final_stats=1 -artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/corpus
 
 lint: install
 	$(VENV)/bin/ruff check fedctl tests bench

@@ -70,6 +70,7 @@ class Broker:
         self.now = clock
         self.updates: list[Update] = []
         self.rejected: dict[str, int] = {}
+        self._last_refusal_log: dict[str, float] = {}
         self.bytes_in_by_type: dict[str, int] = {}
         """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
         self.bytes_out_by_type: dict[str, int] = {}
@@ -172,7 +173,13 @@ class Broker:
     async def _refuse(self, identity: bytes, frames: list[bytes], err: ProtocolError) -> None:
         key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
         self.rejected[key] = self.rejected.get(key, 0) + 1
-        log.warning("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
+        now = self.now()
+        if now - self._last_refusal_log.get(key, -1e9) >= 1.0:  # at most one line per code and second
+            self._last_refusal_log[key] = now
+            log.warning("refused a message from %s: %s (code %d %s; %d refused so far)", identity.hex()[:12],
+                        err.message, err.code, key, self.rejected[key])
+        else:
+            log.debug("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
         re = peek_id(frames[0]) if frames else None
         await self.send(identity, make(C.ERROR, self.next_id(), re=re, code=err.code, reason=err.message[:1000],
                                        fix=(err.fix or None)))
@@ -191,9 +198,15 @@ class Broker:
 
     # ------------------------------------------------------------------ tasks
     async def _reader(self) -> None:
+        handled = 0
         while True:
             identity, frames = await self.transport.recv()
             await self.handle(identity, frames)
+            handled += 1
+            if handled % 16 == 0:
+                # pyzmq returns finished futures while messages are queued: without this, a flood would keep the
+                # reader from yielding, and the round driver and the liveness reaper would not run.
+                await asyncio.sleep(0)
 
     async def _reaper(self) -> None:
         while True:

@@ -32,6 +32,8 @@ class ByteCounters:
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    dropped_slow: int = 0
+    """Messages not sent because that peer's send queue was full (it does not read)."""
 
 
 class WorkerKeyAuthenticator(AsyncioAuthenticator):
@@ -145,7 +147,13 @@ class RouterTransport:
     async def send(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send frames to ``identity``; False when that peer is no longer connected."""
         try:
-            await self._sock.send_multipart([identity, *frames], copy=False)
+            # Never wait on one peer: a client that does not read its replies fills its pipe (SNDHWM messages),
+            # and waiting for it would stop the broker for everyone.
+            await self._sock.send_multipart([identity, *frames], flags=zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            self.counters.dropped_slow += 1
+            log.debug("peer %s does not read its messages (send queue full); message dropped", identity.hex())
+            return False
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 log.debug("peer %s is gone; message dropped", identity.hex())

@@ -14,7 +14,7 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,11 +33,11 @@ from fedctl.wire.tensors import SparseTensor, Tensor
 
 log = logging.getLogger(__name__)
 Frames = list[bytes]
-Behaviour = Callable[["HostileClient"], Awaitable[None]]
+Behaviour = Callable[["HostileClient"], Coroutine[Any, Any, None]]
 BEHAVIOURS: dict[str, Behaviour] = {}
 """Registry of attack behaviours by name."""
 DEFAULT_BEHAVIOURS = ("garbage", "truncated", "oversized", "hostile_tensors", "flood", "half_open", "rogue_push")
-"""What a broker must shrug off. ``slow_reader`` is left out: it stalls the broker (docs/reliability.md)."""
+"""What a broker must shrug off. ``slow_reader`` is left out: today it kills the broker (docs/reliability.md)."""
 ZMTP_PARTIAL_GREETING = b"\xff" + bytes(8) + b"\x7f\x03"
 """The first 11 of ZMTP 3's 64 greeting bytes: signature and major version, then nothing more."""
 
@@ -106,8 +106,9 @@ class HostileStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"messages": sum(self.sent.values()), "bytes": sum(self.bytes_sent.values()),
-                "sent": dict(self.sent), "bytes_sent": dict(self.bytes_sent), "replies": dict(sorted(self.replies.items())),
-                "connections": dict(self.connections), "dropped": dict(self.dropped), "errors": dict(self.errors)}
+                "sent": dict(self.sent), "bytes_sent": dict(self.bytes_sent),
+                "replies": dict(sorted(self.replies.items())), "connections": dict(self.connections),
+                "dropped": dict(self.dropped), "errors": dict(self.errors)}
 
 
 def reply_key(frames: Frames) -> str:
@@ -137,7 +138,6 @@ class HostileClient:
         self.config = config
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.stats = HostileStats()
-        self.rng = random.Random(config.seed)
         self.spec = get_model(config.model)
         self._ids = itertools.count(1)
         self._sockets: list[zmq.asyncio.Socket] = []
@@ -183,9 +183,6 @@ class HostileClient:
             self._ready.set()
 
     # ------------------------------------------------------------------ sockets
-    def next_id(self) -> int:
-        return next(self._ids)
-
     def dealer(self, name: str, read: bool = True, **options: int) -> zmq.asyncio.Socket:
         """A DEALER connected to the broker; with ``read``, a reader task counts its replies under ``name``."""
         sock = self.ctx.socket(zmq.DEALER)
@@ -200,8 +197,8 @@ class HostileClient:
         return sock
 
     def discard(self, sock: zmq.asyncio.Socket) -> None:
-        sock.close(0)
         self._sockets.remove(sock)
+        sock.close(0)
 
     async def _drain(self, name: str, sock: zmq.asyncio.Socket) -> None:
         # Runs until run() cancels it; a reply lost to that cancellation is never needed.
@@ -222,13 +219,13 @@ class HostileClient:
 
     # ------------------------------------------------------------------ messages
     def msg(self, mtype: str, tensors: dict[str, Tensor] | None = None, **fields: Any) -> Frames:
-        return encode(make(mtype, self.next_id(), tensors=tensors, **fields))
+        return encode(make(mtype, next(self._ids), tensors=tensors, **fields))
 
     def join(self, worker: str) -> Frames:
         return self.msg(C.JOIN, worker=worker, backend="hostile", num_examples=100)
 
     def push(self, round_no: int, tensors: dict[str, Tensor], kind: str = C.KIND_WEIGHTS, base: int = 0) -> Frames:
-        return self.msg(C.PUSH, tensors, round=round_no, base_version=base, seq=self.next_id(), kind=kind,
+        return self.msg(C.PUSH, tensors, round=round_no, base_version=base, seq=next(self._ids), kind=kind,
                         num_examples=100)
 
 
