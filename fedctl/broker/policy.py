@@ -189,12 +189,16 @@ class ClockConfig:
         a in the weight (1 + τ)^−a of an update τ versions old (0: no weighting; 1: 1/(1+τ)).
     buffer:
         Apply updates in groups of this many arrivals (1: each as it arrives; K > 1: FedBuff-style).
+    server_lr:
+        η_g, a factor on every update's weight (FedBuff's server learning rate): with FedAvg each arrival moves
+        the model by η_g · (n_k/N) · (1+τ)^−a of the change it made.
     """
 
     bound: float = math.inf
     max_staleness: int = 50
     staleness_exponent: float = 0.5
     buffer: int = 1
+    server_lr: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.bound >= 0:
@@ -206,6 +210,8 @@ class ClockConfig:
                               "0 applies every update at full weight, 1 weighs it by 1/(1+staleness)")
         if self.buffer < 1:
             raise ConfigError(f"--buffer must be >= 1, got {self.buffer}")
+        if not self.server_lr > 0:
+            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
 
 
 @dataclass(frozen=True)
@@ -292,5 +298,5 @@ class ClockPolicy:
         self.assigned.pop(worker, None)
 
     def weight(self, staleness: int) -> float:
-        """(1 + τ)^−a: how much an update τ versions old counts."""
-        return float((1.0 + max(staleness, 0)) ** -self.config.staleness_exponent)
+        """η_g · (1 + τ)^−a: how much an update τ versions old counts."""
+        return float(self.config.server_lr * (1.0 + max(staleness, 0)) ** -self.config.staleness_exponent)

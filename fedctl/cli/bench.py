@@ -268,6 +268,8 @@ def _command_line() -> str:
                    "straggler reaches, so the staleness weighting rather than refusal handles it].")
 @click.option("--staleness-exponent", type=click.FloatRange(min=0), default=0.5, show_default=True)
 @click.option("--buffer", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="ssp/async: factor on every update's weight (FedBuff's server learning rate).")
 @click.option("--stop-at-target/--full-budget", default=True, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
@@ -311,7 +313,7 @@ def _policy_bench(policies: tuple[str, ...], o: dict[str, Any]) -> Any:
                        target=o["target"], max_updates=o["max_updates"], eval_every=o["eval_every"],
                        quorum=o["quorum"], round_timeout_s=o["round_timeout_s"],
                        clock=ClockConfig(max_staleness=max_staleness, staleness_exponent=o["staleness_exponent"],
-                                         buffer=o["buffer"]),
+                                         buffer=o["buffer"], server_lr=o["server_lr"]),
                        stop_at_target=o["stop_at_target"])
 
 

@@ -43,6 +43,8 @@ RUN_OPTIONS = [
                  help="ssp/async: weigh an update τ versions old by (1+τ)^-a (0: no weighting)."),
     click.option("--buffer", type=click.IntRange(min=1), default=1, show_default=True,
                  help="ssp/async: apply updates in groups of this many arrivals (1: each as it arrives)."),
+    click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+                 help="ssp/async: factor η_g on every update's weight (FedBuff's server learning rate)."),
     click.option("--history-mb", type=click.FloatRange(min=0), default=64.0, show_default=True,
                  help="Memory for past model versions, so a worker is sent only what changed since the version "
                       "it holds (0: always the dense model)."),
@@ -57,7 +59,8 @@ RUN_OPTIONS = [
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
             "lr_decay", "strategy_options", "policy", "max_staleness",
-            "staleness_exponent", "buffer", "history_mb", "seed", "state_dir", "eval_every", "target_accuracy")
+            "staleness_exponent", "buffer", "server_lr", "history_mb", "seed", "state_dir", "eval_every",
+            "target_accuracy")
 
 
 def run_options(f: F) -> F:
@@ -88,5 +91,6 @@ def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
                         state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
                         history_mb=o["history_mb"], policy=o["policy"],
                         clock=ClockConfig(max_staleness=o["max_staleness"],
-                                          staleness_exponent=o["staleness_exponent"], buffer=o["buffer"]),
+                                          staleness_exponent=o["staleness_exponent"], buffer=o["buffer"],
+                                          server_lr=o["server_lr"]),
                         **extra)
