@@ -96,10 +96,23 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     broker.updates.append(update)
     broker.policy.record(record.worker)
     record.rounds_done += 1
-    if broker.pending is not None:  # durable before acknowledged: a crash after the ack loses nothing
-        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"])
-    await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
     broker.changed.set()
+    if broker.pending is None:
+        await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+        return
+    # Durable before acknowledged (a crash after the ack loses nothing), written off the reader task so that
+    # heartbeats and other workers' messages are not queued behind the disk.
+    broker.spawn(_persist_then_ack(broker, identity, msg, update))
+
+
+async def _persist_then_ack(broker: Broker, identity: bytes, msg: Message, update: Update) -> None:
+    assert broker.pending is not None
+    try:
+        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"])
+    except OSError as exc:  # no ack: the worker resends after reconnecting, or the round goes on without it
+        log.error("could not make the update of %s durable (%s); not acknowledged", update.worker, exc)
+        return
+    await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
 
 
 async def on_heartbeat(broker: Broker, identity: bytes, msg: Message) -> None:

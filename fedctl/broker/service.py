@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -71,6 +71,7 @@ class Broker:
         self.updates: list[Update] = []
         self.rejected: dict[str, int] = {}
         self._last_refusal_log: dict[str, float] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self.bytes_in_by_type: dict[str, int] = {}
         """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
         self.bytes_out_by_type: dict[str, int] = {}
@@ -163,6 +164,18 @@ class Broker:
         await self.send(record.identity, make(C.DONE, self.next_id(), re=re, round=self.state["round"],
                                               version=self.store.version, reason="the run is complete"))
 
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` beside the reader (e.g. a durable write then its ack); failures are logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task failed: %r", t.exception())
+
+        task.add_done_callback(done)
+
     def drop(self, record: WorkerRecord, why: str) -> None:
         """Forget a worker (left or expired) and stop waiting for it in the open round."""
         self.registry.remove(record.worker)
@@ -234,6 +247,8 @@ class Broker:
 
     async def _finish(self) -> None:
         """Tell every worker the run is done, then linger until they leave or the linger time passes."""
+        if self._background:  # acks of the last durable writes go out first
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.finished = True
         for record in self.registry.all():
             await self.send_done(record, re=record.pending_pull)
