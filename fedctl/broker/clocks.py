@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from fedctl.strategies.base import AggregateResult, Params, Update
 
 log = logging.getLogger(__name__)
+CHECKPOINT_EVERY_S = 1.0
+"""Async brokers apply hundreds of versions a second: they checkpoint at most this often (and after evaluations
+and the last version). Updates applied since the last checkpoint keep their pending files, so a crash re-applies
+them on top of that checkpoint — nothing acknowledged is lost."""
 
 
 def as_change(update: Update, base: Params) -> Update:
@@ -49,6 +53,9 @@ class ClockDriver:
         self.policy: ClockPolicy = broker.policy  # type: ignore[assignment]
         self.started = time.monotonic() - float(broker.state.get("elapsed_s", 0.0))
         self.staleness: Counter[int] = Counter()
+        self.unsaved: list[Update] = []
+        self.unsaved_journal: list[dict[str, Any]] = []
+        self.last_save = time.monotonic()
 
     async def run(self) -> dict[str, Any]:
         b = self.b
@@ -66,8 +73,21 @@ class ClockDriver:
                 await asyncio.wait_for(b.changed.wait(), timeout=b.config.heartbeat_interval_s)
             except TimeoutError:
                 pass
+        await self._checkpoint()
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected),
                 "clocks": dict(self.policy.clocks)}
+
+    async def _checkpoint(self) -> None:
+        """Commit the model, state and journal of everything applied so far; then drop those pending files."""
+        b = self.b
+        if not self.unsaved and self.unsaved_journal == []:
+            return
+        await asyncio.to_thread(b.checkpointer.save, b.store, b.state, self.unsaved_journal)
+        if b.pending is not None:
+            for u in self.unsaved:
+                b.pending.remove(u.worker, u.round)
+        self.unsaved, self.unsaved_journal = [], []
+        self.last_save = time.monotonic()
 
     async def _grant(self) -> None:
         """Hand the model to every waiting worker whose clock is within the bound."""
@@ -141,13 +161,14 @@ class ClockDriver:
             "duration_s": round(eval_started - started, 4), "eval_s": round(time.perf_counter() - eval_started, 4),
             "elapsed_s": round(b.state["elapsed_s"], 3), "rejected_total": sum(b.rejected.values()),
             "strategy": dict(result.metrics)}
-        applied = [{"round": u.round, "worker": u.worker, "seq": u.seq, "base_version": u.base_version,
-                    "num_examples": u.num_examples, "staleness": tau} for u, tau in zip(updates, taus)]
-        await asyncio.to_thread(b.checkpointer.save, b.store, b.state, applied)
-        if b.pending is not None:
-            for u in updates:
-                b.pending.remove(u.worker, u.round)
-        b.checkpointer.append_metrics(record)
+        self.unsaved += updates
+        self.unsaved_journal += [{"version": b.store.version, "round": u.round, "worker": u.worker, "seq": u.seq,
+                                  "base_version": u.base_version, "num_examples": u.num_examples, "staleness": tau}
+                                 for u, tau in zip(updates, taus)]
+        if (record["test_accuracy"] is not None or b.is_complete()
+                or time.monotonic() - self.last_save >= CHECKPOINT_EVERY_S):
+            await self._checkpoint()
+        b.checkpointer.append_metrics(record, sync=False)
         if record["test_accuracy"] is not None or b.store.version % 50 == 0:
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", b.store.version,

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import msgpack
 
+from fedctl.errors import ProtocolError
 from fedctl.fsio import atomic_write
 from fedctl.strategies.base import Update
-from fedctl.wire.tensors import SparseTensor, Tensor
+from fedctl.wire import constants as C
+from fedctl.wire import decode, encode, make
+from fedctl.wire.tensors import MSGPACK_ERRORS
 
 log = logging.getLogger(__name__)
 PENDING_DIR = "pending"
@@ -28,7 +29,7 @@ ROUND_FILE = "round.json"
 
 
 def _update_file(worker: str, round_no: int) -> str:
-    return f"update-{round_no}-{worker.encode().hex()}.npz"
+    return f"update-{round_no}-{worker.encode().hex()}.push"
 
 
 class PendingStore:
@@ -54,42 +55,30 @@ class PendingStore:
             return None
 
     # -- updates ---------------------------------------------------------------------------------------------
-    def save_update(self, update: Update, round_no: int, seq: int) -> None:
-        arrays: dict[str, np.ndarray] = {}
-        layout: dict[str, Any] = {}
-        for name, t in update.tensors.items():
-            if isinstance(t, SparseTensor):
-                arrays[f"{name}/indices"], arrays[f"{name}/values"] = t.indices, t.values
-                layout[name] = {"sparse": list(t.shape)}
-            else:
-                arrays[f"{name}/dense"] = np.asarray(t)
-                layout[name] = {"dense": True}
-        meta = {"worker": update.worker, "num_examples": update.num_examples, "kind": update.kind,
-                "base_version": update.base_version, "metrics": dict(update.metrics), "round": round_no,
-                "seq": seq, "layout": layout}
-        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: np.savez(fh, **arrays))
+    def save_update(self, update: Update, round_no: int, seq: int, frames: list[bytes] | None = None) -> None:
+        """Keep an acknowledged update: the push message exactly as it came on the wire (``frames``, header and
+        tensor frames in one msgpack array — cheap to write, validated again when read back), or, without them,
+        the update re-encoded as a push."""
+        if frames is None:
+            frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
+                                 base_version=update.base_version, seq=seq, kind=update.kind,
+                                 num_examples=update.num_examples, metrics=dict(update.metrics)))
+        body = msgpack.packb([update.worker, list(frames)], use_bin_type=True)
+        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: fh.write(body))
 
     def load_updates(self) -> list[tuple[Update, int, int]]:
         """Every readable pending update as (update, round, seq); unreadable files are logged and skipped."""
         out = []
-        for path in sorted(self.dir.glob("update-*.npz")):
+        for path in sorted(self.dir.glob("update-*.push")):
             try:
-                with np.load(path, allow_pickle=False) as npz:
-                    arrays = {k: npz[k] for k in npz.files}
-                meta = json.loads(arrays.pop("__meta__").tobytes())
-                tensors: dict[str, Tensor] = {}
-                for name, how in meta["layout"].items():
-                    if "sparse" in how:
-                        tensors[name] = SparseTensor(tuple(how["sparse"]), arrays[f"{name}/indices"],
-                                                     arrays[f"{name}/values"])
-                    else:
-                        tensors[name] = arrays[f"{name}/dense"]
-                update = Update(str(meta["worker"]), int(meta["num_examples"]), tensors, str(meta["kind"]),
-                                int(meta["base_version"]), dict(meta["metrics"]), int(meta["round"]),
-                                int(meta["seq"]))
-                out.append((update, int(meta["round"]), int(meta["seq"])))
-            except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+                worker, frames = msgpack.unpackb(path.read_bytes(), raw=False)
+                msg = decode(frames, C.WORKER_TO_BROKER)
+                if msg.type != C.PUSH or not isinstance(worker, str):
+                    raise ValueError("not a push")
+                update = Update(worker, msg["num_examples"], dict(msg.tensors), msg["kind"], msg["base_version"],
+                                dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
+                out.append((update, int(msg["round"]), int(msg["seq"])))
+            except (OSError, ValueError, TypeError, ProtocolError, *MSGPACK_ERRORS) as exc:
                 log.warning("ignoring an unreadable pending update %s (%s)", path.name, exc)
         return out
 
@@ -100,7 +89,7 @@ class PendingStore:
         """Delete the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
         if not self.dir.is_dir():
             return
-        for path in self.dir.glob("update-*.npz"):
+        for path in self.dir.glob("update-*.push"):
             round_no = int(path.name.split("-")[1]) if path.name.split("-")[1].isdigit() else -1
             if through_round is None or round_no <= through_round:
                 path.unlink(missing_ok=True)

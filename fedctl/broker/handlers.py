@@ -102,13 +102,14 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         return
     # Durable before acknowledged (a crash after the ack loses nothing), written off the reader task so that
     # heartbeats and other workers' messages are not queued behind the disk.
-    broker.spawn(_persist_then_ack(broker, identity, msg, update))
+    broker.spawn(_persist_then_ack(broker, identity, msg, update, broker.current_frames))
 
 
-async def _persist_then_ack(broker: Broker, identity: bytes, msg: Message, update: Update) -> None:
+async def _persist_then_ack(broker: Broker, identity: bytes, msg: Message, update: Update,
+                            frames: list[bytes] | None) -> None:
     assert broker.pending is not None
     try:
-        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"])
+        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"], frames)
     except OSError as exc:  # no ack: the worker resends after reconnecting, or the round goes on without it
         log.error("could not make the update of %s durable (%s); not acknowledged", update.worker, exc)
         return

@@ -72,6 +72,7 @@ class Broker:
         self.rejected: dict[str, int] = {}
         self._last_refusal_log: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        self.current_frames: list[bytes] | None = None
         self.bytes_in_by_type: dict[str, int] = {}
         """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
         self.bytes_out_by_type: dict[str, int] = {}
@@ -109,10 +110,16 @@ class Broker:
             updates = [u for u, r, _ in self.pending.load_updates() if r == done + 1 and u.worker in opened[1]]
             self.policy.restore(done + 1, opened[1], [u.worker for u in updates], self.now())
         else:
+            # Pending = acknowledged; the journal says which of those a committed version already holds.
+            applied = {(e.get("worker"), e.get("round")) for e in self.checkpointer.read_journal()}
             clocks = self.policy.clocks
-            updates = [u for u, tick, _ in self.pending.load_updates() if tick > clocks.get(u.worker, 0)]
-            for u in updates:
-                clocks[u.worker] = max(clocks.get(u.worker, 0), u.round)
+            updates = []
+            for u, tick, _ in self.pending.load_updates():
+                if (u.worker, tick) in applied:
+                    self.pending.remove(u.worker, tick)
+                    continue
+                updates.append(u)
+                clocks[u.worker] = max(clocks.get(u.worker, 0), tick)
         if updates:
             log.info("restored %d acknowledged update(s) not yet applied (%s)", len(updates),
                      ", ".join(f"{u.worker}@{u.round}" for u in updates))
@@ -201,6 +208,7 @@ class Broker:
         """Decode, validate and dispatch one message; a bad one is refused and changes nothing."""
         try:
             msg = decode(frames, C.WORKER_TO_BROKER)
+            self.current_frames = frames  # read by on_push before its first await (durable copy of a push)
             self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + payload_bytes(frames)
             record = self.registry.by_identity(identity)
             if record is not None:

@@ -92,7 +92,7 @@ class Checkpointer:
         model_file = f"model-{store.version}.npz"
         atomic_write(self.dir / model_file, lambda fh: np.savez(fh, **store.weights, **arrays))
         if applied:
-            self._append_journal([{**entry, "version": store.version} for entry in applied])
+            self._append_journal([{"version": store.version, **entry} for entry in applied])
         payload = json.dumps({**state, "strategy_state": plain, "version": store.version, "model_file": model_file},
                              indent=2, sort_keys=True).encode()
         atomic_write(self.dir / STATE_FILE, lambda fh: fh.write(payload))
@@ -147,6 +147,7 @@ class Checkpointer:
                           if k.startswith(STATE_ARRAY_PREFIX)}
             state["strategy_state"] = {**dict(state.get("strategy_state") or {}), **arrays}
             self._trim_journal(int(state["version"]))
+            self._trim_metrics(int(state["version"]))
             # A torn zip raises BadZipFile; valid JSON of the wrong shape raises KeyError or TypeError.
             return ParameterStore(weights, int(state["version"])), state
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
@@ -166,10 +167,19 @@ class Checkpointer:
                 continue
         return records
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl (flushed and fsynced: the run log survives a crash)."""
+    def append_metrics(self, record: dict[str, Any], sync: bool = True) -> None:
+        """Append one JSON line to metrics.jsonl (flushed, and fsynced unless ``sync`` is False)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
+
+    def _trim_metrics(self, version: int) -> None:
+        """Drop metrics records of versions after the committed one (logged before a crash, then redone)."""
+        records = self.read_metrics()
+        kept = [r for r in records if int(r.get("version", 0)) <= version]
+        if len(kept) != len(records):
+            payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
+            atomic_write(self.dir / METRICS_FILE, lambda fh: fh.write(payload))

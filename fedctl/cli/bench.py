@@ -356,13 +356,15 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
               help="The probe's heartbeat period.")
 @click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True,
               help="The p99 round-trip the report checks against.")
+@click.option("--durable/--no-durable", default=True, show_default=True,
+              help="Write each acknowledged update to disk before acking it (the broker's default).")
 @click.option("--idle", is_flag=True,
               help="Load test instead: sync rounds sample 10 workers, the others only heartbeat and wait "
                    "(report as heartbeat-idle.{json,md}).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True)
 def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: float, budget_ms: float,
-                    idle: bool, out: Path) -> None:
+                    durable: bool, idle: bool, out: Path) -> None:
     """Heartbeat round-trip under load: an async FedAvg broker in this process, WORKERS no-op workers in a child
     process pushing dense updates, and a probe thread timing a heartbeat every --interval-ms. Writes
     OUT/heartbeat.json (every RTT) and OUT/heartbeat.md."""
@@ -372,7 +374,7 @@ def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: fl
     from fedctl.sim.policies import HeartbeatBench, measure_heartbeat, write_heartbeat_report
 
     _quiet_refusals()
-    bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle)
+    bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle, durable=durable)
     state = out / "runs" / "heartbeat"
     shutil.rmtree(state, ignore_errors=True)
     with console.status(f"[bold]heartbeat[/]: {workers} workers pushing {model} updates, probing for "

@@ -336,6 +336,8 @@ class HeartbeatBench:
     warmup_timeout_s: float = 120.0
     idle: bool = False
     """Load test: sync rounds sampling 10 workers (C = 10/K), so the others only heartbeat and wait."""
+    durable: bool = True
+    """Write each acknowledged update to disk before its ack (the broker's default)."""
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -351,7 +353,8 @@ class HeartbeatBench:
                                 durable_updates=False)
         return BrokerConfig(bind="tcp://127.0.0.1:*", model=self.model, strategy="fedavg", rounds=2**40,
                             task=TaskConfig(1, 50, 0.05), state_dir=state_dir, policy="async",
-                            clock=ClockConfig(max_staleness=1000), done_linger_s=2.0)
+                            clock=ClockConfig(max_staleness=1000), done_linger_s=2.0,
+                            durable_updates=self.durable)
 
 
 class HeartbeatProbe:
@@ -519,7 +522,7 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
     """OUT/heartbeat.json (every RTT included) and OUT/heartbeat.md."""
     out.mkdir(parents=True, exist_ok=True)
     s = result["setup"]
-    name = "heartbeat-idle" if s.get("idle") else "heartbeat"
+    name = "heartbeat-idle" if s.get("idle") else "heartbeat" if s.get("durable", True) else "heartbeat-nodurable"
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     paths["json"].write_text(json.dumps({"format": "fedctl-heartbeat/1", "command": command, **result}, indent=1))
     verdict = "yes" if result["within_budget"] else "no"

@@ -34,7 +34,7 @@ def test_clear_removes_committed_rounds_and_torn_files_are_skipped(tmp_path: Pat
     for r in (3, 4):
         store.save_update(Update("w", 1, {"a": np.zeros(2, np.float32)}, "weights", r - 1, round=r), r, r)
     store.save_round(4, ("w",))
-    (store.dir / "update-4-ff.npz").write_bytes(b"torn")
+    (store.dir / "update-4-ff.push").write_bytes(b"torn")
     store.clear(through_round=3)
     assert [r for _, r, _ in store.load_updates()] == [4]
     assert store.load_round() == (4, ("w",))
