@@ -6,7 +6,6 @@ Handlers run in the reader task, never block, and touch only in-memory state; th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -100,20 +99,9 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if broker.pending is None:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
         return
-    # Durable before acknowledged (a crash after the ack loses nothing), written off the reader task so that
-    # heartbeats and other workers' messages are not queued behind the disk.
-    broker.spawn(_persist_then_ack(broker, identity, msg, update, broker.current_frames))
-
-
-async def _persist_then_ack(broker: Broker, identity: bytes, msg: Message, update: Update,
-                            frames: list[bytes] | None) -> None:
-    assert broker.pending is not None
-    try:
-        await asyncio.to_thread(broker.pending.save_update, update, msg["round"], msg["seq"], frames)
-    except OSError as exc:  # no ack: the worker resends after reconnecting, or the round goes on without it
-        log.error("could not make the update of %s durable (%s); not acknowledged", update.worker, exc)
-        return
-    await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+    # Durable before acknowledged (a crash after the ack loses nothing): the broker's writer task stores queued
+    # updates in groups (one sync per group) off the reader, then sends their acks.
+    broker.durable_queue.put_nowait((identity, msg, update, broker.current_frames))
 
 
 async def on_heartbeat(broker: Broker, identity: bytes, msg: Message) -> None:

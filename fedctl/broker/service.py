@@ -11,7 +11,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -71,8 +71,9 @@ class Broker:
         self.updates: list[Update] = []
         self.rejected: dict[str, int] = {}
         self._last_refusal_log: dict[str, float] = {}
-        self._background: set[asyncio.Task[Any]] = set()
         self.current_frames: list[bytes] | None = None
+        self.durable_queue: asyncio.Queue[tuple[bytes, Message, Update, list[bytes] | None]] = asyncio.Queue()
+        """Accepted pushes waiting to be written to ``pending/`` and acknowledged (see :meth:`_durable_writer`)."""
         self.bytes_in_by_type: dict[str, int] = {}
         """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
         self.bytes_out_by_type: dict[str, int] = {}
@@ -171,18 +172,6 @@ class Broker:
         await self.send(record.identity, make(C.DONE, self.next_id(), re=re, round=self.state["round"],
                                               version=self.store.version, reason="the run is complete"))
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coro`` beside the reader (e.g. a durable write then its ack); failures are logged."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task failed: %r", t.exception())
-
-        task.add_done_callback(done)
-
     def drop(self, record: WorkerRecord, why: str) -> None:
         """Forget a worker (left or expired) and stop waiting for it in the open round."""
         self.registry.remove(record.worker)
@@ -229,6 +218,22 @@ class Broker:
                 # reader from yielding, and the round driver and the liveness reaper would not run.
                 await asyncio.sleep(0)
 
+    async def _durable_writer(self) -> None:
+        """Write queued accepted updates in groups (one sync per group), then acknowledge each."""
+        assert self.pending is not None
+        while True:
+            batch = [await self.durable_queue.get()]
+            while not self.durable_queue.empty() and len(batch) < 256:
+                batch.append(self.durable_queue.get_nowait())
+            try:
+                await asyncio.to_thread(self.pending.save_updates,
+                                        [(u, m["round"], m["seq"], f) for _, m, u, f in batch])
+            except OSError as exc:  # no ack: the workers resend after reconnecting, or the round goes on
+                log.error("could not make %d update(s) durable (%s); not acknowledged", len(batch), exc)
+                continue
+            for identity, msg, _, _ in batch:
+                await self.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+
     async def _reaper(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
@@ -244,19 +249,22 @@ class Broker:
             async with asyncio.TaskGroup() as tg:
                 reader = tg.create_task(self._reader())
                 reaper = tg.create_task(self._reaper())
+                writer = tg.create_task(self._durable_writer()) if self.pending is not None else None
                 driver = RoundDriver(self) if isinstance(self.policy, SyncRoundPolicy) else ClockDriver(self)
                 summary = await driver.run()
                 await self._finish()
                 reader.cancel()
                 reaper.cancel()
+                if writer is not None:
+                    writer.cancel()
         finally:
             self.transport.close()
         return summary
 
     async def _finish(self) -> None:
         """Tell every worker the run is done, then linger until they leave or the linger time passes."""
-        if self._background:  # acks of the last durable writes go out first
-            await asyncio.gather(*self._background, return_exceptions=True)
+        while not self.durable_queue.empty():  # acks of the last durable writes go out first
+            await asyncio.sleep(0.01)
         self.finished = True
         for record in self.registry.all():
             await self.send_done(record, re=record.pending_pull)

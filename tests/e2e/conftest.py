@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,12 @@ def fedctl(tmp: Path, *args: str, timeout: float = 120.0) -> subprocess.Complete
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A test run started in the background (nohup, `&`)
+    inherits SIGINT as ignored, and the Ctrl-C tests would then see a process that cannot be interrupted."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
     """One ``fedctl`` subprocess whose stdout and stderr go to files ``logs/NAME.out`` and ``logs/NAME.err``."""
 
@@ -48,7 +55,8 @@ class Proc:
         self.out_path, self.err_path = logs / f"{name}.out", logs / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen([sys.executable, "-m", "fedctl", *args], cwd=tmp, env=fedctl_env(tmp),
-                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                                          stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                          preexec_fn=_default_sigint)
 
     @property
     def stdout(self) -> str:

@@ -40,3 +40,14 @@ def test_clear_removes_committed_rounds_and_torn_files_are_skipped(tmp_path: Pat
     assert store.load_round() == (4, ("w",))
     store.clear()
     assert store.load_updates() == [] and store.load_round() is None
+
+
+def test_a_group_of_updates_is_written_with_one_sync_and_reads_back(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    batch = [(Update(f"w{i}", 10 + i, {"a": np.full(3, i, np.float32)}, "weights", 4, round=5, seq=i), 5, i, None)
+             for i in range(3)]
+    store.save_updates(batch)
+    got = sorted(PendingStore(tmp_path).load_updates(), key=lambda t: t[0].worker)
+    assert [(u.worker, u.num_examples, r, s, float(u.tensors["a"][0])) for u, r, s in got] == [
+        ("w0", 10, 5, 0, 0.0), ("w1", 11, 5, 1, 1.0), ("w2", 12, 5, 2, 2.0)]
+    assert not [p for p in store.dir.iterdir() if p.name.startswith(".")], "no temp files left"
