@@ -55,6 +55,7 @@ class ClockDriver:
         self.staleness: Counter[int] = Counter()
         self.unsaved: list[Update] = []
         self.unsaved_journal: list[dict[str, Any]] = []
+        self.unsaved_metrics: list[dict[str, Any]] = []
         self.last_save = time.monotonic()
 
     async def run(self) -> dict[str, Any]:
@@ -77,12 +78,20 @@ class ClockDriver:
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected),
                 "clocks": dict(self.policy.clocks)}
 
+    def _save(self, journal: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
+        """In a thread: the checkpoint, then the metrics lines logged since the last one (file writes stay off
+        the event loop: while the disk syncs, even an append can block)."""
+        self.b.checkpointer.save(self.b.store, self.b.state, journal)
+        for record in metrics:
+            self.b.checkpointer.append_metrics(record, sync=False)
+
     async def _checkpoint(self) -> None:
         """Commit the model, state and journal of everything applied so far; then drop those pending files."""
         b = self.b
-        if not self.unsaved and self.unsaved_journal == []:
+        if not self.unsaved and self.unsaved_journal == [] and not self.unsaved_metrics:
             return
-        await asyncio.to_thread(b.checkpointer.save, b.store, b.state, self.unsaved_journal)
+        metrics, self.unsaved_metrics = self.unsaved_metrics, []
+        await asyncio.to_thread(self._save, list(self.unsaved_journal), metrics)
         if b.pending is not None:
             for u in self.unsaved:
                 b.pending.remove(u.worker, u.round)
@@ -165,10 +174,10 @@ class ClockDriver:
         self.unsaved_journal += [{"version": b.store.version, "round": u.round, "worker": u.worker, "seq": u.seq,
                                   "base_version": u.base_version, "num_examples": u.num_examples, "staleness": tau}
                                  for u, tau in zip(updates, taus)]
+        self.unsaved_metrics.append(record)
         if (record["test_accuracy"] is not None or b.is_complete()
                 or time.monotonic() - self.last_save >= CHECKPOINT_EVERY_S):
             await self._checkpoint()
-        b.checkpointer.append_metrics(record, sync=False)
         if record["test_accuracy"] is not None or b.store.version % 50 == 0:
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", b.store.version,
