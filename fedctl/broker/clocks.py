@@ -71,7 +71,8 @@ class ClockDriver:
                 counts = self._counts()
                 continue
             try:
-                await asyncio.wait_for(b.changed.wait(), timeout=b.config.heartbeat_interval_s)
+                async with asyncio.timeout(b.config.heartbeat_interval_s):
+                    await b.changed.wait()
             except TimeoutError:
                 pass
         await self._checkpoint()

@@ -89,7 +89,9 @@ class RoundDriver:
             if left is not None and left <= 0:
                 return False
             try:
-                await asyncio.wait_for(self.b.changed.wait(), timeout=None if left is None else max(left, 0.001))
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the event
+                async with asyncio.timeout(None if left is None else max(left, 0.001)):
+                    await self.b.changed.wait()
             except TimeoutError:
                 continue
 

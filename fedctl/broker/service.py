@@ -272,6 +272,7 @@ class Broker:
         while len(self.registry) and self.now() < deadline:
             self.changed.clear()
             try:
-                await asyncio.wait_for(self.changed.wait(), timeout=max(deadline - self.now(), 0.01))
+                async with asyncio.timeout(max(deadline - self.now(), 0.01)):
+                    await self.changed.wait()
             except TimeoutError:
                 break
