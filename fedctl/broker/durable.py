@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import secrets
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -38,6 +40,11 @@ class PendingStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir) / PENDING_DIR
+        self._lock = threading.Lock()
+        self._index: dict[str, set[tuple[str, int]]] = {}
+        """Group file → the (worker, round) updates in it not yet committed or cleared."""
+        self._batches = 0
+        self._token = secrets.token_hex(6)  # a restarted broker never reuses a name of the previous one
 
     # -- the open round --------------------------------------------------------------------------------------
     def save_round(self, round_no: int, selected: tuple[str, ...]) -> None:
@@ -68,49 +75,83 @@ class PendingStore:
         atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: fh.write(body))
 
     def save_updates(self, batch: list[tuple[Update, int, int, list[bytes] | None]]) -> None:
-        """Group commit: write each update's file (temp file + rename), then make them all durable with one
-        ``os.sync`` instead of one fsync each. A crash before the sync may leave a torn file; it is skipped when
-        read back, and none of the batch was acknowledged yet."""
+        """Group commit: the whole group in one file (``batch-<n>.push``: a msgpack array of [worker, frames]),
+        written to a temp file, fsynced and renamed, the directory fsynced — one write and one sync for the
+        group instead of one per update. A file is deleted once every update in it is committed or cleared."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        entries, keys = [], set()
         for update, round_no, seq, frames in batch:
             if frames is None:
                 frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
                                      base_version=update.base_version, seq=seq, kind=update.kind,
                                      num_examples=update.num_examples, metrics=dict(update.metrics)))
-            body = msgpack.packb([update.worker, list(frames)], use_bin_type=True)
-            final = self.dir / _update_file(update.worker, round_no)
-            tmp = final.with_name(f".{final.name}.tmp")
-            tmp.write_bytes(body)
-            os.replace(tmp, final)
-        os.sync()
+            entries.append([update.worker, list(frames)])
+            keys.add((update.worker, round_no))
+        body = msgpack.packb(entries, use_bin_type=True)
+        with self._lock:
+            self._batches += 1
+            name = f"batch-{self._token}-{self._batches:08d}.push"
+            self._index[name] = keys
+        atomic_write(self.dir / name, lambda fh: fh.write(body))
+
+    def _entries(self, path: Path) -> list[tuple[str, list[bytes]]]:
+        raw = msgpack.unpackb(path.read_bytes(), raw=False)
+        if path.name.startswith("update-"):
+            raw = [raw]
+        return [(worker, frames) for worker, frames in raw]
 
     def load_updates(self) -> list[tuple[Update, int, int]]:
         """Every readable pending update as (update, round, seq); unreadable files are logged and skipped."""
         out = []
-        for path in sorted(self.dir.glob("update-*.push")):
+        for path in sorted([*self.dir.glob("batch-*.push"), *self.dir.glob("update-*.push")]):
+            keys = set()
             try:
-                worker, frames = msgpack.unpackb(path.read_bytes(), raw=False)
-                msg = decode(frames, C.WORKER_TO_BROKER)
-                if msg.type != C.PUSH or not isinstance(worker, str):
-                    raise ValueError("not a push")
-                update = Update(worker, msg["num_examples"], dict(msg.tensors), msg["kind"], msg["base_version"],
-                                dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
-                out.append((update, int(msg["round"]), int(msg["seq"])))
+                for worker, frames in self._entries(path):
+                    msg = decode(frames, C.WORKER_TO_BROKER)
+                    if msg.type != C.PUSH or not isinstance(worker, str):
+                        raise ValueError("not a push")
+                    update = Update(worker, msg["num_examples"], dict(msg.tensors), msg["kind"],
+                                    msg["base_version"], dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
+                    out.append((update, int(msg["round"]), int(msg["seq"])))
+                    keys.add((worker, int(msg["round"])))
             except (OSError, ValueError, TypeError, ProtocolError, *MSGPACK_ERRORS) as exc:
-                log.warning("ignoring an unreadable pending update %s (%s)", path.name, exc)
+                log.warning("ignoring an unreadable pending update file %s (%s)", path.name, exc)
+            with self._lock:
+                self._index[path.name] = keys
         return out
+
+    def _forget(self, done: Callable[[str, int], bool]) -> None:
+        """Drop the indexed updates for which ``done(worker, round)``; delete files left with none."""
+        with self._lock:
+            empty = []
+            for name, keys in self._index.items():
+                keys.difference_update({k for k in keys if done(*k)})
+                if not keys:
+                    empty.append(name)
+            for name in empty:
+                del self._index[name]
+        for name in empty:
+            (self.dir / name).unlink(missing_ok=True)
 
     def remove(self, worker: str, round_no: int) -> None:
         (self.dir / _update_file(worker, round_no)).unlink(missing_ok=True)
+        self._forget(lambda w, r: (w, r) == (worker, round_no))
 
     def clear(self, through_round: int | None = None) -> None:
-        """Delete the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
+        """Forget the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
         if not self.dir.is_dir():
             return
         for path in self.dir.glob("update-*.push"):
             round_no = int(path.name.split("-")[1]) if path.name.split("-")[1].isdigit() else -1
             if through_round is None or round_no <= through_round:
                 path.unlink(missing_ok=True)
+        if through_round is None:
+            for path in self.dir.glob("batch-*.push"):
+                path.unlink(missing_ok=True)
+            with self._lock:
+                self._index.clear()
+        else:
+            self._forget(lambda w, r: r <= through_round)
         opened = self.load_round()
         if opened is not None and (through_round is None or opened[0] <= through_round):
             (self.dir / ROUND_FILE).unlink(missing_ok=True)
