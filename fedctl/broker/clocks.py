@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedctl.broker.rounds import hand_out
+from fedctl.broker.rounds import evaluate, hand_out
 from fedctl.wire import constants as C
 from fedctl.wire.tensors import SparseTensor, Tensor
 
@@ -188,12 +188,4 @@ class ClockDriver:
         return record
 
     async def _evaluate(self, version: int) -> dict[str, float]:
-        b = self.b
-        if b.evaluator is None or (version % b.config.eval_every and version < b.config.rounds):
-            return {}
-        evaluation = await asyncio.to_thread(b.evaluator, b.store.weights)
-        target = b.config.target_accuracy
-        if target is not None and evaluation.get("accuracy", 0.0) >= target:
-            b.state["target_reached_at"] = version
-            log.info("target accuracy %.4f reached at model version %d; ending the run", target, version)
-        return evaluation
+        return await evaluate(self.b, version, f"at model version {version}")

@@ -67,6 +67,19 @@ async def hand_out(b: Broker, jobs: list[tuple[WorkerRecord, int]]) -> None:
             b.drop(record, "is unreachable (its connection is gone)")
 
 
+async def evaluate(b: Broker, number: int, where: str) -> dict[str, float]:
+    """Centralised evaluation every ``eval_every`` rounds (sync) or model versions (ssp/async) and after the last;
+    notes a reached target in the state, which ends the run."""
+    if b.evaluator is None or (number % b.config.eval_every and number < b.config.rounds):
+        return {}
+    evaluation = await asyncio.to_thread(b.evaluator, b.store.weights)
+    target = b.config.target_accuracy
+    if target is not None and evaluation.get("accuracy", 0.0) >= target:
+        b.state["target_reached_at"] = number
+        log.info("target accuracy %.4f reached %s; ending the run", target, where)
+    return evaluation
+
+
 class RoundDriver:
     """Drives rounds ``state['round'] + 1 … rounds`` of one broker."""
 
@@ -162,16 +175,7 @@ class RoundDriver:
             await hand_out(b, [(r, opened.number) for r in records])
 
     async def _evaluate(self, round_no: int) -> dict[str, float]:
-        """Centralised evaluation every ``eval_every`` rounds and after the last; notes a reached target."""
-        b = self.b
-        if b.evaluator is None or (round_no % b.config.eval_every and round_no != b.config.rounds):
-            return {}
-        evaluation = await asyncio.to_thread(b.evaluator, b.store.weights)
-        target = b.config.target_accuracy
-        if target is not None and evaluation.get("accuracy", 0.0) >= target:
-            b.state["target_reached_at"] = round_no
-            log.info("target accuracy %.4f reached in round %d; ending the run", target, round_no)
-        return evaluation
+        return await evaluate(self.b, round_no, f"in round {round_no}")
 
     async def _complete(self, closed: OpenRound, started: float, counts: tuple[int, int, int, int]) -> dict[str, Any]:
         b = self.b

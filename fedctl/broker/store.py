@@ -102,32 +102,41 @@ class Checkpointer:
         (self.dir / MODEL_FILE).unlink(missing_ok=True)  # the single-file layout of older checkpoints
 
     def _append_journal(self, entries: list[dict[str, Any]]) -> None:
-        with open(self.dir / JOURNAL_FILE, "a", encoding="utf-8") as fh:
-            for entry in entries:
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        self._append_jsonl(JOURNAL_FILE, entries, sync=True)
 
     def read_journal(self) -> list[dict[str, Any]]:
         """The applied updates (one line each: version, round, worker, seq, base_version, num_examples)."""
-        path = self.dir / JOURNAL_FILE
+        return self._read_jsonl(JOURNAL_FILE)
+
+    def _read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """Every complete line of ``name``, oldest first (a torn last line from a crash is left out)."""
+        path = self.dir / name
         if not path.is_file():
             return []
         out = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 out.append(json.loads(line))
-            except ValueError:  # a torn last line from a crash
+            except ValueError:
                 continue
         return out
 
-    def _trim_journal(self, version: int) -> None:
-        """Drop journal lines of versions after the committed one (written just before a crash)."""
-        entries = self.read_journal()
-        kept = [e for e in entries if int(e.get("version", 0)) <= version]
-        if len(kept) != len(entries) or (self.dir / JOURNAL_FILE).is_file() and kept != entries:
-            payload = "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept).encode()
-            atomic_write(self.dir / JOURNAL_FILE, lambda fh: fh.write(payload))
+    def _append_jsonl(self, name: str, records: Sequence[dict[str, Any]], sync: bool) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / name, "a", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+
+    def _trim_jsonl(self, name: str, version: int) -> None:
+        """Drop lines of versions after the committed one (written just before a crash, then redone)."""
+        records = self._read_jsonl(name)
+        kept = [r for r in records if int(r.get("version", 0)) <= version]
+        if len(kept) != len(records):
+            payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
+            atomic_write(self.dir / name, lambda fh: fh.write(payload))
 
     def exists(self) -> bool:
         return (self.dir / STATE_FILE).is_file()
@@ -146,8 +155,8 @@ class Checkpointer:
                 arrays = {k.removeprefix(STATE_ARRAY_PREFIX): npz[k] for k in npz.files
                           if k.startswith(STATE_ARRAY_PREFIX)}
             state["strategy_state"] = {**dict(state.get("strategy_state") or {}), **arrays}
-            self._trim_journal(int(state["version"]))
-            self._trim_metrics(int(state["version"]))
+            self._trim_jsonl(JOURNAL_FILE, int(state["version"]))
+            self._trim_jsonl(METRICS_FILE, int(state["version"]))
             # A torn zip raises BadZipFile; valid JSON of the wrong shape raises KeyError or TypeError.
             return ParameterStore(weights, int(state["version"])), state
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
@@ -156,30 +165,8 @@ class Checkpointer:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every complete record of metrics.jsonl, oldest first (a torn last line from a crash is left out)."""
-        path = self.dir / METRICS_FILE
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
+        return self._read_jsonl(METRICS_FILE)
 
     def append_metrics(self, record: dict[str, Any], sync: bool = True) -> None:
         """Append one JSON line to metrics.jsonl (flushed, and fsynced unless ``sync`` is False)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            if sync:
-                os.fsync(fh.fileno())
-
-    def _trim_metrics(self, version: int) -> None:
-        """Drop metrics records of versions after the committed one (logged before a crash, then redone)."""
-        records = self.read_metrics()
-        kept = [r for r in records if int(r.get("version", 0)) <= version]
-        if len(kept) != len(records):
-            payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode()
-            atomic_write(self.dir / METRICS_FILE, lambda fh: fh.write(payload))
+        self._append_jsonl(METRICS_FILE, [record], sync)
