@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgpack
@@ -23,7 +23,7 @@ from fedctl.errors import ProtocolError
 from fedctl.fsio import atomic_write
 from fedctl.strategies.base import Update
 from fedctl.wire import constants as C
-from fedctl.wire import decode, encode, make
+from fedctl.wire import decode, encode, make, unpack_sparse
 from fedctl.wire.tensors import MSGPACK_ERRORS
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def _update_file(worker: str, round_no: int) -> str:
 class PendingStore:
     """Files under ``<state_dir>/pending``: the open round (sync) and each acknowledged, not yet applied update."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        self.shapes = dict(shapes or {})
+        """The model's tensor shapes in order, to unpack packed sparse pushes (docs/protocol.md §4.3)."""
         self.dir = Path(state_dir) / PENDING_DIR
         self._lock = threading.Lock()
         self._index: dict[str, set[tuple[str, int]]] = {}
@@ -110,7 +112,8 @@ class PendingStore:
                     msg = decode(frames, C.WORKER_TO_BROKER)
                     if msg.type != C.PUSH or not isinstance(worker, str):
                         raise ValueError("not a push")
-                    update = Update(worker, msg["num_examples"], dict(msg.tensors), msg["kind"],
+                    tensors = unpack_sparse(msg.tensors, self.shapes) if self.shapes else dict(msg.tensors)
+                    update = Update(worker, msg["num_examples"], tensors, msg["kind"],
                                     msg["base_version"], dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
                     out.append((update, int(msg["round"]), int(msg["seq"])))
                     keys.add((worker, int(msg["round"])))

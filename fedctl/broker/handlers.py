@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
-from fedctl.wire import check_against_spec
+from fedctl.wire import check_against_spec, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
@@ -70,10 +70,11 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if msg["kind"] != broker.strategy.update_kind:
         raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
                             f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
+    tensors = unpack_sparse(msg.tensors, broker.expected_shapes)  # a packed sparse frame, split per tensor
     if msg["kind"] == C.KIND_WEIGHTS:
-        check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES)
+        check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES)
     else:  # a gradient or delta may leave out tensors it does not change (zero)
-        check_against_spec(msg.tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
+        check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
     # While updates are being applied, what arrives now is applied on top of the next version: count it so.
     version = broker.store.version + (1 if broker.applying else 0)
     admission = broker.policy.admit(record.worker, msg["round"], msg["base_version"], version)
@@ -90,7 +91,7 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
     # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
-    update = Update(record.worker, msg["num_examples"], dict(msg.tensors), msg["kind"], msg["base_version"],
+    update = Update(record.worker, msg["num_examples"], tensors, msg["kind"], msg["base_version"],
                     dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
     broker.updates.append(update)
     broker.policy.record(record.worker)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from fedctl.wire import constants as C
 from fedctl.wire import make
 from fedctl.wire.messages import encode_tensors
-from fedctl.wire.tensors import SparseTensor, Tensor
+from fedctl.wire.tensors import SparseTensor, Tensor, pack_sparse
 
 if TYPE_CHECKING:
     from fedctl.broker.policy import OpenRound
@@ -46,6 +46,7 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
             continue
         # Unchanged tensors are left out: the worker keeps its copy of them.
         changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
+        changed = pack_sparse(changed, b.expected_shapes)  # one frame when every change is sparse
         frames = encode_tensors(changed)
         out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
     return out

@@ -85,7 +85,7 @@ class Broker:
         self.store.history_bytes = int(self.config.history_mb * 2**20)
         if bound is not None:
             self.policy = ClockPolicy(replace(config.clock, bound=bound), self.state.get("clocks"))
-        self.pending = PendingStore(config.state_dir) if config.durable_updates else None
+        self.pending = PendingStore(config.state_dir, self.expected_shapes) if config.durable_updates else None
         self.restored: list[Update] = self._restore_pending()
         """Acknowledged updates of the round (sync) or buffer (ssp/async) the broker was in when it stopped."""
         self.applied_total = 0

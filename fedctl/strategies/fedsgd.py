@@ -24,13 +24,19 @@ class FedSGD(Strategy):
 
     With ``--opt momentum=β`` > 0 the broker steps with heavy-ball momentum on the mean gradient (server
     momentum, as in FedAvgM / Reddi et al. 2021): v ← β·v + ḡ, w ← w − η_t·v; v is kept in the broker state
-    (checkpointed). β = 0, the default, is McMahan et al.'s plain FedSGD.
+    (checkpointed). β = 0, the default, is McMahan et al.'s plain FedSGD. ``clip=c`` scales the mean gradient
+    down to global L2 norm c when it is longer (a guard against the loss spikes of large full-batch steps) and
+    ``weight_decay=λ`` adds λ·w to it (L2 regularisation, applied by the broker: workers are unchanged).
     """
 
     name = "fedsgd"
     update_kind = KIND_GRADIENT
     options = {"momentum": Option(float, 0.0, "server momentum β on the mean gradient (0 = plain FedSGD)",
-                                  lambda v: 0.0 <= v < 1.0, "in [0, 1)")}
+                                  lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+               "clip": Option(float, 0.0, "largest global L2 norm of the mean gradient (0 = no clipping)",
+                              lambda v: v >= 0.0, ">= 0"),
+               "weight_decay": Option(float, 0.0, "L2 regularisation λ: the broker steps on ḡ + λ·w",
+                                      lambda v: v >= 0.0, ">= 0")}
 
     def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
                       state: Mapping[str, np.ndarray]) -> ClientResult:
@@ -43,6 +49,11 @@ class FedSGD(Strategy):
         norm = float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grad.values())))
         step = int(state.get("step", 0))
         lr = self.task.lr_at(step)
+        clip, decay = float(self.opts["clip"]), float(self.opts["weight_decay"])
+        if 0 < clip < norm:
+            grad = {name: g * np.float32(clip / norm) for name, g in grad.items()}
+        if decay > 0:
+            grad = {name: grad.get(name, np.float32(0.0)) + np.float32(decay) * w for name, w in weights.items()}
         new_state: dict[str, Any] = {**state, "step": step + 1}
         beta = float(self.opts["momentum"])
         if beta > 0:

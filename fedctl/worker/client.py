@@ -24,7 +24,7 @@ from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError
 from fedctl.models import ModelSpec, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
-from fedctl.wire import check_against_spec, densify
+from fedctl.wire import check_against_spec, densify, pack_sparse, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
@@ -233,9 +233,10 @@ class Worker:
         if base != self.state.version or not self.state.model:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"the broker sent changes on model version {base}, "
                                 f"this worker holds {self.state.version}")
-        check_against_spec(model.tensors, {k: shapes[k] for k in model.tensors if k in shapes})
+        tensors = unpack_sparse(model.tensors, shapes)
+        check_against_spec(tensors, {k: shapes[k] for k in tensors if k in shapes})
         weights = dict(self.state.model)
-        for name, tensor in model.tensors.items():
+        for name, tensor in tensors.items():
             if isinstance(tensor, SparseTensor):
                 updated = weights[name].copy()
                 updated.reshape(-1)[tensor.indices] = tensor.values
@@ -270,7 +271,9 @@ class Worker:
     async def _push(self, push: Push, lost: asyncio.Event) -> Message:
         """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
         assert self.conn is not None
-        reply = await self._wait(await self.conn.request(C.PUSH, tensors=push.tensors, **push.fields), lost)
+        assert self.spec is not None
+        tensors = pack_sparse(push.tensors, {p.name: p.shape for p in self.spec.params})
+        reply = await self._wait(await self.conn.request(C.PUSH, tensors=tensors, **push.fields), lost)
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:

@@ -22,6 +22,7 @@ from fedctl.wire import SparseTensor, decode, encode, make, peek_id
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
+from fedctl.wire.tensors import PACKED_NAME
 
 MAX_MESSAGE_BYTES = 600_000  # above the MLP's largest frame (fc1.weight, 401 kB), below the oversized one
 SPEC = get_model("mlp")
@@ -127,6 +128,9 @@ def hostile_table(peer: RawPeer, open_round: int) -> tuple[list[tuple[str, list[
         ("push with a wrong shape", peer.push(reshaped, open_round), ErrorCode.MODEL_MISMATCH),
         ("push with a float64 tensor", peer.push(wrong_dtype, open_round), ErrorCode.MODEL_MISMATCH),
         ("push with no tensors", peer.push({}, open_round), ErrorCode.MODEL_MISMATCH),
+        ("push with a packed frame of the wrong length", peer.push(
+            {PACKED_NAME: SparseTensor((7,), np.array([3], np.int64), np.array([1.0], np.float32))}, open_round),
+         ErrorCode.MODEL_MISMATCH),
         ("push with the wrong kind", peer.push(good_tensors(), open_round, kind="gradient"), ErrorCode.WRONG_KIND),
         ("push for a round not open", peer.push(good_tensors(), open_round + 5), ErrorCode.STALE_UPDATE),
         ("push for a past round", peer.push(good_tensors(), open_round - 1), ErrorCode.STALE_UPDATE),
@@ -208,11 +212,11 @@ def test_hostile_peer_is_refused_and_changes_nothing(fed: Any, ctx: zmq.asyncio.
     assert clean["rounds"] == attacked["rounds"] == 3 and clean["version"] == attacked["version"] == 3
     assert clean["rejected"] == {}
     assert attacked["rejected"] == rejected
-    assert sum(rejected.values()) == 21
-    assert rejected["MODEL_MISMATCH"] == 5 and rejected["NOT_JOINED"] == 2 and rejected["MALFORMED"] == 4
+    assert sum(rejected.values()) == 22
+    assert rejected["MODEL_MISMATCH"] == 6 and rejected["NOT_JOINED"] == 2 and rejected["MALFORMED"] == 4
     metrics = fed.read_metrics(tmp_path / "attacked")
     assert [m["round"] for m in metrics] == [1, 2, 3] and all(m["participants"] == 2 for m in metrics)
-    assert metrics[-1]["rejected_total"] == 21
+    assert metrics[-1]["rejected_total"] == 22
 
     assert list(clean_weights) == list(attacked_weights)
     for name in clean_weights:

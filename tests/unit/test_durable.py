@@ -51,3 +51,21 @@ def test_a_group_of_updates_is_written_with_one_sync_and_reads_back(tmp_path: Pa
     assert [(u.worker, u.num_examples, r, s, float(u.tensors["a"][0])) for u, r, s in got] == [
         ("w0", 10, 5, 0, 0.0), ("w1", 11, 5, 1, 1.0), ("w2", 12, 5, 2, 2.0)]
     assert not [p for p in store.dir.iterdir() if p.name.startswith(".")], "no temp files left"
+
+
+def test_a_packed_push_stored_as_received_is_unpacked_on_restore(tmp_path: Path) -> None:
+    from fedctl.wire import constants as C
+    from fedctl.wire import encode, make, pack_sparse
+
+    shapes = {"a": (2, 3), "b": (4, 5)}
+    tensors = {"a": SparseTensor((2, 3), np.array([4], np.int64), np.array([1.5], np.float16)),
+               "b": SparseTensor((4, 5), np.array([0, 19], np.int64), np.array([-2, 3], np.float16))}
+    frames = encode(make(C.PUSH, 7, tensors=pack_sparse(tensors, shapes), round=3, base_version=2, seq=1,
+                         kind="gradient", num_examples=600))
+    assert len(frames) == 2, "one header and one packed tensor frame"
+    update = Update("w1", 600, tensors, "gradient", 2, {}, round=3, seq=1)
+    PendingStore(tmp_path, shapes).save_updates([(update, 3, 1, frames)])
+    [(got, _, _)] = PendingStore(tmp_path, shapes).load_updates()
+    assert sorted(got.tensors) == ["a", "b"]
+    b = got.tensors["b"]
+    assert isinstance(b, SparseTensor) and b.indices.tolist() == [0, 19] and b.values.tolist() == [-2.0, 3.0]

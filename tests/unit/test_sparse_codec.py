@@ -21,11 +21,14 @@ from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.tensors import (
     COMPACT_SPARSE_FIELDS,
+    PACKED_NAME,
     SparseTensor,
     decode_tensor,
     encode_tensor,
     index_encoding,
+    pack_sparse,
     sparse_nbytes,
+    unpack_sparse,
 )
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -432,3 +435,55 @@ def test_malformed_compact_frames_are_refused(body: list[Any]) -> None:
     with pytest.raises(ProtocolError) as info:
         decode_tensor(msgpack.packb(body, use_bin_type=True))
     assert info.value.code == ErrorCode.BAD_TENSOR
+
+
+# ----------------------------------------------------------------------------------------------- packed frames
+SHAPES = {"a.weight": (3, 4), "a.bias": (3,), "b.weight": (2, 5)}  # flat offsets 0, 12, 15; 25 in all
+
+
+@given(st.lists(st.sets(st.integers(0, 24), max_size=25), min_size=1, max_size=1))
+@FAST
+def test_packed_frame_round_trips_every_tensor_it_touches(picks: list[set[int]]) -> None:
+    rng = np.random.default_rng(len(picks[0]))
+    flat = sorted(picks[0])
+    tensors, offset = {}, 0
+    for name, shape in SHAPES.items():
+        n = math.prod(shape)
+        idx = np.array([i - offset for i in flat if offset <= i < offset + n], np.int64)
+        tensors[name] = SparseTensor(shape, idx, rng.normal(size=len(idx)).astype(np.float16))
+        offset += n
+    packed = pack_sparse(tensors, SHAPES)
+    assert list(packed) == [PACKED_NAME] and packed[PACKED_NAME].shape == (25,)
+    name, frame = decode_tensor(encode_tensor(PACKED_NAME, packed[PACKED_NAME]))
+    got = unpack_sparse({name: frame}, SHAPES)
+    kept = {k: t for k, t in tensors.items() if t.nnz}
+    assert sorted(got) == sorted(kept), "tensors without a kept element are left out"
+    for k, t in kept.items():
+        g = got[k]
+        assert isinstance(g, SparseTensor) and g.shape == t.shape
+        assert g.indices.tolist() == t.indices.tolist() and g.values.tolist() == t.values.tolist()
+
+
+def test_packing_saves_the_per_frame_overhead_and_leaves_mixed_updates_alone() -> None:
+    tensors = {k: SparseTensor(s, np.array([1], np.int64), np.array([0.5], np.float16)) for k, s in SHAPES.items()}
+    per_tensor = sum(len(encode_tensor(k, t)) for k, t in tensors.items())
+    packed = sum(len(encode_tensor(k, t)) for k, t in pack_sparse(tensors, SHAPES).items())
+    assert packed < per_tensor - 40, (packed, per_tensor)
+    mixed = {**tensors, "a.bias": np.zeros(3, np.float32)}
+    assert pack_sparse(mixed, SHAPES).keys() == mixed.keys(), "a dense tensor keeps the per-tensor layout"
+    fp32 = {**tensors, "a.bias": SparseTensor((3,), np.array([0], np.int64), np.array([1.0], np.float32))}
+    assert pack_sparse(fp32, SHAPES).keys() == fp32.keys(), "values of two dtypes are not packed"
+    one = {"a.weight": tensors["a.weight"]}
+    assert pack_sparse(one, SHAPES) == one
+
+
+@pytest.mark.parametrize("tensors", [
+    {PACKED_NAME: SparseTensor((24,), np.array([1], np.int64), np.array([1.0], np.float32))},
+    {PACKED_NAME: SparseTensor((25,), np.array([1], np.int64), np.array([1.0], np.float32)),
+     "a.bias": np.zeros(3, np.float32)},
+    {PACKED_NAME: np.zeros(25, np.float32)},
+], ids=["wrong-length", "with-another-tensor", "dense"])
+def test_a_malformed_packed_frame_is_a_model_mismatch(tensors: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolError) as err:
+        unpack_sparse(tensors, SHAPES)
+    assert err.value.code == ErrorCode.MODEL_MISMATCH and "packed" in str(err.value)
