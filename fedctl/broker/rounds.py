@@ -47,7 +47,7 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
         # Unchanged tensors are left out: the worker keeps its copy of them.
         changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
         changed = pack_sparse(changed, b.expected_shapes)  # one frame when every change is sparse
-        frames = encode_tensors(changed)
+        frames = encode_tensors(changed, compress=True)
         out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
     return out
 

@@ -48,6 +48,10 @@ INDEX_VARINT = "varint"
 INDEX_BITMAP = "bitmap"
 INDEX_ENCODINGS = (INDEX_VARINT, INDEX_BITMAP, INDEX_RAW)
 """In the encoder's order of preference when two encodings take the same number of bytes."""
+CODEC_ZLIB = "zlib"
+"""Sparse frame field "codec": indices and byte-plane-shuffled values are each one zlib stream."""
+MAX_INFLATE_RATIO = 64
+"""A zlib field may inflate to at most this many times its own length (a bound on decompression bombs)."""
 MAX_VARINT_BYTES = 6
 """Longest LEB128 gap a decoder accepts: 6 × 7 bits cover every gap below MAX_TENSOR_ELEMENTS = 2**40."""
 

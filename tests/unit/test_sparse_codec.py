@@ -6,6 +6,7 @@ The vectorised codec is checked against a few-line pure-Python LEB128 and bitmap
 from __future__ import annotations
 
 import math
+import zlib
 import time
 from typing import Any
 
@@ -487,3 +488,55 @@ def test_a_malformed_packed_frame_is_a_model_mismatch(tensors: dict[str, Any]) -
     with pytest.raises(ProtocolError) as err:
         unpack_sparse(tensors, SHAPES)
     assert err.value.code == ErrorCode.MODEL_MISMATCH and "packed" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------- zlib codec
+@FAST
+@given(t=random_sparse())
+def test_compressed_frames_round_trip_and_are_never_larger(t: SparseTensor) -> None:
+    plain, packed = encode_tensor("w", t), encode_tensor("w", t, compress=True)
+    assert len(packed) <= len(plain)
+    _, got = decode_tensor(packed)
+    assert isinstance(got, SparseTensor) and got.shape == t.shape and got.values.dtype == t.values.dtype
+    assert got.indices.tolist() == t.indices.tolist()
+    assert got.values.tobytes() == t.values.tobytes()
+
+
+def test_a_downlink_like_delta_shrinks_by_a_sixth() -> None:
+    rng = np.random.default_rng(3)
+    weights = (rng.standard_normal(60_000) * 0.05).astype(np.float32)
+    idx = np.sort(rng.choice(weights.size, 6_000, replace=False))
+    t = SparseTensor(weights.shape, idx, weights[idx])
+    plain, packed = encode_tensor("*", t), encode_tensor("*", t, compress=True)
+    assert body_of(packed)["codec"] == "zlib"
+    assert len(packed) < 0.85 * len(plain), (len(packed), len(plain))
+
+
+def zframe(values: bytes | None = None, indices: bytes | None = None, nnz: int = 2, **extra: Any) -> bytes:
+    """A zlib sparse frame that decodes to indices [1, 2] with values [1, 1] unless a part is replaced."""
+    val = zlib.compress(np.ones(2, F4).view(np.uint8).reshape(-1, 4).T.tobytes()) if values is None else values
+    return sframe("varint", zlib.compress(b"\x01\x00") if indices is None else indices, nnz=nnz, values=val,
+                  **{"codec": "zlib", **extra})
+
+
+def test_a_valid_zlib_frame_decodes() -> None:
+    _, got = decode_tensor(zframe())
+    assert isinstance(got, SparseTensor) and got.indices.tolist() == [1, 2] and got.values.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("frame", [
+    zframe(codec="lzma"),
+    zframe(values=b"not zlib at all"),
+    zframe(values=zlib.compress(np.ones(2, F4).tobytes())[:-3]),
+    zframe(values=zlib.compress(np.ones(2, F4).tobytes()) + b"x"),
+    zframe(values=zlib.compress(np.ones(3, F4).tobytes())),
+    zframe(values=zlib.compress(np.ones(1, F4).tobytes())),
+    zframe(indices=zlib.compress(b"\x00" * 4096)),
+    zframe(indices=zlib.compress(b"\x01\x00\x00")),
+    zframe(nnz=2_000_000, values=zlib.compress(b"\x00" * 8_000_000), shape=(10**7,)),
+], ids=["unknown-codec", "not-zlib", "truncated", "trailing-bytes", "too-long", "too-short",
+        "index-bomb", "index-extra-varint", "values-bomb"])
+def test_hostile_zlib_frames_are_refused(frame: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_tensor(frame)
+    assert err.value.code == ErrorCode.BAD_TENSOR
