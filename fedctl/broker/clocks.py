@@ -79,23 +79,22 @@ class ClockDriver:
         return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected),
                 "clocks": dict(self.policy.clocks)}
 
-    def _save(self, journal: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> None:
-        """In a thread: the checkpoint, then the metrics lines logged since the last one (file writes stay off
-        the event loop: while the disk syncs, even an append can block)."""
+    def _save(self, journal: list[dict[str, Any]], metrics: list[dict[str, Any]], committed: list[Update]) -> None:
+        """In a thread: the checkpoint, the metrics lines logged since the last one, then the pending files of the
+        updates it holds (file work stays off the event loop: while the disk syncs even an append or an unlink
+        can block, and a second's worth of updates is a thousand of them)."""
         self.b.checkpointer.save(self.b.store, self.b.state, journal)
         for record in metrics:
             self.b.checkpointer.append_metrics(record, sync=False)
+        if self.b.pending is not None:
+            self.b.pending.remove_many((u.worker, u.round) for u in committed)
 
     async def _checkpoint(self) -> None:
         """Commit the model, state and journal of everything applied so far; then drop those pending files."""
-        b = self.b
         if not self.unsaved and self.unsaved_journal == [] and not self.unsaved_metrics:
             return
         metrics, self.unsaved_metrics = self.unsaved_metrics, []
-        await asyncio.to_thread(self._save, list(self.unsaved_journal), metrics)
-        if b.pending is not None:
-            for u in self.unsaved:
-                b.pending.remove(u.worker, u.round)
+        await asyncio.to_thread(self._save, list(self.unsaved_journal), metrics, list(self.unsaved))
         self.unsaved, self.unsaved_journal = [], []
         self.last_save = time.monotonic()
 

@@ -14,8 +14,9 @@ import json
 import logging
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -33,6 +34,23 @@ ROUND_FILE = "round.json"
 
 def _update_file(worker: str, round_no: int) -> str:
     return f"update-{round_no}-{worker.encode().hex()}.push"
+
+
+def _array_header(n: int) -> bytes:
+    return b"\xdd" + n.to_bytes(4, "big")  # msgpack array 32
+
+
+def _write_entries(fh: Any, entries: list[tuple[str, list[Any]]], as_list: bool = True) -> None:
+    """Write ``entries`` ([worker, frames] pairs; one bare pair when not ``as_list``) as the msgpack that
+    ``msgpack.packb`` would give, but frame by frame: packing megabytes of frames into one buffer holds the GIL
+    for tens of milliseconds (the event loop's heartbeats wait), while ``write`` releases it."""
+    if as_list:
+        fh.write(_array_header(len(entries)))
+    for worker, frames in entries:
+        fh.write(_array_header(2) + msgpack.packb(worker, use_bin_type=True) + _array_header(len(frames)))
+        for frame in frames:
+            fh.write(b"\xc6" + len(frame).to_bytes(4, "big"))  # msgpack bin 32, then the bytes themselves
+            fh.write(frame)
 
 
 class PendingStore:
@@ -73,8 +91,8 @@ class PendingStore:
             frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
                                  base_version=update.base_version, seq=seq, kind=update.kind,
                                  num_examples=update.num_examples, metrics=dict(update.metrics)))
-        body = msgpack.packb([update.worker, list(frames)], use_bin_type=True)
-        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: fh.write(body))
+        entry = [(update.worker, list(frames))]
+        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: _write_entries(fh, entry, False))
 
     def save_updates(self, batch: list[tuple[Update, int, int, list[bytes] | None]]) -> None:
         """Group commit: the whole group in one file (``batch-<n>.push``: a msgpack array of [worker, frames]),
@@ -87,14 +105,13 @@ class PendingStore:
                 frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
                                      base_version=update.base_version, seq=seq, kind=update.kind,
                                      num_examples=update.num_examples, metrics=dict(update.metrics)))
-            entries.append([update.worker, list(frames)])
+            entries.append((update.worker, list(frames)))
             keys.add((update.worker, round_no))
-        body = msgpack.packb(entries, use_bin_type=True)
         with self._lock:
             self._batches += 1
             name = f"batch-{self._token}-{self._batches:08d}.push"
             self._index[name] = keys
-        atomic_write(self.dir / name, lambda fh: fh.write(body))
+        atomic_write(self.dir / name, lambda fh: _write_entries(fh, entries))
 
     def _entries(self, path: Path) -> list[tuple[str, list[bytes]]]:
         raw = msgpack.unpackb(path.read_bytes(), raw=False)
@@ -137,8 +154,15 @@ class PendingStore:
             (self.dir / name).unlink(missing_ok=True)
 
     def remove(self, worker: str, round_no: int) -> None:
-        (self.dir / _update_file(worker, round_no)).unlink(missing_ok=True)
-        self._forget(lambda w, r: (w, r) == (worker, round_no))
+        self.remove_many([(worker, round_no)])
+
+    def remove_many(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Forget the committed updates ``keys`` ((worker, round) pairs) in one pass over the index; files left
+        with none are deleted."""
+        gone = set(keys)
+        for worker, round_no in gone:
+            (self.dir / _update_file(worker, round_no)).unlink(missing_ok=True)
+        self._forget(lambda w, r: (w, r) in gone)
 
     def clear(self, through_round: int | None = None) -> None:
         """Forget the round file and the updates of rounds ≤ ``through_round`` (all when None)."""

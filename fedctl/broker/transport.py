@@ -144,6 +144,17 @@ class RouterTransport:
         self.counters.messages_in += 1
         return parts[0], payload
 
+    async def recv_ready(self) -> tuple[bytes, list[bytes]] | None:
+        """The next message if one is already queued, else None (never waits)."""
+        try:
+            parts = await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+        except zmq.Again:
+            return None
+        payload = parts[1:]
+        self.counters.bytes_in += sum(len(p) for p in payload)
+        self.counters.messages_in += 1
+        return parts[0], payload
+
     async def send(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send frames to ``identity``; False when that peer is no longer connected."""
         try:

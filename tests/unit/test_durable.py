@@ -69,3 +69,16 @@ def test_a_packed_push_stored_as_received_is_unpacked_on_restore(tmp_path: Path)
     assert sorted(got.tensors) == ["a", "b"]
     b = got.tensors["b"]
     assert isinstance(b, SparseTensor) and b.indices.tolist() == [0, 19] and b.values.tolist() == [-2.0, 3.0]
+
+
+def test_remove_many_deletes_a_group_file_once_all_its_updates_are_committed(tmp_path: Path) -> None:
+    store = PendingStore(tmp_path)
+    ups = [Update(f"w{i}", 10, {"a": np.ones(2, np.float32)}, "gradient", 0, {}, round=1, seq=0) for i in range(3)]
+    store.save_updates([(u, 1, 0, None) for u in ups])
+    [group] = list((tmp_path / "pending").glob("batch-*.push"))
+    store.remove_many([("w0", 1), ("w2", 1)])
+    assert group.exists(), "w1's update is still pending"
+    assert [u.worker for u, _, _ in PendingStore(tmp_path).load_updates()] == ["w0", "w1", "w2"]
+    store.remove_many([("w1", 1)])
+    assert not group.exists()
+    assert PendingStore(tmp_path).load_updates() == []

@@ -6,8 +6,8 @@ The vectorised codec is checked against a few-line pure-Python LEB128 and bitmap
 from __future__ import annotations
 
 import math
-import zlib
 import time
+import zlib
 from typing import Any
 
 import msgpack
