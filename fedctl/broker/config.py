@@ -8,7 +8,7 @@ from pathlib import Path
 from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
 from fedctl.strategies.base import TaskConfig
-from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES
+from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class BrokerConfig:
     """The broker's ``NAME.key_secret`` (``fedctl keygen``): with ``allowed_keys``, the ROUTER is a CURVE server."""
     allowed_keys: Path | None = None
     """Directory of the admitted workers' public keys (``*.key``); only with ``curve_secret_key``."""
+    chunk_above: int = 64 * 2**20
+    """Dense models and updates larger than this many bytes travel in chunks (docs/protocol.md §7.1)."""
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """Tensor bytes per chunk message."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -62,5 +66,10 @@ class BrokerConfig:
                               "use 0 to always send the model dense")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max message size {self.max_message_bytes} is too small")
+        if not 1024 <= self.chunk_bytes <= self.max_message_bytes // 2:
+            raise ConfigError(f"chunk size {self.chunk_bytes} must be 1 KiB .. half the max message size")
+        if not 0 < self.chunk_above <= self.max_message_bytes // 2:
+            raise ConfigError(f"--chunk-above-mb ({self.chunk_above} bytes) must be positive and at most half of "
+                              f"--max-message-mb ({self.max_message_bytes} bytes)")
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from fedctl.broker.transfers import SpoolTensors
 from fedctl.errors import ProtocolError
 from fedctl.fsio import atomic_write
 from fedctl.strategies.base import Update
@@ -40,17 +42,32 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")  # msgpack array 32
 
 
-def _write_entries(fh: Any, entries: list[tuple[str, list[Any]]], as_list: bool = True) -> None:
-    """Write ``entries`` ([worker, frames] pairs; one bare pair when not ``as_list``) as the msgpack that
-    ``msgpack.packb`` would give, but frame by frame: packing megabytes of frames into one buffer holds the GIL
-    for tens of milliseconds (the event loop's heartbeats wait), while ``write`` releases it."""
+Entry = tuple[str, list[Any], str | None]
+"""A stored push: worker, its frames as received, and for a chunked push the spool file holding its tensors."""
+
+
+def _write_entries(fh: Any, entries: list[Entry], as_list: bool = True) -> None:
+    """Write ``entries`` ([worker, frames] or [worker, frames, spool]; one bare entry when not ``as_list``) as the
+    msgpack that ``msgpack.packb`` would give, but frame by frame: packing megabytes of frames into one buffer
+    holds the GIL for tens of milliseconds (the event loop's heartbeats wait), while ``write`` releases it."""
     if as_list:
         fh.write(_array_header(len(entries)))
-    for worker, frames in entries:
-        fh.write(_array_header(2) + msgpack.packb(worker, use_bin_type=True) + _array_header(len(frames)))
+    for worker, frames, spool in entries:
+        fh.write(_array_header(2 if spool is None else 3) + msgpack.packb(worker, use_bin_type=True)
+                 + _array_header(len(frames)))
         for frame in frames:
             fh.write(b"\xc6" + len(frame).to_bytes(4, "big"))  # msgpack bin 32, then the bytes themselves
             fh.write(frame)
+        if spool is not None:
+            fh.write(msgpack.packb(spool, use_bin_type=True))
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class PendingStore:
@@ -62,6 +79,8 @@ class PendingStore:
         self.dir = Path(state_dir) / PENDING_DIR
         self._lock = threading.Lock()
         self._index: dict[str, set[tuple[str, int]]] = {}
+        self._spools: dict[tuple[str, int], Path] = {}
+        """(worker, round) of a stored chunked push → its spool file, deleted with the push."""
         """Group file → the (worker, round) updates in it not yet committed or cleared."""
         self._batches = 0
         self._token = secrets.token_hex(6)  # a restarted broker never reuses a name of the previous one
@@ -91,7 +110,7 @@ class PendingStore:
             frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
                                  base_version=update.base_version, seq=seq, kind=update.kind,
                                  num_examples=update.num_examples, metrics=dict(update.metrics)))
-        entry = [(update.worker, list(frames))]
+        entry: list[Entry] = [(update.worker, list(frames), None)]
         atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: _write_entries(fh, entry, False))
 
     def save_updates(self, batch: list[tuple[Update, int, int, list[bytes] | None]]) -> None:
@@ -99,25 +118,34 @@ class PendingStore:
         written to a temp file, fsynced and renamed, the directory fsynced — one write and one sync for the
         group instead of one per update. A file is deleted once every update in it is committed or cleared."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        entries, keys = [], set()
+        entries: list[Entry] = []
+        keys = set()
+        spools = {}
         for update, round_no, seq, frames in batch:
+            if isinstance(update.tensors, SpoolTensors):  # a chunked push: its header, and its tensors' file
+                _sync_file(update.tensors.path)
+                spools[(update.worker, round_no)] = update.tensors.path
+                entries.append((update.worker, list(frames or []), update.tensors.path.name))
+                keys.add((update.worker, round_no))
+                continue
             if frames is None:
                 frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
                                      base_version=update.base_version, seq=seq, kind=update.kind,
                                      num_examples=update.num_examples, metrics=dict(update.metrics)))
-            entries.append((update.worker, list(frames)))
+            entries.append((update.worker, list(frames), None))
             keys.add((update.worker, round_no))
         with self._lock:
+            self._spools.update(spools)
             self._batches += 1
             name = f"batch-{self._token}-{self._batches:08d}.push"
             self._index[name] = keys
         atomic_write(self.dir / name, lambda fh: _write_entries(fh, entries))
 
-    def _entries(self, path: Path) -> list[tuple[str, list[bytes]]]:
+    def _entries(self, path: Path) -> list[Entry]:
         raw = msgpack.unpackb(path.read_bytes(), raw=False)
         if path.name.startswith("update-"):
             raw = [raw]
-        return [(worker, frames) for worker, frames in raw]
+        return [(entry[0], entry[1], entry[2] if len(entry) == 3 else None) for entry in raw]
 
     def load_updates(self) -> list[tuple[Update, int, int]]:
         """Every readable pending update as (update, round, seq); unreadable files are logged and skipped."""
@@ -125,11 +153,20 @@ class PendingStore:
         for path in sorted([*self.dir.glob("batch-*.push"), *self.dir.glob("update-*.push")]):
             keys = set()
             try:
-                for worker, frames in self._entries(path):
+                for worker, frames, spool in self._entries(path):
                     msg = decode(frames, C.WORKER_TO_BROKER)
                     if msg.type != C.PUSH or not isinstance(worker, str):
                         raise ValueError("not a push")
-                    tensors = unpack_sparse(msg.tensors, self.shapes) if self.shapes else dict(msg.tensors)
+                    tensors: Mapping[str, Any]
+                    if spool is not None:
+                        spool_path = self.dir / Path(str(spool)).name
+                        if not spool_path.is_file() or not self.shapes:
+                            raise ValueError(f"chunked push without its spool file {spool}")
+                        tensors = SpoolTensors(spool_path, self.shapes)
+                        with self._lock:
+                            self._spools[(worker, int(msg["round"]))] = spool_path
+                    else:
+                        tensors = unpack_sparse(msg.tensors, self.shapes) if self.shapes else dict(msg.tensors)
                     update = Update(worker, msg["num_examples"], tensors, msg["kind"],
                                     msg["base_version"], dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
                     out.append((update, int(msg["round"]), int(msg["seq"])))
@@ -150,8 +187,19 @@ class PendingStore:
                     empty.append(name)
             for name in empty:
                 del self._index[name]
+            spools = [self._spools.pop(k) for k in [k for k in self._spools if done(*k)]]
         for name in empty:
             (self.dir / name).unlink(missing_ok=True)
+        for spool in spools:
+            spool.unlink(missing_ok=True)
+
+    def drop_orphan_spools(self) -> None:
+        """Delete spool files no stored push refers to (chunked pushes cut off by a crash)."""
+        with self._lock:
+            kept = {p.name for p in self._spools.values()}
+        for path in self.dir.glob("spool-*.f4") if self.dir.is_dir() else []:
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
 
     def remove(self, worker: str, round_no: int) -> None:
         self.remove_many([(worker, round_no)])
@@ -173,10 +221,11 @@ class PendingStore:
             if through_round is None or round_no <= through_round:
                 path.unlink(missing_ok=True)
         if through_round is None:
-            for path in self.dir.glob("batch-*.push"):
+            for path in [*self.dir.glob("batch-*.push"), *self.dir.glob("spool-*.f4")]:
                 path.unlink(missing_ok=True)
             with self._lock:
                 self._index.clear()
+                self._spools.clear()
         else:
             self._forget(lambda w, r: r <= through_round)
         opened = self.load_round()

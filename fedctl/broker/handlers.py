@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from fedctl.broker import transfers
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
 from fedctl.wire import check_against_spec, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.messages import Message
+from fedctl.wire.messages import Message, make
 
 if TYPE_CHECKING:
     from fedctl.broker.service import Broker
@@ -70,8 +71,14 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
     if msg["kind"] != broker.strategy.update_kind:
         raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {broker.strategy.name} needs "
                             f"{broker.strategy.update_kind!r} updates, got {msg['kind']!r}")
+    chunked = msg.get("chunks") is not None
+    if chunked and msg.tensors:
+        raise ProtocolError(ErrorCode.BAD_FIELD, "a push with 'chunks' carries its tensors in chunk messages",
+                            "send the push header alone, then the chunks")
     tensors = unpack_sparse(msg.tensors, broker.expected_shapes)  # a packed sparse frame, split per tensor
-    if msg["kind"] == C.KIND_WEIGHTS:
+    if chunked:
+        pass  # slices are checked against the model as they come (wire.chunks.Cursor)
+    elif msg["kind"] == C.KIND_WEIGHTS:
         check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES)
     else:  # a gradient or delta may leave out tensors it does not change (zero)
         check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
@@ -90,9 +97,22 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         broker.policy.pulled(record.worker)
         raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
                             "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
+    if chunked:
+        key = (identity, msg.id)
+        if key in broker.inbound:
+            broker.inbound.pop(key).abort()
+        broker.inbound[key] = transfers.open_inbound(broker, identity, msg, broker.current_frames or [])
+        await broker.send(identity, make(C.CREDIT, broker.next_id(), xfer=msg.id, received=0))
+        return
     # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
     update = Update(record.worker, msg["num_examples"], tensors, msg["kind"], msg["base_version"],
                     dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
+    await _accept(broker, identity, msg, record, update, broker.current_frames)
+
+
+async def _accept(broker: Broker, identity: bytes, msg: Message, record: WorkerRecord, update: Update,
+                  frames: list[bytes] | None) -> None:
+    """Count an admitted update and acknowledge it, once durable when the broker keeps updates on disk."""
     broker.updates.append(update)
     broker.policy.record(record.worker)
     record.rounds_done += 1
@@ -102,7 +122,56 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         return
     # Durable before acknowledged (a crash after the ack loses nothing): the broker's writer task stores queued
     # updates in groups (one sync per group) off the reader, then sends their acks.
-    broker.durable_queue.put_nowait((identity, msg, update, broker.current_frames))
+    broker.durable_queue.put_nowait((identity, msg, update, frames))
+
+
+async def on_chunk(broker: Broker, identity: bytes, msg: Message) -> None:
+    """A chunk of a push (written to its spool file), or of nothing this broker is receiving."""
+    record = _require_joined(broker, identity, msg)
+    key = (identity, msg["xfer"])
+    inbound = broker.inbound.get(key)
+    if inbound is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"chunk {msg['index']} of transfer {msg['xfer']}, which is "
+                            "not open (it finished, failed or expired)", "push the update again")
+    header = inbound.header
+    try:
+        inbound.write(inbound.cursor.accept(msg["index"], msg.slices))
+    except ProtocolError as err:
+        inbound.abort()
+        del broker.inbound[key]
+        # Answer the push itself: the worker waits on that, not on its chunks.
+        await broker.reply(identity, header, C.ERROR, code=int(err.code), reason=err.message[:1000],
+                           fix=err.fix or None)
+        broker.rejected[ErrorCode(err.code).name] = broker.rejected.get(ErrorCode(err.code).name, 0) + 1
+        return
+    inbound.last = broker.now()
+    await broker.send(identity, make(C.CREDIT, broker.next_id(), xfer=msg["xfer"], received=inbound.cursor.received))
+    if not inbound.cursor.done:
+        return
+    del broker.inbound[key]
+    inbound.close()
+    version = broker.store.version + (1 if broker.applying else 0)
+    admission = broker.policy.admit(record.worker, header["round"], header["base_version"], version)
+    if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
+        inbound.abort()
+        if admission.duplicate:
+            await broker.reply(identity, header, C.ACK, round=header["round"], seq=header["seq"], status="duplicate")
+        else:
+            await broker.reply(identity, header, C.ERROR, code=int(admission.code or ErrorCode.STALE_UPDATE),
+                               reason=admission.reason[:1000])
+        return
+    tensors = transfers.SpoolTensors(inbound.path, broker.expected_shapes, owned=broker.pending is None)
+    update = Update(record.worker, header["num_examples"], tensors, header["kind"], header["base_version"],
+                    dict(header.get("metrics") or {}), header["round"], header["seq"])
+    log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker, tensors.total * 4 / 1e6,
+             inbound.cursor.chunks, broker.now() - inbound.started)
+    await _accept(broker, identity, header, record, update, inbound.header_frames)
+
+
+async def on_credit(broker: Broker, identity: bytes, msg: Message) -> None:
+    _require_joined(broker, identity, msg)
+    if not transfers.credit(broker, identity, msg):
+        raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"credit for transfer {msg['xfer']}, which is not open")
 
 
 async def on_heartbeat(broker: Broker, identity: bytes, msg: Message) -> None:
@@ -116,4 +185,5 @@ async def on_leave(broker: Broker, identity: bytes, msg: Message) -> None:
         broker.drop(record, f"left ({msg.get('reason') or 'no reason given'})")
 
 
-HANDLERS = {C.JOIN: on_join, C.PULL: on_pull, C.PUSH: on_push, C.HEARTBEAT: on_heartbeat, C.LEAVE: on_leave}
+HANDLERS = {C.JOIN: on_join, C.PULL: on_pull, C.PUSH: on_push, C.HEARTBEAT: on_heartbeat, C.LEAVE: on_leave,
+            C.CHUNK: on_chunk, C.CREDIT: on_credit}

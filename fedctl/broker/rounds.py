@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from fedctl.broker import transfers
+from fedctl.wire import chunks as wire_chunks
 from fedctl.wire import constants as C
 from fedctl.wire import make
 from fedctl.wire.messages import encode_tensors
@@ -37,7 +39,10 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
     delta on that version. Runs in a thread (diffing and encoding touch the whole model)."""
     store = b.store
     out: dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]] = {}
-    dense: tuple[dict[str, Tensor], list[bytes], bool] = (dict(store.weights), encode_tensors(store.weights), False)
+    chunked = bool(transfers.model_message_fields(b, b.spec.nbytes))
+    # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
+    dense: tuple[dict[str, Tensor], list[bytes], bool] = (
+        dict(store.weights), [] if chunked else encode_tensors(store.weights), False)
     for version in held:
         base = None if version is None else store.at(version)
         delta = None if base is None else b.strategy.downlink(store.weights, base)
@@ -48,7 +53,8 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
         changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
         changed = pack_sparse(changed, b.expected_shapes)  # one frame when every change is sparse
         frames = encode_tensors(changed, compress=True)
-        out[version] = (changed, frames, True) if sum(map(len, frames)) < sum(map(len, dense[1])) else dense
+        smaller = sum(map(len, frames)) < (b.spec.nbytes if chunked else sum(map(len, dense[1])))
+        out[version] = (changed, frames, True) if smaller else dense
     return out
 
 
@@ -61,11 +67,18 @@ async def hand_out(b: Broker, jobs: list[tuple[WorkerRecord, int]]) -> None:
     for record, number in jobs:
         task = b.strategy.task_for_round(number, int(b.rng.integers(2**31)))
         tensors, frames, is_delta = downlinks[record.holds_version]
-        msg = make(C.MODEL, b.next_id(), re=record.pending_pull, tensors=tensors, round=number,
-                   version=b.store.version, task=task, base=record.holds_version if is_delta else None)
+        chunks = {} if is_delta else transfers.model_message_fields(b, b.spec.nbytes)
+        msg = make(C.MODEL, b.next_id(), re=record.pending_pull, tensors=None if chunks else tensors, round=number,
+                   version=b.store.version, task=task, base=record.holds_version if is_delta else None, **chunks)
         record.pending_pull = None
-        if not await b.send(record.identity, msg, frames):
+        if not await b.send(record.identity, msg, None if chunks else frames):
             b.drop(record, "is unreachable (its connection is gone)")
+        elif chunks:  # the weights follow as chunks, paced by the worker's credits
+            out = transfers.Outbound(record, msg.id, wire_chunks.Window(b.config.chunk_bytes))
+            b.outbound[(record.identity, msg.id)] = out
+            sender = asyncio.get_running_loop().create_task(transfers.send_model_chunks(b, out, b.store.weights))
+            b.transfer_tasks.add(sender)
+            sender.add_done_callback(b.transfer_tasks.discard)
 
 
 async def evaluate(b: Broker, number: int, where: str) -> dict[str, float]:

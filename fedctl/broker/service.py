@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from fedctl.broker import handlers
+from fedctl.broker import handlers, transfers
 from fedctl.broker.clocks import ClockDriver
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.durable import PendingStore
@@ -92,6 +92,14 @@ class Broker:
         if bound is not None:
             self.policy = ClockPolicy(replace(config.clock, bound=bound), self.state.get("clocks"))
         self.pending = PendingStore(config.state_dir, self.expected_shapes) if config.durable_updates else None
+        self.spool_dir = self.pending.dir if self.pending is not None else config.state_dir / "spool"
+        """Where chunked pushes are written as they arrive (with durable updates: kept with the pending pushes)."""
+        self.inbound: dict[tuple[bytes, int], transfers.Inbound] = {}
+        self.outbound: dict[tuple[bytes, int], transfers.Outbound] = {}
+        self.transfer_tasks: set[asyncio.Task[None]] = set()
+        if self.pending is None and self.spool_dir.is_dir():  # left by a broker that stopped mid-transfer
+            for stale in self.spool_dir.glob("spool-*.f4"):
+                stale.unlink(missing_ok=True)
         self.restored: list[Update] = self._restore_pending()
         """Acknowledged updates of the round (sync) or buffer (ssp/async) the broker was in when it stopped."""
         self.applied_total = 0
@@ -127,6 +135,7 @@ class Broker:
                     continue
                 updates.append(u)
                 clocks[u.worker] = max(clocks.get(u.worker, 0), tick)
+        self.pending.drop_orphan_spools()
         if updates:
             log.info("restored %d acknowledged update(s) not yet applied (%s)", len(updates),
                      ", ".join(f"{u.worker}@{u.round}" for u in updates))
@@ -160,7 +169,8 @@ class Broker:
         """The ``run`` map of the welcome message."""
         return {"run_id": self.state["run_id"], "model": self.spec.to_wire(), "strategy": self.strategy.name,
                 "rounds": self.config.rounds, "heartbeat_interval_s": self.config.heartbeat_interval_s,
-                "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes}
+                "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes,
+                "chunk_above": self.config.chunk_above, "chunk_bytes": self.config.chunk_bytes}
 
     async def send(self, identity: bytes, msg: Message, tensor_frames: list[bytes] | None = None) -> bool:
         frames = encode(msg, tensor_frames)
@@ -264,6 +274,7 @@ class Broker:
             await asyncio.sleep(self.config.heartbeat_interval_s)
             for record in self.registry.expired(self.now()):
                 self.drop(record, f"lost (no message for {self.config.liveness_s:g} s)")
+            transfers.expire_inbound(self, self.now())
 
     async def run(self) -> dict[str, Any]:
         """Run every round, tell the workers the run is done, and return a summary."""

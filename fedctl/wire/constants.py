@@ -18,9 +18,11 @@ ERROR = "error"
 HEARTBEAT = "heartbeat"
 LEAVE = "leave"
 DONE = "done"
+CHUNK = "chunk"
+CREDIT = "credit"
 
-WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE})
-BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE})
+WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT})
+BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT})
 MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 
 # Limits.
@@ -38,6 +40,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Tensor payload encodings (tensor frame field "enc").
 ENC_DENSE = "dense"
 ENC_SPARSE = "sparse"
+ENC_SLICE = "slice"
+"""A run of consecutive elements of a tensor (chunked transfers, docs/protocol.md §4.4)."""
+DEFAULT_CHUNK_BYTES = 256 * 1024
+"""Tensor bytes per chunk message of a chunked push or model."""
+MAX_CHUNKS = 2**24
 ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<f8"})
 ALLOWED_INDEX_DTYPES = frozenset({"<u4", "<u8", "<i8"})
 """Index dtypes of ``index_enc`` "raw" (the only sparse layout before ``index_enc`` existed)."""
@@ -87,6 +94,8 @@ class ErrorCode(IntEnum):
     DUPLICATE = 204
     WRONG_KIND = 205
     """The update kind does not match the run's strategy."""
+    UNKNOWN_TRANSFER = 206
+    """A ``chunk`` or ``credit`` names no open chunked transfer (it ended, failed, or never began)."""
     RUN_FINISHED = 300
     SHUTTING_DOWN = 301
     INTERNAL = 500

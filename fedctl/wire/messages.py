@@ -15,7 +15,7 @@ import msgpack
 from fedctl.errors import ProtocolError
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import MSGPACK_ERRORS, Tensor, decode_tensor, encode_tensor
+from fedctl.wire.tensors import MSGPACK_ERRORS, Tensor, TensorSlice, decode_tensor, encode_tensor
 
 Check = Callable[[Any], bool]
 
@@ -36,6 +36,10 @@ def _metrics(v: Any) -> bool:
     return isinstance(v, dict) and len(v) <= 64 and all(isinstance(k, str) and _num(x) for k, x in v.items())
 
 
+def _chunks(v: Any) -> bool:
+    return _int(1)(v) and v <= C.MAX_CHUNKS
+
+
 def _map(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -46,10 +50,13 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
              "num_examples": (_int(0), True), "model": (_str(64), False), "host": (_str(255), False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
-    C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False)},
+    C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
+              "chunks": (_chunks, False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
              "kind": (lambda v: isinstance(v, str) and v in C.UPDATE_KINDS, True),
-             "num_examples": (_int(1), True), "metrics": (_metrics, False)},
+             "num_examples": (_int(1), True), "metrics": (_metrics, False), "chunks": (_chunks, False)},
+    C.CHUNK: {"xfer": (_int(0), True), "index": (_int(0), True)},
+    C.CREDIT: {"xfer": (_int(0), True), "received": (_int(0), True)},
     C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_str(32), True)},
     C.ERROR: {"code": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True),
               "fix": (_str(C.MAX_REASON_CHARS), False)},
@@ -57,7 +64,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.LEAVE: {"reason": (_str(C.MAX_REASON_CHARS), False)},
     C.DONE: {"round": (_int(0), True), "version": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), False)},
 }
-CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH})
+CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK})
 COMMON = frozenset({"v", "type", "id", "re", "tensors"})
 
 
@@ -70,6 +77,8 @@ class Message:
     tensors: Mapping[str, Tensor] = field(default_factory=dict)
     id: int = 0
     re: int | None = None
+    slices: Mapping[str, TensorSlice] = field(default_factory=dict)
+    """Only in ``chunk`` messages: the pieces of the transfer this chunk carries."""
 
     def __getitem__(self, key: str) -> Any:
         return self.fields[key]
@@ -97,15 +106,17 @@ def _check_fields(mtype: str, fields: Mapping[str, Any]) -> None:
 
 
 def make(mtype: str, msg_id: int = 0, re: int | None = None, tensors: Mapping[str, Tensor] | None = None,
-         **fields: Any) -> Message:
+         slices: Mapping[str, TensorSlice] | None = None, **fields: Any) -> Message:
     """Build a message, checking it against the schema so fedctl never sends what it would refuse."""
     if mtype not in SCHEMA:
         raise _fail(ErrorCode.UNKNOWN_TYPE, f"unknown message type {mtype!r}")
     fields = {k: v for k, v in fields.items() if v is not None}
     _check_fields(mtype, fields)
-    if tensors and mtype not in CARRIES_TENSORS:
-        raise _fail(ErrorCode.BAD_FIELD, f"{mtype} messages carry no tensors")
-    return Message(mtype, fields, dict(tensors or {}), msg_id, re)
+    if tensors and (mtype not in CARRIES_TENSORS or mtype == C.CHUNK):
+        raise _fail(ErrorCode.BAD_FIELD, f"{mtype} messages carry no whole tensors")
+    if slices and mtype != C.CHUNK:
+        raise _fail(ErrorCode.BAD_FIELD, f"only chunk messages carry tensor slices, not {mtype}")
+    return Message(mtype, fields, dict(tensors or {}), msg_id, re, dict(slices or {}))
 
 
 def encode_tensors(tensors: Mapping[str, Tensor], compress: bool = False) -> list[bytes]:
@@ -122,14 +133,15 @@ def encode(msg: Message, tensor_frames: list[bytes] | None = None) -> list[bytes
     header: dict[str, Any] = {"v": C.PROTOCOL_VERSION, "type": msg.type, "id": msg.id, **msg.fields}
     if msg.re is not None:
         header["re"] = msg.re
-    if msg.tensors:
-        header["tensors"] = len(msg.tensors)
+    parts: Mapping[str, Any] = msg.slices if msg.type == C.CHUNK else msg.tensors
+    if parts:
+        header["tensors"] = len(parts)
     # A push's only floats are its metrics: float32 (5 bytes, not 9) is plenty for a loss or a time, and the push
     # of a 99.9%-sparse DGC update is a few hundred bytes, so its header counts.
     frames = [msgpack.packb(header, use_bin_type=True, use_single_float=msg.type == C.PUSH)]
     if tensor_frames is None:
-        tensor_frames = encode_tensors(msg.tensors)
-    elif len(tensor_frames) != len(msg.tensors):
+        tensor_frames = [encode_tensor(name, t) for name, t in parts.items()]
+    elif len(tensor_frames) != len(parts):
         raise ValueError("one pre-encoded frame per tensor is required")
     frames.extend(tensor_frames)
     return frames
@@ -203,12 +215,19 @@ def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESS
     fields = {k: v for k, v in header.items() if k not in COMMON}
     _check_fields(mtype, fields)
     tensors: dict[str, Tensor] = {}
+    slices: dict[str, TensorSlice] = {}
     for frame in frames[1:]:
         name, tensor = decode_tensor(frame)
-        if name in tensors:
+        if name in tensors or name in slices:
             raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r} appears twice")
-        tensors[name] = tensor
-    return Message(mtype, fields, tensors, msg_id, re)
+        if isinstance(tensor, TensorSlice) != (mtype == C.CHUNK):
+            raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r}: a chunk message carries slices only"
+                        if mtype == C.CHUNK else f"tensor {name!r}: a {mtype} message carries no slices")
+        if isinstance(tensor, TensorSlice):
+            slices[name] = tensor
+        else:
+            tensors[name] = tensor
+    return Message(mtype, fields, tensors, msg_id, re, slices)
 
 
 def payload_bytes(frames: Iterable[bytes | memoryview]) -> int:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError
 from fedctl.models import ModelSpec, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
-from fedctl.wire import check_against_spec, densify, pack_sparse, unpack_sparse
+from fedctl.wire import check_against_spec, chunks, densify, pack_sparse, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
@@ -252,7 +253,7 @@ class Worker:
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
                                                                float(task["lr"]),
                                                                options=dict(task.get("options") or {})))
-        weights = self._weights_of(model)
+        weights = await self._receive_chunks(model, lost) if model.get("chunks") else self._weights_of(model)
         self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
         result = await asyncio.to_thread(self._train, strategy, weights, task)
@@ -268,12 +269,105 @@ class Worker:
         self.unacked = push  # resent after a reconnect if no answer comes (the broker may have kept it)
         return await self._push(push, lost)
 
+    async def _next_of(self, queue: asyncio.Queue[Message], lost: asyncio.Event, what: str) -> Message:
+        """The next chunk or credit of a transfer; BrokerLost when none comes within the broker's liveness."""
+        try:
+            async with asyncio.timeout(float(self.run.get("liveness_s", 10.0))):
+                return await self._wait(asyncio.ensure_future(queue.get()), lost)
+        except TimeoutError:
+            raise BrokerLost(f"no {what} from the broker for {self.run.get('liveness_s', 10.0)} s") from None
+
+    async def _receive_chunks(self, model: Message, lost: asyncio.Event) -> Params:
+        """The weights of a model that comes in chunks (docs/protocol.md §7.1): each written in place, then
+        credited, so the broker sends the next ones."""
+        assert self.conn is not None and self.spec is not None
+        shapes = {p.name: p.shape for p in self.spec.params}
+        cursor = chunks.Cursor(shapes, int(model["chunks"]))
+        flat = {name: np.empty(math.prod(shape), np.float32) for name, shape in shapes.items()}
+        queue = self.conn.transfers.setdefault(model.id, asyncio.Queue())
+        started = time.monotonic()
+        try:
+            while not cursor.done:
+                msg = await self._next_of(queue, lost, "model chunk")
+                if msg.type != C.CHUNK:
+                    if msg.type == C.DONE:
+                        raise BrokerLost("the run ended while the model was coming")
+                    continue
+                for name, piece, _ in cursor.accept(msg["index"], msg.slices):
+                    flat[name][piece.start:piece.stop] = piece.values
+                await self.conn.send(C.CREDIT, xfer=model.id, received=cursor.received)
+        finally:
+            self.conn.transfers.pop(model.id, None)
+        log.info("received the model (%.1f MB) in %d chunks in %.1f s", cursor.total * 4 / 1e6, cursor.chunks,
+                 time.monotonic() - started)
+        return {name: flat[name].reshape(shape) for name, shape in shapes.items()}
+
+    async def _push_chunks(self, push: Push, lost: asyncio.Event) -> Message:
+        """Send a dense update larger than the broker's ``chunk_above`` as a push header and chunks of slices, at
+        most ``window`` unanswered (the window keeps ~0.5 s of data in flight, so heartbeats behind it are not held
+        long on a slow link); returns the broker's answer to the push."""
+        assert self.conn is not None and self.spec is not None
+        shapes = {p.name: p.shape for p in self.spec.params}
+        chunk_bytes = int(self.run.get("chunk_bytes", C.DEFAULT_CHUNK_BYTES))
+        n = chunks.count(shapes, chunk_bytes)
+        push_id = self.conn.next_id()
+        credits = self.conn.transfers.setdefault(push_id, asyncio.Queue())
+        window = chunks.Window(chunk_bytes)
+        started = time.monotonic()
+        try:
+            answer = await self.conn.request(C.PUSH, msg_id=push_id, chunks=n, **push.fields)
+            received, last = -1, time.monotonic()
+            pieces = chunks.split({k: np.asarray(v) for k, v in push.tensors.items()}, shapes, chunk_bytes)
+            for index, piece in enumerate(pieces):
+                while index - max(received, 0) >= window.size or received < 0:
+                    credit = await self._wait_credit(credits, answer, lost)
+                    if credit is None:  # the broker answered the push itself: refused (or a duplicate)
+                        return await self._wait(answer, lost)
+                    now = time.monotonic()
+                    window.credited(credit["received"] - max(received, 0), now - last)
+                    received, last = max(received, credit["received"]), now
+                await self.conn.send(C.CHUNK, slices=piece, xfer=push_id, index=index)
+            reply = await self._wait(answer, lost)
+        finally:
+            self.conn.transfers.pop(push_id, None)
+        log.info("pushed %.1f MB in %d chunks in %.1f s", sum(t.nbytes for t in push.tensors.values()) / 1e6, n,
+                 time.monotonic() - started)
+        return reply
+
+    async def _wait_credit(self, credits: asyncio.Queue[Message], answer: asyncio.Future[Message],
+                           lost: asyncio.Event) -> Message | None:
+        """The next credit, or None when the push was answered first."""
+        getter = asyncio.ensure_future(credits.get())
+        try:
+            async with asyncio.timeout(float(self.run.get("liveness_s", 10.0))):
+                await asyncio.wait({getter, answer}, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise BrokerLost(f"no credit from the broker for {self.run.get('liveness_s', 10.0)} s") from None
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if lost.is_set():
+            raise BrokerLost()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
+
+    def _chunked(self, tensors: Mapping[str, Any]) -> bool:
+        """Whether an update must travel in chunks: dense and larger than the broker's ``chunk_above``."""
+        limit = self.run.get("chunk_above")
+        if limit is None or any(isinstance(t, SparseTensor) for t in tensors.values()):
+            return False
+        return sum(np.asarray(t).nbytes for t in tensors.values()) > int(limit)
+
     async def _push(self, push: Push, lost: asyncio.Event) -> Message:
         """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
         assert self.conn is not None
         assert self.spec is not None
-        tensors = pack_sparse(push.tensors, {p.name: p.shape for p in self.spec.params})
-        reply = await self._wait(await self.conn.request(C.PUSH, tensors=tensors, **push.fields), lost)
+        if self._chunked(push.tensors):
+            reply = await self._push_chunks(push, lost)
+        else:
+            tensors = pack_sparse(push.tensors, {p.name: p.shape for p in self.spec.params})
+            reply = await self._wait(await self.conn.request(C.PUSH, tensors=tensors, **push.fields), lost)
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:

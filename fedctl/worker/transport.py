@@ -73,6 +73,9 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.transfers: dict[int, asyncio.Queue[Message]] = {}
+        """Chunked transfers in progress, by the id of the model or push message they belong to: the ``chunk``
+        messages of an incoming model, or the ``credit`` messages for an outgoing push."""
         self.forgotten = asyncio.Event()
         """Set when the broker answers anything (a heartbeat, say) with NOT_JOINED: it no longer knows us."""
         self.done = asyncio.Event()
@@ -103,6 +106,15 @@ class Connection:
                 self.done.set()
             if msg.type == C.ERROR and msg.get("code") == ErrorCode.NOT_JOINED:
                 self.forgotten.set()  # the broker restarted: whatever we wait for will not come
+            if msg.type in (C.CHUNK, C.CREDIT):
+                queue = self.transfers.get(msg["xfer"])
+                if queue is None:
+                    log.debug("ignored a %s of transfer %d, which is not open here", msg.type, msg["xfer"])
+                else:
+                    queue.put_nowait(msg)
+                continue
+            if msg.type == C.MODEL and msg.get("chunks") is not None:
+                self.transfers[msg.id] = asyncio.Queue()  # before its chunks, which follow on this connection
             future = self._pending.pop(msg.re, None) if msg.re is not None else None
             if future is not None and not future.done():
                 future.set_result(msg)
@@ -139,15 +151,16 @@ class Connection:
         self.bytes_out += sum(len(f) for f in frames)
         return True
 
-    async def send(self, mtype: str, tensors: Any = None, **fields: Any) -> int:
+    async def send(self, mtype: str, tensors: Any = None, slices: Any = None, **fields: Any) -> int:
         """Send a message without waiting for a reply; returns its id. A message the socket cannot take is dropped
         (the broker's silence then shows in :attr:`last_heard`)."""
-        msg = make(mtype, self.next_id(), tensors=tensors, **fields)
+        msg = make(mtype, self.next_id(), tensors=tensors, slices=slices, **fields)
         if not await self._send_now(encode(msg)):
             log.debug("dropped a %s message: the connection to %s takes no more", mtype, self.endpoint)
         return msg.id
 
-    async def request(self, mtype: str, tensors: Any = None, **fields: Any) -> asyncio.Future[Message]:
+    async def request(self, mtype: str, tensors: Any = None, msg_id: int | None = None,
+                      **fields: Any) -> asyncio.Future[Message]:
         """Send a message and return the future of its reply (the caller decides how long to wait).
 
         Raises TransportError when the socket takes no more messages: libzmq ended the connection for good, as it
@@ -155,7 +168,7 @@ class Connection:
         """
         if self.failure is not None:
             raise TransportError(*self.failure)
-        msg_id = self.next_id()
+        msg_id = self.next_id() if msg_id is None else msg_id
         frames = encode(make(mtype, msg_id, tensors=tensors, **fields))
         if not await self._send_now(frames):
             raise TransportError(*(self.failure or (
