@@ -45,8 +45,9 @@ class BrokerConfig:
     """The broker's ``NAME.key_secret`` (``fedctl keygen``): with ``allowed_keys``, the ROUTER is a CURVE server."""
     allowed_keys: Path | None = None
     """Directory of the admitted workers' public keys (``*.key``); only with ``curve_secret_key``."""
-    chunk_above: int = 64 * 2**20
-    """Dense models and updates larger than this many bytes travel in chunks (docs/protocol.md §7.1)."""
+    chunk_above: int = 0
+    """Dense models and updates larger than this many bytes travel in chunks (docs/protocol.md §7.1); 0 means 64 MiB
+    or 3/4 of the largest message (room for framing), whichever is smaller."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Tensor bytes per chunk message."""
 
@@ -66,10 +67,12 @@ class BrokerConfig:
                               "use 0 to always send the model dense")
         if self.max_message_bytes < 1024:
             raise ConfigError(f"max message size {self.max_message_bytes} is too small")
+        if self.chunk_above == 0:
+            object.__setattr__(self, "chunk_above", min(64 * 2**20, self.max_message_bytes * 3 // 4))
         if not 1024 <= self.chunk_bytes <= self.max_message_bytes // 2:
             raise ConfigError(f"chunk size {self.chunk_bytes} must be 1 KiB .. half the max message size")
-        if not 0 < self.chunk_above <= self.max_message_bytes // 2:
-            raise ConfigError(f"--chunk-above-mb ({self.chunk_above} bytes) must be positive and at most half of "
-                              f"--max-message-mb ({self.max_message_bytes} bytes)")
+        if not 0 < self.chunk_above <= self.max_message_bytes * 3 // 4:
+            raise ConfigError(f"--chunk-above-mb ({self.chunk_above} bytes) must be positive and at most 3/4 of "
+                              f"--max-message-mb ({self.max_message_bytes} bytes)", "lower --chunk-above-mb")
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")

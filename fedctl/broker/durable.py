@@ -75,7 +75,8 @@ class PendingStore:
 
     def __init__(self, state_dir: Path, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.shapes = dict(shapes or {})
-        """The model's tensor shapes in order, to unpack packed sparse pushes (docs/protocol.md §4.3)."""
+        """The model's tensor shapes in order: to unpack packed sparse pushes (docs/protocol.md §4) and to read the
+        spool files of chunked ones (§7.1)."""
         self.dir = Path(state_dir) / PENDING_DIR
         self._lock = threading.Lock()
         self._index: dict[str, set[tuple[str, int]]] = {}

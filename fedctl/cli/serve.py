@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
               help="A worker silent for this many seconds is dropped from the run.")
 @click.option("--max-message-mb", type=float, default=256.0, show_default=True,
               help="Largest frame accepted (ZMQ_MAXMSGSIZE).")
+@click.option("--chunk-above-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Dense models and updates larger than this go in chunks paced by the receiver's credits "
+                   "[default: 64, or 3/4 of --max-message-mb when that is smaller].")
+@click.option("--chunk-kb", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Tensor data per chunk message.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's NAME.key_secret (`fedctl keygen`): encrypt with CURVE and admit only the workers "
                    "in --allowed-keys. Required unless --bind is loopback, ipc or inproc.")
@@ -40,7 +45,8 @@ log = logging.getLogger(__name__)
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
-              liveness: float, max_message_mb: float, secret_key: Path | None, allowed_keys: Path | None,
+              liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int,
+              secret_key: Path | None, allowed_keys: Path | None,
               insecure: bool, **run: Any) -> None:
     """Run the parameter server: hold the global model, run synchronous rounds, aggregate, checkpoint."""
     check_endpoint(bind, "--bind", bind=True)
@@ -52,8 +58,9 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
         log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
                     "travel unencrypted", bind)
     config = broker_config(run, bind=bind, heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
-                           max_message_bytes=int(max_message_mb * 2**20), curve_secret_key=secret_key,
-                           allowed_keys=allowed_keys)
+                           max_message_bytes=int(max_message_mb * 2**20),
+                           chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
+                           chunk_bytes=chunk_kb * 1024, curve_secret_key=secret_key, allowed_keys=allowed_keys)
     evaluator = None
     if eval_data:
         shard = load_data(eval_data, data_dir)

@@ -90,7 +90,15 @@ def _lenet5() -> ModelSpec:
                      "LeNet-5: conv5x5(6, pad 2)-pool-conv5x5(16)-pool-120-84-10, ReLU, max pool")
 
 
-MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5}
+def _wide1g() -> ModelSpec:
+    # 16 dense 4096x4096 layers: 268,500,992 float32 parameters, 1.07 GB — for chunked-transfer benchmarks.
+    params = tuple(p for i in range(16) for p in _dense(f"fc{i + 1}", 4096, 4096))
+    return ModelSpec("wide1g", (4096,), 4096, params,
+                     "16 dense 4096x4096 layers (1.07 GB of float32): a benchmark model for transfers far larger "
+                     "than one message; no framework trains it (scripts/big_update.py uses a no-op trainer)")
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5, "wide1g": _wide1g}
 
 
 def get_model(name: str) -> ModelSpec:

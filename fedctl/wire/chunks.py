@@ -1,6 +1,6 @@
-"""Chunked transfers (docs/protocol.md §4.4 and §7.1): a dense float32 model or update too large for one message
-goes as a header message (``push`` or ``model`` with ``chunks: n``) and n ``chunk`` messages of tensor slices, in
-the model's flat order, paced by the receiver's ``credit`` messages.
+"""Chunked transfers (docs/protocol.md §4, slice frames, and §7.1): a dense float32 model or update too large for
+one message goes as a header message (``push`` or ``model`` with ``chunks: n``) and n ``chunk`` messages of tensor
+slices, in the model's flat order, paced by the receiver's ``credit`` messages.
 
 Pure: numpy only. The sender splits with :func:`split`; the receiver checks each chunk with a :class:`Cursor`,
 which accepts exactly the slices that continue where the previous chunk ended, so a finished transfer covers
@@ -115,7 +115,7 @@ class Window:
     about ``target_s`` of data in flight, so a heartbeat queued behind the chunks on a slow link waits no longer
     than that (at 1 Mbit/s and 256 KiB chunks that is one chunk: ~2 s)."""
 
-    def __init__(self, chunk_bytes: int, target_s: float = 0.5, limit: int = 64) -> None:
+    def __init__(self, chunk_bytes: int, target_s: float = 0.25, limit: int = 64) -> None:
         self.chunk_bytes = chunk_bytes
         self.target_s = target_s
         self.limit = limit

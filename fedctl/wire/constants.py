@@ -41,7 +41,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 ENC_DENSE = "dense"
 ENC_SPARSE = "sparse"
 ENC_SLICE = "slice"
-"""A run of consecutive elements of a tensor (chunked transfers, docs/protocol.md §4.4)."""
+"""A run of consecutive elements of a tensor (chunked transfers, docs/protocol.md §4 (slice frames))."""
 DEFAULT_CHUNK_BYTES = 256 * 1024
 """Tensor bytes per chunk message of a chunked push or model."""
 MAX_CHUNKS = 2**24

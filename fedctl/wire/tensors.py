@@ -71,7 +71,7 @@ Tensor = Union[np.ndarray, SparseTensor]  # noqa: UP007 - a runtime alias, valid
 @dataclass(frozen=True)
 class TensorSlice:
     """Elements ``[start, start + len(values))`` of the flat (C-order) tensor of ``shape``: one piece of a chunked
-    transfer (docs/protocol.md §4.4). Only ``chunk`` messages carry slices."""
+    transfer (docs/protocol.md §4 (slice frames)). Only ``chunk`` messages carry slices."""
 
     shape: tuple[int, ...]
     start: int
@@ -523,7 +523,7 @@ PACKED_NAME = "*"
 
 
 def pack_sparse(tensors: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """Pack an all-sparse update into one frame named :data:`PACKED_NAME` (docs/protocol.md §4.3).
+    """Pack an all-sparse update into one frame named :data:`PACKED_NAME` (docs/protocol.md §4, packed sparse frame).
 
     Every tensor frame costs ~35 bytes of name, shape and framing; a 99.9%-sparse LeNet-5 push keeps ~60 values
     spread over several tensors, so one packed frame saves a quarter of the push. Index ``i`` of the packed vector

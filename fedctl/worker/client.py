@@ -304,7 +304,7 @@ class Worker:
 
     async def _push_chunks(self, push: Push, lost: asyncio.Event) -> Message:
         """Send a dense update larger than the broker's ``chunk_above`` as a push header and chunks of slices, at
-        most ``window`` unanswered (the window keeps ~0.5 s of data in flight, so heartbeats behind it are not held
+        most ``window`` unanswered (the window keeps ~0.25 s of data in flight, so heartbeats behind it are not held
         long on a slow link); returns the broker's answer to the push."""
         assert self.conn is not None and self.spec is not None
         shapes = {p.name: p.shape for p in self.spec.params}
