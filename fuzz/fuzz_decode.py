@@ -36,7 +36,7 @@ with atheris.instrument_imports(include=["fedctl"]):
     from fedctl.errors import ProtocolError
     from fedctl.wire import constants as C
     from fedctl.wire.messages import decode, encode, make, peek_id
-    from fedctl.wire.tensors import ALLOWED_DTYPES, SparseTensor, decode_tensor, encode_tensor
+    from fedctl.wire.tensors import ALLOWED_DTYPES, SparseTensor, TensorSlice, decode_tensor, encode_tensor
 
 MAX_FRAMES = C.MAX_TENSORS + 4
 """A few more than a message may carry, so the frame-count limit is exercised too."""
@@ -90,6 +90,15 @@ def join(target: int, frames: Sequence[bytes]) -> bytes:
 # ------------------------------------------------------------------------------------------- oracle
 def check_tensor(name: str, tensor: Any) -> None:
     """Everything an accepted tensor must satisfy, then the same tensor after encode → decode."""
+    if isinstance(tensor, TensorSlice):
+        numel = int(np.prod(tensor.shape))
+        assert tensor.values.ndim == 1 and tensor.values.size >= 1, (name, tensor.values.shape)
+        assert 0 <= tensor.start and tensor.stop <= numel, (name, tensor.start, tensor.stop, numel)
+        assert np.isfinite(tensor.values.astype(np.float64)).all(), f"{name}: non-finite value accepted"
+        again_name, again = decode_tensor(encode_tensor(name, tensor))
+        assert isinstance(again, TensorSlice) and (again.shape, again.start) == (tensor.shape, tensor.start)
+        assert again.values.tobytes() == tensor.values.tobytes()
+        return
     if isinstance(tensor, SparseTensor):
         idx, values = tensor.indices, tensor.values
         assert idx.ndim == 1 and values.shape == idx.shape, (name, idx.shape, values.shape)
@@ -112,13 +121,15 @@ def check_tensor(name: str, tensor: Any) -> None:
 
 def check_message(frames: Sequence[bytes], allowed: frozenset[str]) -> None:
     msg = decode(frames, allowed)
-    assert msg.type in allowed and len(msg.tensors) == len(frames) - 1, (msg.type, len(msg.tensors))
-    for name, tensor in msg.tensors.items():
+    parts: dict[str, Any] = {**msg.tensors, **msg.slices}
+    assert msg.type in allowed and len(parts) == len(frames) - 1, (msg.type, len(parts))
+    assert not msg.slices or (msg.type == C.CHUNK and not msg.tensors), "slices outside a chunk message"
+    for name, tensor in parts.items():
         check_tensor(name, tensor)
     again = decode(encode(msg), allowed)
     assert (again.type, again.id, again.re) == (msg.type, msg.id, msg.re)
     assert msgpack.packb(dict(again.fields)) == msgpack.packb(dict(msg.fields)), "fields changed in a round trip"
-    assert list(again.tensors) == list(msg.tensors)
+    assert list(again.tensors) == list(msg.tensors) and list(again.slices) == list(msg.slices)
 
 
 def test_one_input(data: bytes) -> None:
@@ -183,6 +194,23 @@ def _messages(tensors: dict[str, Any]) -> Iterator[tuple[int, list[bytes]]]:
     yield b2w, encode(make(C.ERROR, 10, re=4, code=int(C.ErrorCode.STALE_UPDATE), reason="round 9 is not open",
                            fix="pull again"))
     yield b2w, encode(make(C.DONE, 11, round=3, version=3, reason="the run is complete"))
+    # Chunked transfers (§7.1): headers with chunks, chunks of slices, credits, both directions.
+    piece = {"a": TensorSlice((3, 4), 5, np.arange(7, dtype=np.float32)), "b": TensorSlice((6,), 0, np.ones(2, "<f4"))}
+    yield w2b, encode(make(C.PUSH, 12, round=1, base_version=0, seq=0, kind="weights", num_examples=10, chunks=27))
+    yield w2b, encode(make(C.CHUNK, 13, slices=piece, xfer=12, index=0))
+    yield w2b, encode(make(C.CREDIT, 14, xfer=8, received=3))
+    yield b2w, encode(make(C.MODEL, 15, re=2, round=1, version=0, task={"epochs": 1}, chunks=4))
+    yield b2w, encode(make(C.CHUNK, 16, slices=piece, xfer=15, index=1))
+    yield b2w, encode(make(C.CREDIT, 17, xfer=12, received=0))
+
+
+def _zlib_frames() -> Iterator[bytes]:
+    """Sparse frames with ``codec: "zlib"`` (what the broker sends as downlink deltas)."""
+    rng = np.random.default_rng(1)
+    idx = np.sort(rng.choice(4000, 400, replace=False)).astype(np.uint32)
+    yield encode_tensor("z.bitmap", SparseTensor((4000,), idx, (rng.normal(size=400) * 0.05).astype(np.float32)),
+                        compress=True)
+    yield encode_tensor("z.varint", SparseTensor((4000,), idx[:40], np.full(40, 0.25, np.float32)), compress=True)
 
 
 def _near_misses() -> Iterator[bytes]:
@@ -204,6 +232,7 @@ def seeds() -> Iterator[bytes]:
     for name, tensor in tensors.items():
         yield join(0, [encode_tensor(name, tensor)])
     yield join(0, [_raw_map(d) for d in sorted(C.ALLOWED_INDEX_DTYPES)])
+    yield join(0, list(_zlib_frames()))
     for target, frames in _messages(tensors):
         yield join(target, frames)
         yield join(3, frames)
