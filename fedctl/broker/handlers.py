@@ -139,6 +139,8 @@ async def on_chunk(broker: Broker, identity: bytes, msg: Message) -> None:
     except ProtocolError as err:
         inbound.abort()
         del broker.inbound[key]
+        log.warning("refused chunked push %d of worker %s at chunk %d: %s", header.id, record.worker,
+                    msg["index"], err.message)
         # Answer the push itself: the worker waits on that, not on its chunks.
         await broker.reply(identity, header, C.ERROR, code=int(err.code), reason=err.message[:1000],
                            fix=err.fix or None)

@@ -294,6 +294,11 @@ class Broker:
                 if writer is not None:
                     writer.cancel()
         finally:
+            for task in list(self.transfer_tasks):  # model transfers still waiting for credits
+                task.cancel()
+            for inbound in self.inbound.values():
+                inbound.abort()
+            self.inbound.clear()
             self.transport.close()
         return summary
 

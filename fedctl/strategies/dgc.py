@@ -50,15 +50,20 @@ U_KEY, V_KEY = "dgc.u/", "dgc.v/"
 """Worker-state key prefixes of the momentum u and the accumulated residual v, followed by the tensor name."""
 
 
-def warmup_sparsity(round_no: int, warmup_rounds: int, final: float) -> float:
+def warmup_sparsity(round_no: int, warmup_rounds: int, final: float, first: int = 0) -> float:
     """The sparsity of round ``round_no`` (1-based): the warm-up stage it falls in, then ``final``.
 
     Stage i (0-based) covers rounds ``i·warmup_rounds + 1 .. (i+1)·warmup_rounds``; ``warmup_rounds`` 0 skips the
-    warm-up. A stage never exceeds ``final``, so a low final sparsity is not overshot during warm-up.
+    warm-up. With ``first`` > 0 the first stage (75%, the densest and so the costliest) lasts ``first`` rounds and
+    the others follow it. A stage never exceeds ``final``, so a low final sparsity is not overshot during warm-up.
     """
     if warmup_rounds <= 0:
         return final
-    stage = max(round_no - 1, 0) // warmup_rounds
+    r = max(round_no - 1, 0)
+    if first > 0:
+        stage = 0 if r < first else 1 + (r - first) // warmup_rounds
+    else:
+        stage = r // warmup_rounds
     return min(WARMUP_STAGES[stage], final) if stage < len(WARMUP_STAGES) else final
 
 
@@ -193,6 +198,9 @@ class DGC(Strategy):
                             lambda v: 0.0 <= v < math.inf, "a finite number >= 0"),
         "warmup_rounds": Option(int, 0, "rounds per warm-up stage (75%, 93.75%, 98.4375%, 99.6% sparsity, then "
                                 "the final sparsity); 0 = no warm-up", lambda v: v >= 0, ">= 0"),
+        "warmup_first": Option(int, 0, "rounds of the first warm-up stage (75%) when it should differ from "
+                               "warmup_rounds: the densest stage costs most of the warm-up's bytes (0 = same)",
+                               lambda v: v >= 0, ">= 0"),
         "sample_ratio": Option(float, 0.01, "fraction of a tensor sampled to estimate the top-k threshold",
                                lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
         "dense_below": Option(int, 256, "tensors with fewer elements are sent dense (biases)",
@@ -205,7 +213,8 @@ class DGC(Strategy):
 
     def task_for_round(self, round_no: int, seed: int) -> dict[str, Any]:
         task = super().task_for_round(round_no, seed)
-        task["sparsity"] = warmup_sparsity(round_no, self.opts["warmup_rounds"], self.opts["sparsity"])
+        task["sparsity"] = warmup_sparsity(round_no, self.opts["warmup_rounds"], self.opts["sparsity"],
+                                           self.opts["warmup_first"])
         return task
 
     def _settings(self, task: Mapping[str, Any]) -> _Settings:
@@ -215,7 +224,8 @@ class DGC(Strategy):
         if "sparsity" in task:
             sparsity = self.options["sparsity"].parse("sparsity", task["sparsity"])
         else:
-            sparsity = warmup_sparsity(int(task.get("round", 1)), opts["warmup_rounds"], opts["sparsity"])
+            sparsity = warmup_sparsity(int(task.get("round", 1)), opts["warmup_rounds"], opts["sparsity"],
+                                       opts["warmup_first"])
         return _Settings(opts["momentum"], sparsity, opts["dense_below"], opts["sample_ratio"], opts["fp16"],
                          opts["clip_norm"], int(task["seed"]), opts["scope"])
 

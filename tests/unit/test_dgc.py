@@ -138,6 +138,9 @@ def test_warmup_schedule_per_round() -> None:
     assert got == [0.75, 0.75, 0.9375, 0.9375, 0.984375, 0.984375, 0.99609375, 0.99609375, 0.999, 0.999, 0.999]
     assert [warmup_sparsity(r, 0, 0.999) for r in (1, 5, 100)] == [0.999] * 3
     assert [warmup_sparsity(r, 1, 0.9) for r in (1, 2, 3, 4)] == [0.75, 0.9, 0.9, 0.9]  # never above the final
+    # A shorter first (densest) stage: 1 round at 75%, then 2 rounds per stage.
+    assert [warmup_sparsity(r, 2, 0.999, first=1) for r in range(1, 10)] == [
+        0.75, *[WARMUP_STAGES[1]] * 2, *[WARMUP_STAGES[2]] * 2, *[WARMUP_STAGES[3]] * 2, 0.999, 0.999]
     assert WARMUP_STAGES == tuple(1 - 4.0**-i for i in range(1, 5))
     strategy = dgc(warmup_rounds=3, sparsity=0.999)
     assert [task(strategy, r)["sparsity"] for r in (1, 3, 4, 12, 13, 500)] == [
