@@ -84,7 +84,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
        decay=0.9995),
     # Plain FedSGD creeps below 99% (0.987 after 2,000 rounds). Server momentum 0.9 (heavy ball on the same mean
     # gradient; `--opt momentum=0.9`): η 0.12 (the DGC rows' rate) diverged at round 75; η 0.05 was ahead of plain
-    # FedSGD at round 200 (0.962 vs 0.959).
+    # FedSGD at round 200 (0.962 vs 0.959) but behind from round 400 on (0.9795 vs 0.9848 at round 775; stopped).
     _p("lenet5-fedsgd-momentum-iid", "lenet5", "fedsgd", 1, 0, 0.05, rounds=2500, paper=626, every=25,
        note=PAPER_CNN, decay=0.9995, momentum="0.9"),
     _p("lenet5-fedavg-e1-b10-iid", "lenet5", "fedavg", 1, 10, 0.1, rounds=150, paper=34, note=PAPER_CNN),
