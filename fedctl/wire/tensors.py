@@ -217,7 +217,7 @@ def _deflate(body: dict[str, Any], dtype: np.dtype) -> dict[str, Any]:
     return {**body, "codec": CODEC_ZLIB, "indices": packed_idx, "values": packed_val}
 
 
-def _sparse_body(name: str, t: SparseTensor, compress: bool = False) -> dict[str, Any]:
+def _sparse_body(name: str, t: SparseTensor) -> dict[str, Any]:
     enc, nbytes, gaps = _plan(name, t)
     body: dict[str, Any] = {"name": name, "enc": ENC_SPARSE, "dtype": _dtype_str(t.values), "shape": list(t.shape),
                             "nnz": t.nnz, "index_enc": enc}
@@ -229,7 +229,7 @@ def _sparse_body(name: str, t: SparseTensor, compress: bool = False) -> dict[str
         raw = t.indices.astype(_raw_dtype(t.numel), copy=False)
         body["index_dtype"], body["indices"] = raw.dtype.str, _as_buffer(raw)
     body["values"] = _as_buffer(t.values)
-    return _deflate(body, t.values.dtype) if compress and t.nnz else body
+    return body
 
 
 COMPACT_SPARSE_FIELDS = ("enc", "name", "dtype", "shape", "nnz", "index_enc", "indices", "values")
@@ -253,14 +253,18 @@ def encode_tensor(name: str, tensor: Tensor | TensorSlice, compress: bool = Fals
                               "shape": list(tensor.shape), "start": tensor.start,
                               "data": _as_buffer(tensor.values)}, use_bin_type=True)
     if isinstance(tensor, SparseTensor):
-        body = _sparse_body(name, tensor, compress)
-        if body["index_enc"] != INDEX_RAW and "codec" not in body:
-            return msgpack.packb([body[k] for k in COMPACT_SPARSE_FIELDS], use_bin_type=True)
-    else:
-        arr = np.asarray(tensor)
-        body = {"name": name, "enc": ENC_DENSE, "dtype": _dtype_str(arr), "shape": list(arr.shape),
-                "data": _as_buffer(arr)}
-    return msgpack.packb(body, use_bin_type=True)
+        body = _sparse_body(name, tensor)
+        plain = (msgpack.packb([body[k] for k in COMPACT_SPARSE_FIELDS], use_bin_type=True)
+                 if body["index_enc"] != INDEX_RAW else msgpack.packb(body, use_bin_type=True))
+        if compress and tensor.nnz:
+            packed = _deflate(body, tensor.values.dtype)
+            if "codec" in packed:  # the map layout: smaller only when zlib saved more than the keys cost
+                frame = msgpack.packb(packed, use_bin_type=True)
+                return frame if len(frame) < len(plain) else plain
+        return plain
+    arr = np.asarray(tensor)
+    return msgpack.packb({"name": name, "enc": ENC_DENSE, "dtype": _dtype_str(arr), "shape": list(arr.shape),
+                          "data": _as_buffer(arr)}, use_bin_type=True)
 
 
 # ----------------------------------------------------------------------------------------------- decoding

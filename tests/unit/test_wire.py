@@ -15,6 +15,7 @@ from fedctl.errors import ProtocolError
 from fedctl.wire import SparseTensor, check_against_spec, decode, encode, make, peek_id
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
+from fedctl.wire.tensors import TensorSlice
 
 ALL = C.MESSAGE_TYPES
 
@@ -106,17 +107,22 @@ MESSAGES = [
     make(C.HEARTBEAT, 13),
     make(C.LEAVE, 14, reason="bye"),
     make(C.DONE, 15, round=3, version=3, reason="the run is complete"),
+    make(C.PUSH, 16, round=2, base_version=1, seq=2, kind="weights", num_examples=5, chunks=3),
+    make(C.CHUNK, 17, slices={"f32": TensorSlice((2, 3), 1, np.array([1.5, -2.0], np.float32))}, xfer=16, index=0),
+    make(C.CREDIT, 18, xfer=16, received=1),
 ]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: f"{m.type}-{m.id}")
 def test_round_trip_every_message_type(msg: Any) -> None:
     frames = encode(msg)
-    assert len(frames) == 1 + len(msg.tensors)
+    assert len(frames) == 1 + len(msg.tensors) + len(msg.slices)
     got = decode(frames, ALL)
     assert (got.type, got.id, got.re) == (msg.type, msg.id, msg.re)
     assert dict(got.fields) == dict(msg.fields)
     assert_same_tensors(dict(got.tensors), dict(msg.tensors))
+    assert {k: (s.shape, s.start, s.values.tobytes()) for k, s in got.slices.items()} == {
+        k: (s.shape, s.start, s.values.tobytes()) for k, s in msg.slices.items()}
 
 
 def test_every_message_type_is_round_tripped() -> None:
