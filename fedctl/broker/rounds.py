@@ -42,7 +42,7 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
     chunked = bool(transfers.model_message_fields(b, b.spec.nbytes))
     # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
     dense: tuple[dict[str, Tensor], list[bytes], bool] = (
-        dict(store.weights), [] if chunked else encode_tensors(store.weights), False)
+        dict(store.weights), [] if chunked else encode_tensors(store.weights, compress=True), False)
     for version in held:
         base = None if version is None else store.at(version)
         delta = None if base is None else b.strategy.downlink(store.weights, base)
@@ -53,7 +53,9 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
         changed = {k: t for k, t in delta.items() if not (isinstance(t, SparseTensor) and t.nnz == 0)}
         changed = pack_sparse(changed, b.expected_shapes)  # one frame when every change is sparse
         frames = encode_tensors(changed, compress=True)
-        smaller = sum(map(len, frames)) < (b.spec.nbytes if chunked else sum(map(len, dense[1])))
+        size = sum(map(len, frames))
+        # A delta goes whole: when the dense model needs chunks, it must itself stay below the chunking size.
+        smaller = size <= b.config.chunk_above if chunked else size < sum(map(len, dense[1]))
         out[version] = (changed, frames, True) if smaller else dense
     return out
 

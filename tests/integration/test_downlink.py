@@ -20,6 +20,8 @@ from fedctl.wire.constants import KIND_WEIGHTS
 from fedctl.worker.state import STATE_FILE, WorkerState
 
 MODEL_BYTES = 109_386 * 4
+DENSE_SENT = int(0.75 * MODEL_BYTES)
+"""At least what a dense model costs on the wire: the broker zlib-compresses it (random-init weights: ~14% less)."""
 
 
 @register
@@ -60,7 +62,7 @@ def test_workers_holding_a_version_get_only_the_changes(fed: Any, ctx: zmq.async
     _, workers, broker = run(fed, ctx, state_dir, dirs, rounds=4)
     metrics = fed.read_metrics(state_dir)
     # Round 1 sends the dense model to both; later rounds only fc3.bias (10 floats), measured on the socket.
-    assert metrics[0]["bytes_out"] > 2 * MODEL_BYTES
+    assert metrics[0]["bytes_out"] > 2 * DENSE_SENT
     assert all(m["bytes_out"] < 2000 for m in metrics[1:]), [m["bytes_out"] for m in metrics]
     for w in workers:
         assert w.state.version == 3  # the model of round 4 is version 3; its update made version 4
@@ -83,7 +85,7 @@ def test_worker_state_survives_a_restart_and_a_new_run_discards_it(fed: Any, ctx
     metrics = fed.read_metrics(state_dir)
     # It holds version 1; the restarted broker keeps no history of past versions, so round 3 goes dense and
     # round 4 (the worker now holds version 2, which the broker kept) carries only the changes.
-    assert metrics[2]["bytes_out"] > MODEL_BYTES and metrics[3]["bytes_out"] < 2000
+    assert metrics[2]["bytes_out"] > DENSE_SENT and metrics[3]["bytes_out"] < 2000
     # A new run (fresh broker state) discards the old worker state.
     _, workers, _ = run(fed, ctx, tmp_path / "other-run", dirs, rounds=1)
     assert float(workers[0].state.strategy["count"][0]) == 1.0
@@ -93,4 +95,4 @@ def test_worker_state_survives_a_restart_and_a_new_run_discards_it(fed: Any, ctx
 def test_history_zero_always_sends_the_dense_model(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path,
                                                     tmp_path: Path) -> None:
     run(fed, ctx, state_dir, [tmp_path / "w0"], rounds=3, history_mb=0.0)
-    assert all(m["bytes_out"] > MODEL_BYTES for m in fed.read_metrics(state_dir))
+    assert all(m["bytes_out"] > DENSE_SENT for m in fed.read_metrics(state_dir))

@@ -40,7 +40,8 @@ def check_run(fed: Any, summary: dict[str, Any], worker_results: list[dict[str, 
         assert m["participants"] == workers and m["version"] == m["round"]
         # every participant pushes one model-sized update (plus small headers, pulls and heartbeats)
         assert m["bytes_in"] == pytest.approx(m["participants"] * MODEL_BYTES, rel=0.05)
-        assert m["bytes_out"] == pytest.approx(m["participants"] * MODEL_BYTES, rel=0.05)
+        # the models go zlib-compressed when that is smaller (trained weights: 10-15% less)
+        assert 0.75 * m["participants"] * MODEL_BYTES <= m["bytes_out"] <= 1.05 * m["participants"] * MODEL_BYTES
         assert m["duration_s"] > 0
     return metrics
 

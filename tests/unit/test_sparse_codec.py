@@ -540,3 +540,41 @@ def test_hostile_zlib_frames_are_refused(frame: bytes) -> None:
     with pytest.raises(ProtocolError) as err:
         decode_tensor(frame)
     assert err.value.code == ErrorCode.BAD_TENSOR
+
+
+def test_a_compressed_dense_frame_round_trips_bit_for_bit_and_is_smaller() -> None:
+    rng = np.random.default_rng(5)
+    weights = (rng.standard_normal((120, 400)) * 0.05).astype(np.float32)
+    plain, packed = encode_tensor("fc1.weight", weights), encode_tensor("fc1.weight", weights, compress=True)
+    assert body_of(packed)["codec"] == "zlib" and len(packed) < 0.92 * len(plain)
+    name, got = decode_tensor(packed)
+    assert name == "fc1.weight" and isinstance(got, np.ndarray) and got.tobytes() == weights.tobytes()
+    bits = rng.integers(0, 2**32, 1000, dtype=np.uint64).astype(np.uint32) & np.uint32(0xBFFFFFFF)  # finite
+    noise = bits.view(np.float32)  # random bits in every byte plane: zlib gains nothing
+    assert "codec" not in body_of(encode_tensor("n", noise, compress=True)), "sent plain when zlib does not help"
+
+
+def dframe(data: bytes, shape: tuple[int, ...] = (2, 3), **extra: Any) -> bytes:
+    return msgpack.packb({"name": "d", "enc": "dense", "dtype": "<f4", "shape": list(shape), "data": data,
+                          "codec": "zlib", **extra}, use_bin_type=True)
+
+
+def test_a_valid_zlib_dense_frame_decodes() -> None:
+    ones = np.ones(6, "<f4")
+    _, got = decode_tensor(dframe(zlib.compress(ones.view(np.uint8).reshape(-1, 4).T.tobytes())))
+    assert isinstance(got, np.ndarray) and got.shape == (2, 3) and got.tolist() == [[1.0] * 3] * 2
+
+
+@pytest.mark.parametrize("frame", [
+    dframe(zlib.compress(np.ones(5, "<f4").tobytes())),
+    dframe(zlib.compress(np.ones(7, "<f4").tobytes())),
+    dframe(zlib.compress(np.ones(6, "<f4").tobytes()) + b"!"),
+    dframe(b"garbage"),
+    dframe(zlib.compress(b"\x00" * 4 * 10**6), shape=(10**6,)),
+    dframe(zlib.compress(np.ones(6, "<f4").tobytes()), codec="gzip"),
+    dframe(zlib.compress(np.full(6, np.inf, "<f4").view(np.uint8).reshape(-1, 4).T.tobytes())),
+], ids=["short", "long", "trailing", "not-zlib", "bomb", "unknown-codec", "inf"])
+def test_hostile_zlib_dense_frames_are_refused(frame: bytes) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode_tensor(frame)
+    assert err.value.code in (ErrorCode.BAD_TENSOR, ErrorCode.NON_FINITE)
