@@ -319,6 +319,8 @@ class Worker:
             received, last = -1, time.monotonic()
             pieces = chunks.split({k: np.asarray(v) for k, v in push.tensors.items()}, shapes, chunk_bytes)
             for index, piece in enumerate(pieces):
+                if answer.done():  # refused (or acknowledged as a duplicate) mid-way: stop sending
+                    break
                 while index - max(received, 0) >= window.size or received < 0:
                     credit = await self._wait_credit(credits, answer, lost)
                     if credit is None:  # the broker answered the push itself: refused (or a duplicate)
