@@ -80,9 +80,9 @@ class PendingStore:
         self.dir = Path(state_dir) / PENDING_DIR
         self._lock = threading.Lock()
         self._index: dict[str, set[tuple[str, int]]] = {}
+        """Group file → the (worker, round) updates in it not yet committed or cleared."""
         self._spools: dict[tuple[str, int], Path] = {}
         """(worker, round) of a stored chunked push → its spool file, deleted with the push."""
-        """Group file → the (worker, round) updates in it not yet committed or cleared."""
         self._batches = 0
         self._token = secrets.token_hex(6)  # a restarted broker never reuses a name of the previous one
 

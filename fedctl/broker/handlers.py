@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from fedctl.broker import transfers
+from fedctl.broker.policy import Admission
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Update
@@ -76,15 +77,10 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         raise ProtocolError(ErrorCode.BAD_FIELD, "a push with 'chunks' carries its tensors in chunk messages",
                             "send the push header alone, then the chunks")
     tensors = unpack_sparse(msg.tensors, broker.expected_shapes)  # a packed sparse frame, split per tensor
-    if chunked:
-        pass  # slices are checked against the model as they come (wire.chunks.Cursor)
-    elif msg["kind"] == C.KIND_WEIGHTS:
-        check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES)
-    else:  # a gradient or delta may leave out tensors it does not change (zero)
-        check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES, partial=True)
-    # While updates are being applied, what arrives now is applied on top of the next version: count it so.
-    version = broker.store.version + (1 if broker.applying else 0)
-    admission = broker.policy.admit(record.worker, msg["round"], msg["base_version"], version)
+    if not chunked:  # (a chunked push's slices are checked as they come: wire.chunks.Cursor)
+        # a gradient or delta may leave out tensors it does not change (zero); weights carry every tensor
+        check_against_spec(tensors, broker.expected_shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
+    admission = _admit(broker, record, msg)
     if admission.duplicate:
         await broker.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")
         return
@@ -101,13 +97,20 @@ async def on_push(broker: Broker, identity: bytes, msg: Message) -> None:
         key = (identity, msg.id)
         if key in broker.inbound:
             broker.inbound.pop(key).abort()
-        broker.inbound[key] = transfers.open_inbound(broker, identity, msg, broker.current_frames or [])
+        broker.inbound[key] = transfers.open_inbound(broker, msg, broker.current_frames or [])
         await broker.send(identity, make(C.CREDIT, broker.next_id(), xfer=msg.id, received=0))
         return
     # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
     update = Update(record.worker, msg["num_examples"], tensors, msg["kind"], msg["base_version"],
                     dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
     await _accept(broker, identity, msg, record, update, broker.current_frames)
+
+
+def _admit(broker: Broker, record: WorkerRecord, header: Message) -> Admission:
+    """The policy's decision on a push (header) from ``record``. While updates are being applied, what arrives now
+    is applied on top of the next version: it is counted so."""
+    version = broker.store.version + (1 if broker.applying else 0)
+    return broker.policy.admit(record.worker, header["round"], header["base_version"], version)
 
 
 async def _accept(broker: Broker, identity: bytes, msg: Message, record: WorkerRecord, update: Update,
@@ -139,12 +142,7 @@ async def on_chunk(broker: Broker, identity: bytes, msg: Message) -> None:
     except ProtocolError as err:
         inbound.abort()
         del broker.inbound[key]
-        log.warning("refused chunked push %d of worker %s at chunk %d: %s", header.id, record.worker,
-                    msg["index"], err.message)
-        # Answer the push itself: the worker waits on that, not on its chunks.
-        await broker.reply(identity, header, C.ERROR, code=int(err.code), reason=err.message[:1000],
-                           fix=err.fix or None)
-        broker.rejected[ErrorCode(err.code).name] = broker.rejected.get(ErrorCode(err.code).name, 0) + 1
+        await broker.refuse(identity, err, re=header.id)  # answers the push: the worker waits on that
         return
     inbound.last = broker.now()
     await broker.send(identity, make(C.CREDIT, broker.next_id(), xfer=msg["xfer"], received=inbound.cursor.received))
@@ -152,8 +150,7 @@ async def on_chunk(broker: Broker, identity: bytes, msg: Message) -> None:
         return
     del broker.inbound[key]
     inbound.close()
-    version = broker.store.version + (1 if broker.applying else 0)
-    admission = broker.policy.admit(record.worker, header["round"], header["base_version"], version)
+    admission = _admit(broker, record, header)
     if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
         inbound.abort()
         if admission.duplicate:

@@ -39,7 +39,7 @@ def build_downlinks(b: Broker, held: set[int | None]) -> dict[int | None, tuple[
     delta on that version. Runs in a thread (diffing and encoding touch the whole model)."""
     store = b.store
     out: dict[int | None, tuple[dict[str, Tensor], list[bytes], bool]] = {}
-    chunked = bool(transfers.model_message_fields(b, b.spec.nbytes))
+    chunked = bool(transfers.model_chunks(b))
     # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
     dense: tuple[dict[str, Tensor], list[bytes], bool] = (
         dict(store.weights), [] if chunked else encode_tensors(store.weights, compress=True), False)
@@ -69,7 +69,7 @@ async def hand_out(b: Broker, jobs: list[tuple[WorkerRecord, int]]) -> None:
     for record, number in jobs:
         task = b.strategy.task_for_round(number, int(b.rng.integers(2**31)))
         tensors, frames, is_delta = downlinks[record.holds_version]
-        chunks = {} if is_delta else transfers.model_message_fields(b, b.spec.nbytes)
+        chunks = {} if is_delta else transfers.model_chunks(b)
         msg = make(C.MODEL, b.next_id(), re=record.pending_pull, tensors=None if chunks else tensors, round=number,
                    version=b.store.version, task=task, base=record.holds_version if is_delta else None, **chunks)
         record.pending_pull = None

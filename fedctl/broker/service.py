@@ -195,7 +195,8 @@ class Broker:
         log.info("worker %s %s; %d connected", record.worker, why, len(self.registry))
         self.changed.set()
 
-    async def _refuse(self, identity: bytes, frames: list[bytes], err: ProtocolError) -> None:
+    async def refuse(self, identity: bytes, err: ProtocolError, re: int | None) -> None:
+        """Count, log (at most once a second per code) and answer a refused message; ``re`` is the id it answers."""
         key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
         self.rejected[key] = self.rejected.get(key, 0) + 1
         now = self.now()
@@ -205,7 +206,6 @@ class Broker:
                         err.message, err.code, key, self.rejected[key])
         else:
             log.debug("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
-        re = peek_id(frames[0]) if frames else None
         await self.send(identity, make(C.ERROR, self.next_id(), re=re, code=err.code, reason=err.message[:1000],
                                        fix=(err.fix or None)))
 
@@ -220,7 +220,7 @@ class Broker:
                 self.registry.touch(record, self.now())
             await handlers.HANDLERS[msg.type](self, identity, msg)
         except ProtocolError as err:
-            await self._refuse(identity, frames, err)
+            await self.refuse(identity, err, peek_id(frames[0]) if frames else None)
 
     # ------------------------------------------------------------------ tasks
     async def _reader(self) -> None:

@@ -43,12 +43,7 @@ class SpoolTensors(Mapping[str, np.ndarray]):
     def __init__(self, path: Path, shapes: Mapping[str, tuple[int, ...]], owned: bool = False) -> None:
         self.path = Path(path)
         self.shapes = dict(shapes)
-        self.offsets: dict[str, int] = {}
-        total = 0
-        for name, shape in self.shapes.items():
-            self.offsets[name] = total
-            total += math.prod(shape)
-        self.total = total
+        self.offsets, self.total = chunks.flat_offsets(self.shapes)
         if owned:  # not kept by the pending store: delete the file with the last reference
             weakref.finalize(self, _unlink, self.path)
 
@@ -79,7 +74,6 @@ def spool_name() -> str:
 class Inbound:
     """A chunked push being received: its header message, where it stands, and its spool file."""
 
-    identity: bytes
     header: Message
     header_frames: list[bytes]
     cursor: chunks.Cursor
@@ -99,13 +93,11 @@ class Inbound:
             self.fd = -1
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close()
         _unlink(self.path)
 
 
-def open_inbound(broker: Broker, identity: bytes, msg: Message, frames: list[bytes]) -> Inbound:
+def open_inbound(broker: Broker, msg: Message, frames: list[bytes]) -> Inbound:
     """Start receiving a chunked push: a spool file of the model's size (sparse on disk until written)."""
     directory = broker.spool_dir
     directory.mkdir(parents=True, exist_ok=True)
@@ -114,7 +106,7 @@ def open_inbound(broker: Broker, identity: bytes, msg: Message, frames: list[byt
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.ftruncate(fd, cursor.total * chunks.CHUNK_DTYPE.itemsize)
     now = broker.now()
-    return Inbound(identity, msg, list(frames[:1]), cursor, path, fd, now, now)
+    return Inbound(msg, list(frames[:1]), cursor, path, fd, now, now)
 
 
 @dataclass
@@ -185,8 +177,8 @@ def expire_inbound(broker: Broker, now: float) -> None:
             del broker.inbound[key]
 
 
-def model_message_fields(broker: Broker, dense_bytes: int) -> dict[str, Any]:
-    """``{"chunks": n}`` when a dense model of ``dense_bytes`` must go in chunks, else nothing."""
-    if dense_bytes <= broker.config.chunk_above:
+def model_chunks(broker: Broker) -> dict[str, Any]:
+    """``{"chunks": n}`` when the dense model must go in chunks, else nothing."""
+    if broker.spec.nbytes <= broker.config.chunk_above:
         return {}
     return {"chunks": chunks.count(broker.expected_shapes, broker.config.chunk_bytes)}

@@ -22,6 +22,15 @@ CHUNK_DTYPE = np.dtype("<f4")
 """Slices of a chunked transfer are float32: chunking is for dense models and updates."""
 
 
+def flat_offsets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, int], int]:
+    """Where each tensor starts in the model laid flat, in the order of ``shapes``, and the model's length."""
+    offsets, total = {}, 0
+    for name, shape in shapes.items():
+        offsets[name] = total
+        total += math.prod(shape)
+    return offsets, total
+
+
 def count(shapes: Mapping[str, tuple[int, ...]], chunk_bytes: int) -> int:
     """Number of chunks :func:`split` makes of a model of ``shapes``."""
     per_chunk = max(chunk_bytes // CHUNK_DTYPE.itemsize, 1)
@@ -57,13 +66,7 @@ class Cursor:
         if not 1 <= chunks <= MAX_CHUNKS:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"a transfer needs 1..{MAX_CHUNKS} chunks, not {chunks}")
         self.shapes = dict(shapes)
-        self.order = list(self.shapes)
-        self.offsets: dict[str, int] = {}
-        total = 0
-        for name in self.order:
-            self.offsets[name] = total
-            total += math.prod(self.shapes[name])
-        self.total = total
+        self.offsets, self.total = flat_offsets(self.shapes)
         self.chunks = chunks
         self.received = 0
         self.position = 0
