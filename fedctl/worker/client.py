@@ -316,17 +316,20 @@ class Worker:
         started = time.monotonic()
         try:
             answer = await self.conn.request(C.PUSH, msg_id=push_id, chunks=n, **push.fields)
-            received, last = -1, time.monotonic()
+            go = await self._wait_credit(credits, answer, lost)  # the header was admitted: send the chunks
+            if go is None:  # the broker answered the push itself: refused (or a duplicate)
+                return await self._wait(answer, lost)
+            received, last = go["received"], time.monotonic()
             pieces = chunks.split({k: np.asarray(v) for k, v in push.tensors.items()}, shapes, chunk_bytes)
             for index, piece in enumerate(pieces):
                 if answer.done():  # refused (or acknowledged as a duplicate) mid-way: stop sending
                     break
-                while index - max(received, 0) >= window.size or received < 0:
+                while index - received >= window.size:
                     credit = await self._wait_credit(credits, answer, lost)
-                    if credit is None:  # the broker answered the push itself: refused (or a duplicate)
+                    if credit is None:
                         return await self._wait(answer, lost)
                     now = time.monotonic()
-                    window.credited(credit["received"] - max(received, 0), now - last)
+                    window.credited(credit["received"] - received, now - last)
                     received, last = max(received, credit["received"]), now
                 await self.conn.send(C.CHUNK, slices=piece, xfer=push_id, index=index)
             reply = await self._wait(answer, lost)
