@@ -38,7 +38,7 @@ import numpy as np
 from fedctl.compress.topk import index_dtype, sampled_topk
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Option, Params, Strategy, Update
-from fedctl.strategies.kernels import axpy, weighted_mean
+from fedctl.strategies.fedsgd import mean_gradient, sgd_step
 from fedctl.strategies.registry import register
 from fedctl.wire.constants import KIND_GRADIENT
 from fedctl.wire.tensors import SparseTensor, Tensor
@@ -248,11 +248,8 @@ class DGC(Strategy):
 
     def aggregate(self, weights: Params, updates: Sequence[Update], state: dict[str, Any],
                   rng: np.random.Generator) -> AggregateResult:
-        grad = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+        grad = mean_gradient(updates)
         nnz = sum(int(np.count_nonzero(g)) for g in grad.values())
         numel = sum(int(g.size) for g in grad.values())
-        step = int(state.get("step", 0))
-        lr = self.task.lr_at(step)
-        return AggregateResult(axpy(-lr, grad, weights), {**state, "step": step + 1},
-                               {"updates": float(len(updates)), "lr": lr, "nnz": float(nnz),
-                                "density": nnz / numel if numel else 0.0})
+        return sgd_step(self.task, weights, grad, state, {"updates": float(len(updates)), "nnz": float(nnz),
+                                                          "density": nnz / numel if numel else 0.0})

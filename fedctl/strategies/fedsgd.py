@@ -12,10 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from fedctl.strategies.base import AggregateResult, ClientResult, LocalTrainer, Option, Params, Strategy, Update
+from fedctl.strategies.base import (
+    AggregateResult,
+    ClientResult,
+    LocalTrainer,
+    Option,
+    Params,
+    Strategy,
+    TaskConfig,
+    Update,
+)
 from fedctl.strategies.kernels import axpy, weighted_mean
 from fedctl.strategies.registry import register
 from fedctl.wire.constants import KIND_GRADIENT
+from fedctl.wire.tensors import Tensor
 
 
 @register
@@ -45,21 +55,31 @@ class FedSGD(Strategy):
 
     def aggregate(self, weights: Params, updates: Sequence[Update], state: dict[str, Any],
                   rng: np.random.Generator) -> AggregateResult:
-        grad = weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+        grad = mean_gradient(updates)
         norm = float(np.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grad.values())))
-        step = int(state.get("step", 0))
-        lr = self.task.lr_at(step)
         clip, decay = float(self.opts["clip"]), float(self.opts["weight_decay"])
         if 0 < clip < norm:
             grad = {name: g * np.float32(clip / norm) for name, g in grad.items()}
         if decay > 0:
             grad = {name: grad.get(name, np.float32(0.0)) + np.float32(decay) * w for name, w in weights.items()}
-        new_state: dict[str, Any] = {**state, "step": step + 1}
         beta = float(self.opts["momentum"])
         if beta > 0:
             velocity = {name: beta * np.asarray(state.get(f"velocity/{name}", 0.0), np.float32) + g
                         for name, g in grad.items()}
-            new_state.update({f"velocity/{name}": v.astype(np.float32) for name, v in velocity.items()})
+            state = {**state, **{f"velocity/{name}": v.astype(np.float32) for name, v in velocity.items()}}
             grad = velocity
-        return AggregateResult(axpy(-lr, grad, weights), new_state,
-                               {"updates": float(len(updates)), "grad_norm": norm, "lr": lr})
+        return sgd_step(self.task, weights, grad, state, {"updates": float(len(updates)), "grad_norm": norm})
+
+
+def mean_gradient(updates: Sequence[Update]) -> Params:
+    """Σ_k (n_k/n) · g_k over the updates' tensors (dense or sparse), dense."""
+    return weighted_mean([u.tensors for u in updates], [u.num_examples for u in updates])
+
+
+def sgd_step(task: TaskConfig, weights: Params, grad: Mapping[str, Tensor], state: dict[str, Any],
+             metrics: dict[str, float]) -> AggregateResult:
+    """w ← w − η_t · grad, η_t the task's rate after ``state["step"]`` steps; the state counts this step and the
+    metrics gain ``lr``. The broker side of FedSGD and of the gradient strategies built on it (DGC)."""
+    step = int(state.get("step", 0))
+    lr = task.lr_at(step)
+    return AggregateResult(axpy(-lr, grad, weights), {**state, "step": step + 1}, {**metrics, "lr": lr})

@@ -355,6 +355,9 @@ def test_model_scope_takes_one_topk_over_all_tensors_and_leaves_out_empty_ones()
         def gradient(self, weights: Any, batch_size: int, seed: int) -> Any:
             return TrainResult({k: v.copy() for k, v in grads.items()}, 10, {"train_loss": 1.0})
 
+        def fit(self, weights: Any, epochs: int, batch_size: int, lr: float, seed: int) -> Any:
+            raise AssertionError("DGC never calls fit")
+
     strategy = DGC(TaskConfig(1, 0, 0.1, options={"sparsity": 1 - 3 / 3000, "scope": "model", "fp16": False}))
     result = strategy.client_update({}, Trainer(), strategy.task_for_round(1, 0), {})
     assert set(result.tensors) == {"big", "bias"}, "a tensor with nothing kept is left out; small ones go dense"
@@ -368,3 +371,32 @@ def test_model_scope_takes_one_topk_over_all_tensors_and_leaves_out_empty_ones()
     agg = strategy.aggregate(weights, [Update("w", 10, result.tensors, "gradient")], {}, np.random.default_rng(0))
     assert np.array_equal(agg.weights["other"], weights["other"])
     assert agg.weights["big"].reshape(-1)[5] == pytest.approx(1 - 0.1 * 9.0)
+
+
+@pytest.mark.parametrize("lr_decay", [1.0, 0.5])
+def test_aggregate_is_fedsgds_on_the_same_updates(lr_decay: float) -> None:
+    """DGC's broker side is plain FedSGD's: bit-identical weights and step on the same sparse updates and on their
+    dense equivalents."""
+    from fedctl.strategies.fedsgd import FedSGD
+
+    task_config = TaskConfig(1, 10, 0.3, lr_decay=lr_decay)
+    gen = np.random.default_rng(5)
+    weights = {"w": gen.standard_normal((6, 7)).astype(np.float32), "b": gen.standard_normal(4).astype(np.float32)}
+    sparse = [Update(f"k{i}", 10 + 7 * i,
+                     {"w": SparseTensor((6, 7), np.sort(gen.choice(42, 5, replace=False)).astype(np.uint32),
+                                        gen.standard_normal(5).astype(np.float16)),
+                      "b": gen.standard_normal(4).astype(np.float32)}, KIND_GRADIENT) for i in range(3)]
+    dense = [Update(u.worker, u.num_examples, densify(u.tensors), KIND_GRADIENT) for u in sparse]
+    for updates in (sparse, dense):
+        d_weights, d_state = weights, {}  # type: ignore[var-annotated]
+        f_weights, f_state = weights, {}  # type: ignore[var-annotated]
+        for _ in range(3):
+            d = DGC(task_config).aggregate(d_weights, updates, d_state, np.random.default_rng(0))
+            f = FedSGD(task_config).aggregate(f_weights, updates, f_state, np.random.default_rng(0))
+            assert d.weights.keys() == f.weights.keys()
+            for name in weights:
+                assert d.weights[name].dtype == f.weights[name].dtype == np.float32
+                assert d.weights[name].tobytes() == f.weights[name].tobytes()
+            assert d.state == f.state
+            assert d.metrics["lr"] == f.metrics["lr"] and d.metrics["updates"] == f.metrics["updates"]
+            d_weights, d_state, f_weights, f_state = d.weights, d.state, f.weights, f.state
