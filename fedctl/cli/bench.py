@@ -371,7 +371,7 @@ def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: fl
     import asyncio
     import shutil
 
-    from fedctl.sim.policies import HeartbeatBench, measure_heartbeat, write_heartbeat_report
+    from fedctl.sim.heartbeat import HeartbeatBench, measure_heartbeat, write_heartbeat_report
 
     _quiet_refusals()
     bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle, durable=durable)

@@ -8,14 +8,23 @@ evaluated points around it, as in McMahan et al. 2017 (docs: REFERENCES.md). Rou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["best_so_far", "cumulative_at", "rounds_to_target", "summarize", "summarize_centralized"]
+__all__ = ["best_so_far", "cumulative_at", "percentile", "rounds_to_target", "summarize", "summarize_centralized"]
 
 Record = Mapping[str, Any]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (a value that occurred): the ⌈q/100 · n⌉-th smallest; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return float(ordered[min(max(math.ceil(q / 100 * len(ordered)), 1), len(ordered)) - 1])
 
 
 def best_so_far(values: Sequence[float | None]) -> list[float | None]:

@@ -98,7 +98,8 @@ _HEADER = ("setting", "partition", "η", "rounds to target", "paper rounds", "ep
            "uplink MB to target", "downlink MB to target", "wall s to target", "best accuracy (rounds run)")
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``, or a dash for a missing value (a table cell)."""
     return DASH if value is None else format(value, spec)
 
 
@@ -110,14 +111,14 @@ def _row(r: Result) -> list[str]:
     s = r["summary"]
     common = [r["label"], r["partition"], f"{r['lr']:g}"]
     if r["strategy"] == CENTRAL:
-        best = f"{_fmt(s.get('best_accuracy'), '.4f')} ({_fmt(s.get('epochs_run'), 'g')} epochs)"
-        return common + [DASH, DASH, _fmt(s.get("epochs_to_target"), ".2f"), DASH, DASH,
-                         _fmt(s.get("wall_s_to_target"), ".1f"), best]
+        best = f"{fmt(s.get('best_accuracy'), '.4f')} ({fmt(s.get('epochs_run'), 'g')} epochs)"
+        return common + [DASH, DASH, fmt(s.get("epochs_to_target"), ".2f"), DASH, DASH,
+                         fmt(s.get("wall_s_to_target"), ".1f"), best]
     paper = DASH if r.get("paper_rounds") is None else str(r["paper_rounds"])
-    best = f"{_fmt(s.get('best_accuracy'), '.4f')} ({s.get('rounds_run', 0)} rounds)"
-    return common + [_fmt(s.get("rounds_to_target"), ".1f"), paper,
-                     _fmt(s.get("epochs_of_computation_to_target"), ".2f"), _mb(s.get("bytes_up_to_target")),
-                     _mb(s.get("bytes_down_to_target")), _fmt(s.get("wall_s_to_target"), ".1f"), best]
+    best = f"{fmt(s.get('best_accuracy'), '.4f')} ({s.get('rounds_run', 0)} rounds)"
+    return common + [fmt(s.get("rounds_to_target"), ".1f"), paper,
+                     fmt(s.get("epochs_of_computation_to_target"), ".2f"), _mb(s.get("bytes_up_to_target")),
+                     _mb(s.get("bytes_down_to_target")), fmt(s.get("wall_s_to_target"), ".1f"), best]
 
 
 def _cell(text: str) -> str:

@@ -12,16 +12,14 @@ import pytest
 
 from fedctl.broker.policy import ClockConfig
 from fedctl.errors import ConfigError
+from fedctl.sim.heartbeat import HeartbeatBench, summarize_heartbeat, write_heartbeat_report
+from fedctl.sim.metrics import percentile
 from fedctl.sim.policies import (
-    HeartbeatBench,
     PolicyBench,
     add_ratios,
-    percentile,
     staleness_stats,
-    summarize_heartbeat,
     summarize_policy,
     to_target,
-    write_heartbeat_report,
     write_policies_report,
 )
 from fedctl.strategies import TaskConfig
