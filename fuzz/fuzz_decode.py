@@ -3,7 +3,7 @@
 An input is one selector byte, then frames, each a 2-byte little-endian length and that many bytes (the last one
 may be short), read with atheris' FuzzedDataProvider. The selector picks the target:
 
-* 0: every frame goes to ``fedctl.wire.tensors.decode_tensor``;
+* 0: every frame goes to ``fedctl.wire.frames.decode_tensor``;
 * 1, 2, 3: the frames go to ``fedctl.wire.decode`` with the worker-to-broker, broker-to-worker or every type.
 
 ``peek_id`` (which the broker calls on frames it has already refused) sees the first frame and must never raise.
@@ -35,8 +35,10 @@ from atheris.version_dependent import CMP_OP_SHIFT_AMOUNT
 with atheris.instrument_imports(include=["fedctl"]):
     from fedctl.errors import ProtocolError
     from fedctl.wire import constants as C
+    from fedctl.wire.constants import ALLOWED_DTYPES
+    from fedctl.wire.frames import decode_tensor, encode_tensor
     from fedctl.wire.messages import decode, encode, make, peek_id
-    from fedctl.wire.tensors import ALLOWED_DTYPES, SparseTensor, TensorSlice, decode_tensor, encode_tensor
+    from fedctl.wire.tensors import SparseTensor, TensorSlice
 
 MAX_FRAMES = C.MAX_TENSORS + 4
 """A few more than a message may carry, so the frame-count limit is exercised too."""

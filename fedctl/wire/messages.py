@@ -15,7 +15,8 @@ import msgpack
 from fedctl.errors import ProtocolError
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import MSGPACK_ERRORS, Tensor, TensorSlice, decode_tensor, encode_tensor
+from fedctl.wire.frames import MSGPACK_ERRORS, decode_tensor, encode_tensor
+from fedctl.wire.tensors import Tensor, TensorSlice
 
 Check = Callable[[Any], bool]
 

@@ -12,7 +12,8 @@ from fedctl.errors import ProtocolError
 from fedctl.wire import chunks, decode, encode, make
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import TensorSlice, decode_tensor, encode_tensor
+from fedctl.wire.frames import decode_tensor, encode_tensor
+from fedctl.wire.tensors import TensorSlice
 
 
 @settings(max_examples=60, deadline=None)

@@ -20,17 +20,9 @@ from fedctl.errors import ProtocolError
 from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.tensors import (
-    COMPACT_SPARSE_FIELDS,
-    PACKED_NAME,
-    SparseTensor,
-    decode_tensor,
-    encode_tensor,
-    index_encoding,
-    pack_sparse,
-    sparse_nbytes,
-    unpack_sparse,
-)
+from fedctl.wire.frames import COMPACT_SPARSE_FIELDS, decode_tensor, encode_tensor
+from fedctl.wire.indices import index_encoding, sparse_nbytes
+from fedctl.wire.tensors import PACKED_NAME, SparseTensor, pack_sparse, unpack_sparse
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 E = ErrorCode
