@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Protocol, cast
 
 import numpy as np
@@ -276,3 +278,75 @@ def test_zero_epochs_returns_weights_and_their_loss(backend: str) -> None:
     assert result.metrics["train_loss"] == pytest.approx(trainer.evaluate(weights)["loss"])
     for name, w in weights.items():
         np.testing.assert_array_equal(result.params[name], w)
+
+
+# -- CPU threads ---------------------------------------------------------------------------------------------------
+
+
+def test_torch_threads_follow_the_live_workers_in_the_training_thread(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from fedctl.worker.threads import LocalWorkers, SharedThreads
+
+    before = torch.get_num_threads()
+    registry = tmp_path / "workers"
+    me = LocalWorkers(registry)
+    me.register()
+    others = [LocalWorkers(registry) for _ in range(3)]
+    x, y = _data(32)
+    weights = init_params(get_model("mlp"), seed=0)
+    trainer = create_trainer("torch", get_model("mlp"), x, y, threads=SharedThreads(me, cpus=4))
+
+    def fit_in_a_new_thread() -> int:
+        # The worker trains in an executor thread, and torch's thread count is per OpenMP thread: check it there.
+        def fit() -> int:
+            trainer.fit(weights, epochs=1, batch_size=8, lr=0.1, seed=0)
+            return int(torch.get_num_threads())
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(fit).result(timeout=60)
+
+    try:
+        assert fit_in_a_new_thread() == 4  # alone: every CPU
+        others[0].register()
+        assert fit_in_a_new_thread() == 2
+        for reg in others[1:]:
+            reg.register()
+        assert fit_in_a_new_thread() == 1
+        others[0].close()
+        assert fit_in_a_new_thread() == 1  # 4 // 3
+        trainer.evaluate(weights)
+        assert torch.get_num_threads() == 1  # evaluation asks too, here in the main thread
+    finally:
+        for reg in [me, *others]:
+            reg.close()
+        torch.set_num_threads(before)
+
+
+def test_mxnet_threads_reach_the_engine_worker_thread() -> None:
+    pytest.importorskip("mxnet")
+    import ctypes
+
+    import mxnet as mx
+
+    from fedctl.worker.frameworks import mxnet as adapter
+
+    try:  # the OpenMP runtime libmxnet links (the system's libgomp for the PyPI wheels)
+        gomp = ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        pytest.skip("libgomp.so.1 not loadable")
+    seen: list[int] = []
+    probe = adapter._SyncFn(lambda run_ctx, param: seen.append(int(gomp.omp_get_max_threads())))
+
+    def engine_threads() -> int:
+        # Runs on MXNet's CPU worker thread, where the operators run, after everything pushed before it.
+        mx.base.check_call(mx.base._LIB.MXEnginePushSync(probe, None, None, ctypes.byref(adapter._CPU_CONTEXT),
+                                                         None, 0, None, 0, None, 0, b"probe"))
+        mx.nd.waitall()
+        return seen[-1]
+
+    x, y = _data(32)
+    weights = init_params(get_model("mlp"), seed=0)
+    for count in (2, 1):
+        trainer = create_trainer("mxnet", get_model("mlp"), x, y, threads=count)
+        trainer.fit(weights, epochs=1, batch_size=8, lr=0.1, seed=0)
+        assert engine_threads() == count

@@ -18,6 +18,7 @@ import numpy as np
 from fedctl.errors import BackendUnavailable, ConfigError, ModelMismatch
 from fedctl.models.zoo import ModelSpec
 from fedctl.worker.frameworks.base import Params, Trainer, TrainResult
+from fedctl.worker.threads import ThreadBudget
 
 __all__ = [
     "BACKENDS",
@@ -110,7 +111,7 @@ def create_trainer(
     x: np.ndarray,
     y: np.ndarray,
     device: str = "cpu",
-    threads: int | None = None,
+    threads: int | ThreadBudget | None = None,
 ) -> Trainer:
     """Build the trainer of ``backend`` for one model and one local dataset.
 
@@ -127,7 +128,8 @@ def create_trainer(
     device:
         ``"cpu"`` or ``"gpu:N"`` (``"cuda:N"`` is accepted too).
     threads:
-        Intra-op CPU threads for the framework, or None to keep its default.
+        CPU threads for the framework: a count, a :class:`~fedctl.worker.threads.ThreadBudget` the trainer asks
+        again before every training call (``fedctl join --threads auto``), or None to keep the framework's default.
 
     Raises
     ------

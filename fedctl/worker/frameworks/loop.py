@@ -36,6 +36,9 @@ class SGDLoop:
         """A framework scalar (or a plain number) as a Python float; the one host sync per epoch."""
         raise NotImplementedError
 
+    def _apply_threads(self) -> None:
+        """Size the framework's CPU thread pool for the call about to run, in the thread that runs it."""
+
     def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
         """Plain mini-batch SGD (no momentum, no weight decay) from ``weights``; see :class:`base.Trainer`.
 
@@ -43,6 +46,7 @@ class SGDLoop:
         step, weighted by batch size) and ``steps``. With ``epochs`` 0 they are measured at ``weights``.
         """
         check_fit_args(epochs, lr)
+        self._apply_threads()
         self.set_weights(weights)
         if epochs == 0:
             ev = self.evaluate(self.get_weights())

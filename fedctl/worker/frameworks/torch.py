@@ -17,6 +17,7 @@ from fedctl.worker.frameworks import check_data, sample_batch, validate_weights
 from fedctl.worker.frameworks.base import Params, TrainResult
 from fedctl.worker.frameworks.device import parse_device, require_gpu
 from fedctl.worker.frameworks.loop import SGDLoop
+from fedctl.worker.threads import ThreadBudget, as_budget
 
 __all__ = ["TorchTrainer", "build_module"]
 
@@ -106,18 +107,18 @@ class TorchTrainer(SGDLoop):
     device:
         ``"cpu"`` or ``"gpu:N"`` / ``"cuda:N"``.
     threads:
-        If given, ``torch.set_num_threads(threads)`` (process-wide).
+        Intra-op CPU threads: a count, or a :class:`~fedctl.worker.threads.ThreadBudget` asked again before every
+        ``fit``, ``gradient`` and ``evaluate``; None keeps PyTorch's default (one per CPU).
     """
 
     backend = "torch"
 
     def __init__(
-        self, spec: ModelSpec, x: np.ndarray, y: np.ndarray, device: str = "cpu", threads: int | None = None
+        self, spec: ModelSpec, x: np.ndarray, y: np.ndarray, device: str = "cpu",
+        threads: int | ThreadBudget | None = None,
     ) -> None:
-        if threads is not None:
-            if threads < 1:
-                raise ConfigError(f"threads must be >= 1, got {threads}", "omit --threads or give a positive count")
-            torch.set_num_threads(threads)
+        self._budget = as_budget(threads)
+        self._apply_threads()
         self.spec = spec
         self.device = _torch_device(device)
         x, y = check_data(spec, x, y)
@@ -164,12 +165,21 @@ class TorchTrainer(SGDLoop):
     def _scalar(self, value: Any) -> float:
         return float(value)
 
+    def _apply_threads(self) -> None:
+        # torch.set_num_threads acts on the calling thread's OpenMP pool (and is the default of threads started
+        # later), and the worker trains in an executor thread: so it is set here, in the thread that trains.
+        if self._budget is not None:
+            count = self._budget.threads()
+            if torch.get_num_threads() != count:
+                torch.set_num_threads(count)
+
     def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
         """Mean cross-entropy gradient at ``weights`` over the shard (``batch_size`` 0) or one sampled batch.
 
         The full shard is processed in chunks, each chunk's summed loss divided by the total count, so the
         result equals the full-batch mean gradient. ``num_examples`` is the number of examples averaged over.
         """
+        self._apply_threads()
         self.set_weights(weights)
         idx = sample_batch(self.num_examples, batch_size, seed)
         xs, ys = self._batch(idx)
@@ -192,6 +202,7 @@ class TorchTrainer(SGDLoop):
 
     def evaluate(self, weights: Params, batch_size: int = 1000) -> dict[str, float]:
         """Accuracy, mean cross-entropy and example count of ``weights`` on the bound dataset."""
+        self._apply_threads()
         self.set_weights(weights)
         step = batch_size if batch_size > 0 else self.num_examples
         loss_sum, correct = 0.0, 0

@@ -1,0 +1,167 @@
+"""The local worker registry (flock-held files) and the thread budgets of ``fedctl join --threads``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedctl.errors import ConfigError
+from fedctl.worker import threads
+from fedctl.worker.threads import (
+    FixedThreads,
+    LocalWorkers,
+    SharedThreads,
+    as_budget,
+    default_runtime_dir,
+    worker_threads,
+)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Path:
+    return tmp_path / "fedctl" / "workers"
+
+
+def test_registry_counts_each_live_registration(registry: Path) -> None:
+    first = LocalWorkers(registry)
+    assert first.count() == 1  # empty (or missing) directory: this process alone
+    regs = [LocalWorkers(registry) for _ in range(3)]
+    for reg in regs:
+        reg.register()
+    assert first.count() == 3
+    assert regs[0].register() == regs[0].path  # idempotent
+    regs[1].close()
+    assert first.count() == 2
+    assert sorted(p.name for p in registry.iterdir()) == sorted(r.path.name for r in (regs[0], regs[2]) if r.path)
+    with LocalWorkers(registry):
+        assert first.count() == 3
+    assert first.count() == 2
+
+
+def test_a_killed_workers_file_stops_counting(registry: Path) -> None:
+    code = ("import sys, time; from pathlib import Path; from fedctl.worker.threads import LocalWorkers; "
+            "w = LocalWorkers(Path(sys.argv[1])); w.register(); print(w.path, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(registry)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        path = Path(child.stdout.readline().strip())
+        mine = LocalWorkers(registry)
+        mine.register()
+        assert mine.count() == 2
+        child.send_signal(signal.SIGKILL)  # no cleanup runs: only the kernel drops the lock
+        child.wait(timeout=10)
+        assert path.exists()
+        assert mine.count() == 1
+        assert not path.exists()  # removed by the count that found it unlocked
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+def test_half_made_and_foreign_files_are_ignored(registry: Path) -> None:
+    me = LocalWorkers(registry)
+    me.register()
+    (registry / ".123-abcd.worker").write_text("being registered")  # hidden until locked and renamed
+    (registry / "notes.txt").write_text("not a worker")
+    assert me.count() == 1
+    assert (registry / "notes.txt").exists()
+
+
+def test_registry_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    shared = tmp_path / "open"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError, match="not a private directory"):
+        LocalWorkers(shared / "workers").register()
+
+
+def test_unusable_registry_warns_and_auto_still_works(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shared = tmp_path / "open"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with caplog.at_level(logging.WARNING, logger="fedctl.worker.threads"):
+        budget = worker_threads("auto", {}, directory=shared / "workers")
+    assert "cannot register" in caplog.text
+    assert isinstance(budget, SharedThreads)
+    assert budget.threads() == budget.cpus
+
+
+def test_shared_threads_divide_the_cpus_and_keep_the_framework_cap(registry: Path) -> None:
+    regs = [LocalWorkers(registry) for _ in range(3)]
+    for reg in regs:
+        reg.register()
+    budget = SharedThreads(regs[0], cpus=8)
+    assert budget.threads() == 2  # 8 // 3
+    assert budget.threads(cap=1) == 1
+    assert budget.threads(cap=16) == 2
+    assert "3 live fedctl worker(s)" in budget.describe()
+    regs[2].close()
+    assert budget.threads() == 4
+    assert SharedThreads(regs[0], cpus=1).threads() == 1
+    more = [LocalWorkers(registry) for _ in range(6)]
+    for reg in more:
+        reg.register()
+    assert budget.threads() == 1  # 8 CPUs, 8 workers
+    assert budget.last == 1
+
+
+def test_worker_threads_option_and_environment(registry: Path) -> None:
+    auto = worker_threads("auto", {}, directory=registry)
+    assert isinstance(auto, SharedThreads) and auto.workers.path is not None
+    fixed = worker_threads("3", {"OMP_NUM_THREADS": "1"}, directory=registry)
+    assert isinstance(fixed, FixedThreads) and fixed.threads(cap=1) == 3 and fixed.source == "--threads 3"
+    assert fixed.workers is not None and fixed.workers.path is not None  # counted by the automatic ones
+    omp = worker_threads("auto", {"OMP_NUM_THREADS": "4,2"}, directory=registry)
+    assert isinstance(omp, FixedThreads) and omp.threads() == 4 and omp.describe() == "4 (OMP_NUM_THREADS=4)"
+    assert isinstance(worker_threads("AUTO", {"OMP_NUM_THREADS": ""}, directory=registry), SharedThreads)
+    assert auto.workers.count() == 3
+    for bad in ("0", "-1", "two", ""):
+        with pytest.raises(ConfigError, match="--threads"):
+            worker_threads(bad, {}, directory=registry)
+
+
+def test_as_budget() -> None:
+    assert as_budget(None) is None
+    fixed = as_budget(2)
+    assert isinstance(fixed, FixedThreads) and fixed.threads() == 2
+    with pytest.raises(ConfigError):
+        as_budget(0)
+
+
+def test_default_runtime_dir(tmp_path: Path) -> None:
+    assert default_runtime_dir({"XDG_RUNTIME_DIR": str(tmp_path)}) == tmp_path / "fedctl" / "workers"
+    fallback = default_runtime_dir({"XDG_RUNTIME_DIR": "relative/dir"})
+    assert fallback.parent.name == f"fedctl-{os.getuid()}"
+    assert default_runtime_dir({}) == fallback
+
+
+def test_cgroup_cpu_limit(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert threads._cgroup_cpu_limit(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert threads._cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads._cgroup_cpu_limit(tmp_path) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")
+    assert threads._cgroup_cpu_limit(tmp_path) == 1
+    assert 1 <= threads.available_cpus() <= (os.cpu_count() or 1)
+
+
+def test_count_is_cheap(registry: Path) -> None:
+    regs = [LocalWorkers(registry) for _ in range(20)]
+    for reg in regs:
+        reg.register()
+    started = time.perf_counter()
+    for _ in range(50):
+        assert regs[0].count() == 20
+    assert (time.perf_counter() - started) / 50 < 0.05  # asked once per round, not per step
