@@ -1,18 +1,19 @@
 """The worker: join the broker, then pull → train → push until the broker says the run is done.
 
 Heartbeats run in their own task, independent of training (training runs in a thread), so a long local epoch
-is never mistaken for death and a lost broker is noticed within the liveness interval.
+is never mistaken for death and a lost broker is noticed within the liveness interval. Each connection is one
+:func:`~fedctl.worker.transport.background` block: its reader and heartbeat end with it. Chunked transfers are
+in :mod:`fedctl.worker.chunked`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,14 @@ from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError
 from fedctl.models import ModelSpec, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
-from fedctl.wire import check_against_spec, chunks, densify, pack_sparse, unpack_sparse
+from fedctl.wire import SparseTensor, check_against_spec, densify, pack_sparse, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
-from fedctl.wire.tensors import SparseTensor
+from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
 from fedctl.worker.frameworks.base import Params, Trainer
 from fedctl.worker.state import WorkerState
-from fedctl.worker.transport import Connection
+from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
 log = logging.getLogger(__name__)
 TrainerFactory = Callable[[ModelSpec], Trainer]
@@ -45,14 +46,6 @@ class Push:
     tensors: dict[str, Any]
     fields: dict[str, Any]
     result: ClientResult
-
-
-class BrokerLost(Exception):
-    """Internal signal: the broker stopped answering heartbeats; reconnect."""
-
-
-class Rejoin(Exception):
-    """Internal signal: the broker does not know this worker (it restarted); join again."""
 
 
 @dataclass(frozen=True)
@@ -130,84 +123,45 @@ class Worker:
                                   num_examples=self.config.num_examples, model=self.config.model,
                                   host=socket.gethostname())
 
-    async def join(self) -> None:
+    async def _join(self, conn: Connection) -> None:
         """Join with capped, jittered exponential backoff until welcomed or ``connect_timeout_s`` passes.
 
         One socket serves every attempt (ZeroMQ reconnects it by itself); a retry resends ``join`` on it and a
         welcome answering any attempt counts, so a slow broker is not answered with a storm of new connections.
         """
         started, attempt, wait_s = time.monotonic(), 0, 1.0
-        conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes,
-                          server_key=self.config.server_key, secret_key=self.config.secret_key)
-        self.conn = conn
-        try:
-            attempts: set[asyncio.Future[Message]] = set()
-            while True:
-                attempt += 1
-                attempts.add(await self._send_join(conn))
-                # No attempt outlasts the overall deadline: --connect-timeout 0.5 gives up after 0.5 s, not 1 s.
-                left = self.config.connect_timeout_s - (time.monotonic() - started)
-                answered, _ = await asyncio.wait(attempts, timeout=max(min(wait_s, left), 0.01),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                if answered:
-                    reply = answered.pop().result()
-                    break
-                waited = time.monotonic() - started
-                if waited >= self.config.connect_timeout_s:
-                    raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
-                                         "check that `fedctl serve` runs there and the port is reachable "
-                                         "(address, firewall), or raise --connect-timeout; if the broker uses "
-                                         "CURVE, check --server-key and that this worker's public key is in its "
-                                         "--allowed-keys directory")
-                log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
-                            self.config.connect, attempt)
-                wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
-        except BaseException:  # given up or cancelled: the socket must not outlive the attempt
-            self._close()
-            raise
-        try:
-            if reply.type == C.ERROR:
-                raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
-            self.run = dict(reply["run"])
-            spec = self.spec = check_spec(self.run["model"])
-            self.state = self.state.for_run(str(self.run["run_id"]))
-        except BaseException:
-            self._close()  # a refused join must not leave its socket open
-            raise
+        attempts: set[asyncio.Future[Message]] = set()
+        while True:
+            attempt += 1
+            attempts.add(await self._send_join(conn))
+            # No attempt outlasts the overall deadline: --connect-timeout 0.5 gives up after 0.5 s, not 1 s.
+            left = self.config.connect_timeout_s - (time.monotonic() - started)
+            answered, _ = await asyncio.wait(attempts, timeout=max(min(wait_s, left), 0.01),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if answered:
+                reply = answered.pop().result()
+                break
+            waited = time.monotonic() - started
+            if waited >= self.config.connect_timeout_s:
+                raise TransportError(f"no broker answered at {self.config.connect} within {waited:.0f} s",
+                                     "check that `fedctl serve` runs there and the port is reachable "
+                                     "(address, firewall), or raise --connect-timeout; if the broker uses "
+                                     "CURVE, check --server-key and that this worker's public key is in its "
+                                     "--allowed-keys directory")
+            log.warning("waiting for the broker at %s (attempt %d, no answer yet; retrying)",
+                        self.config.connect, attempt)
+            wait_s = min(wait_s * 2, self.config.max_backoff_s) * random.uniform(0.8, 1.2)
+        if reply.type == C.ERROR:
+            raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
+        self.run = dict(reply["run"])
+        spec = self.spec = check_spec(self.run["model"])
+        self.state = self.state.for_run(str(self.run["run_id"]))
         log.info("joined run %s as %s: model %s, strategy %s, %d rounds", self.run["run_id"], reply["worker"],
                  spec.name, self.run["strategy"], self.run["rounds"])
 
-    async def _heartbeat(self, conn: Connection, lost: asyncio.Event) -> None:
-        interval = float(self.run.get("heartbeat_interval_s", 1.0))
-        liveness = float(self.run.get("liveness_s", 10.0))
-        while True:
-            await asyncio.sleep(interval)
-            if time.monotonic() - conn.last_heard > liveness:
-                log.warning("the broker has not answered for %.0f s", time.monotonic() - conn.last_heard)
-                lost.set()
-                return
-            await conn.send(C.HEARTBEAT, t=time.time())
-
-    async def _wait(self, future: asyncio.Future[Message], lost: asyncio.Event) -> Message:
-        """The reply to a request, or BrokerLost / the broker's done message, whichever comes first."""
-        assert self.conn is not None
-        lost_task = asyncio.ensure_future(lost.wait())
-        done_task = asyncio.ensure_future(self.conn.done.wait())
-        forgotten_task = asyncio.ensure_future(self.conn.forgotten.wait())
-        try:
-            waiting: set[asyncio.Future[Any]] = {future, lost_task, done_task, forgotten_task}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost_task.cancel()
-            done_task.cancel()
-            forgotten_task.cancel()
-        if future.done():
-            return future.result()
-        if self.conn.done_msg is not None:
-            return self.conn.done_msg
-        if self.conn.forgotten.is_set():
-            raise Rejoin()
-        raise BrokerLost()
+    @property
+    def _liveness_s(self) -> float:
+        return float(self.run.get("liveness_s", 10.0))
 
     def _check_error(self, reply: Message) -> None:
         if reply.type != C.ERROR:
@@ -223,10 +177,13 @@ class Worker:
             self.trainer = self.make_trainer(self.spec)
         return strategy.client_update(weights, self.trainer, task, self.state.strategy)
 
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        assert self.spec is not None
+        return {p.name: p.shape for p in self.spec.params}
+
     def _weights_of(self, model: Message) -> Params:
         """The weights a model message gives: the dense model, or replacements applied to the held version."""
-        assert self.spec is not None
-        shapes = {p.name: p.shape for p in self.spec.params}
+        shapes = self._shapes()
         base = model.get("base")
         if base is None:
             check_against_spec(model.tensors, shapes)
@@ -246,14 +203,17 @@ class Worker:
                 weights[name] = np.array(tensor, dtype=np.float32)
         return weights
 
-    async def _round(self, model: Message, lost: asyncio.Event) -> Message:
+    async def _round(self, model: Message) -> Message:
         """Train on the model the broker handed out and push the update; returns the broker's answer."""
         assert self.conn is not None
         task = dict(model["task"])
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
                                                                float(task["lr"]),
                                                                options=dict(task.get("options") or {})))
-        weights = await self._receive_chunks(model, lost) if model.get("chunks") else self._weights_of(model)
+        if model.get("chunks"):
+            weights = await receive_model(self.conn, model, self._shapes(), self._liveness_s)
+        else:
+            weights = self._weights_of(model)
         self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
         result = await asyncio.to_thread(self._train, strategy, weights, task)
@@ -267,112 +227,17 @@ class Worker:
                                            "seq": self.state.seq, "kind": result.kind,
                                            "num_examples": result.num_examples, "metrics": metrics}, result)
         self.unacked = push  # resent after a reconnect if no answer comes (the broker may have kept it)
-        return await self._push(push, lost)
+        return await self._push(push)
 
-    async def _next_of(self, queue: asyncio.Queue[Message], lost: asyncio.Event, what: str) -> Message:
-        """The next chunk or credit of a transfer; BrokerLost when none comes within the broker's liveness."""
-        try:
-            async with asyncio.timeout(float(self.run.get("liveness_s", 10.0))):
-                return await self._wait(asyncio.ensure_future(queue.get()), lost)
-        except TimeoutError:
-            raise BrokerLost(f"no {what} from the broker for {self.run.get('liveness_s', 10.0)} s") from None
-
-    async def _receive_chunks(self, model: Message, lost: asyncio.Event) -> Params:
-        """The weights of a model that comes in chunks (docs/protocol.md §7.1): each written in place, then
-        credited, so the broker sends the next ones."""
-        assert self.conn is not None and self.spec is not None
-        shapes = {p.name: p.shape for p in self.spec.params}
-        cursor = chunks.Cursor(shapes, int(model["chunks"]))
-        flat = {name: np.empty(math.prod(shape), np.float32) for name, shape in shapes.items()}
-        queue = self.conn.transfers.setdefault(model.id, asyncio.Queue())
-        started = time.monotonic()
-        try:
-            while not cursor.done:
-                msg = await self._next_of(queue, lost, "model chunk")
-                if msg.type != C.CHUNK:
-                    if msg.type == C.DONE:
-                        raise BrokerLost("the run ended while the model was coming")
-                    continue
-                for name, piece, _ in cursor.accept(msg["index"], msg.slices):
-                    flat[name][piece.start:piece.stop] = piece.values
-                await self.conn.send(C.CREDIT, xfer=model.id, received=cursor.received)
-        finally:
-            self.conn.transfers.pop(model.id, None)
-        log.info("received the model (%.1f MB) in %d chunks in %.1f s", cursor.total * 4 / 1e6, cursor.chunks,
-                 time.monotonic() - started)
-        return {name: flat[name].reshape(shape) for name, shape in shapes.items()}
-
-    async def _push_chunks(self, push: Push, lost: asyncio.Event) -> Message:
-        """Send a dense update larger than the broker's ``chunk_above`` as a push header and chunks of slices, at
-        most ``window`` unanswered (the window keeps ~0.25 s of data in flight, so heartbeats behind it are not held
-        long on a slow link); returns the broker's answer to the push."""
-        assert self.conn is not None and self.spec is not None
-        shapes = {p.name: p.shape for p in self.spec.params}
-        chunk_bytes = int(self.run.get("chunk_bytes", C.DEFAULT_CHUNK_BYTES))
-        n = chunks.count(shapes, chunk_bytes)
-        push_id = self.conn.next_id()
-        credits = self.conn.transfers.setdefault(push_id, asyncio.Queue())
-        window = chunks.Window(chunk_bytes)
-        started = time.monotonic()
-        try:
-            answer = await self.conn.request(C.PUSH, msg_id=push_id, chunks=n, **push.fields)
-            go = await self._wait_credit(credits, answer, lost)  # the header was admitted: send the chunks
-            if go is None:  # the broker answered the push itself: refused (or a duplicate)
-                return await self._wait(answer, lost)
-            received, last = go["received"], time.monotonic()
-            pieces = chunks.split({k: np.asarray(v) for k, v in push.tensors.items()}, shapes, chunk_bytes)
-            for index, piece in enumerate(pieces):
-                if answer.done():  # refused (or acknowledged as a duplicate) mid-way: stop sending
-                    break
-                while index - received >= window.size:
-                    credit = await self._wait_credit(credits, answer, lost)
-                    if credit is None:
-                        return await self._wait(answer, lost)
-                    now = time.monotonic()
-                    window.credited(credit["received"] - received, now - last)
-                    received, last = max(received, credit["received"]), now
-                await self.conn.send(C.CHUNK, slices=piece, xfer=push_id, index=index)
-            reply = await self._wait(answer, lost)
-        finally:
-            self.conn.transfers.pop(push_id, None)
-        log.info("pushed %.1f MB in %d chunks in %.1f s", sum(t.nbytes for t in push.tensors.values()) / 1e6, n,
-                 time.monotonic() - started)
-        return reply
-
-    async def _wait_credit(self, credits: asyncio.Queue[Message], answer: asyncio.Future[Message],
-                           lost: asyncio.Event) -> Message | None:
-        """The next credit, or None when the push was answered first."""
-        getter = asyncio.ensure_future(credits.get())
-        try:
-            async with asyncio.timeout(float(self.run.get("liveness_s", 10.0))):
-                await asyncio.wait({getter, answer}, return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            raise BrokerLost(f"no credit from the broker for {self.run.get('liveness_s', 10.0)} s") from None
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if lost.is_set():
-            raise BrokerLost()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
-
-    def _chunked(self, tensors: Mapping[str, Any]) -> bool:
-        """Whether an update must travel in chunks: dense and larger than the broker's ``chunk_above``."""
-        limit = self.run.get("chunk_above")
-        if limit is None or any(isinstance(t, SparseTensor) for t in tensors.values()):
-            return False
-        return sum(np.asarray(t).nbytes for t in tensors.values()) > int(limit)
-
-    async def _push(self, push: Push, lost: asyncio.Event) -> Message:
+    async def _push(self, push: Push) -> Message:
         """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
         assert self.conn is not None
-        assert self.spec is not None
-        if self._chunked(push.tensors):
-            reply = await self._push_chunks(push, lost)
+        if wants_chunks(push.tensors, self.run.get("chunk_above")):
+            reply = await push_chunks(self.conn, push.tensors, push.fields, self._shapes(),
+                                      int(self.run.get("chunk_bytes", C.DEFAULT_CHUNK_BYTES)), self._liveness_s)
         else:
-            tensors = pack_sparse(push.tensors, {p.name: p.shape for p in self.spec.params})
-            reply = await self._wait(await self.conn.request(C.PUSH, tensors=tensors, **push.fields), lost)
+            tensors = pack_sparse(push.tensors, self._shapes())
+            reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, **push.fields))
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:
@@ -391,51 +256,60 @@ class Worker:
         self._check_error(reply)
         return reply
 
-    async def _session(self) -> Message:
-        """One connected session: heartbeat + pull/train/push until done; raises BrokerLost or Rejoin."""
-        assert self.conn is not None
-        lost = asyncio.Event()
-        beat = asyncio.ensure_future(self._heartbeat(self.conn, lost))
-        try:
-            if self.unacked is not None:
-                push, self.unacked = self.unacked, None
-                log.info("resending the update for round %d that the broker had not acknowledged",
-                         push.fields["round"])
-                answer = await self._push(push, lost)
+    async def _session(self, conn: Connection) -> Message:
+        """Pull → train → push on a joined connection until done; raises BrokerLost or Rejoin."""
+        if self.unacked is not None:
+            push, self.unacked = self.unacked, None
+            log.info("resending the update for round %d that the broker had not acknowledged", push.fields["round"])
+            answer = await self._push(push)
+            if answer.type == C.DONE:
+                return answer
+        while True:
+            held = self.state.version if self.state.model else None
+            reply = await conn.wait_reply(await conn.request(C.PULL, version=held))
+            if reply.type == C.DONE:
+                return reply
+            self._check_error(reply)
+            if reply.type == C.MODEL:
+                answer = await self._round(reply)
                 if answer.type == C.DONE:
                     return answer
-            while True:
-                held = self.state.version if self.state.model else None
-                reply = await self._wait(await self.conn.request(C.PULL, version=held), lost)
-                if reply.type == C.DONE:
-                    return reply
-                self._check_error(reply)
-                if reply.type == C.MODEL:
-                    answer = await self._round(reply, lost)
-                    if answer.type == C.DONE:
-                        return answer
+
+    async def _attend(self) -> Message:
+        """One connection: join on it, then take part until done, then leave; raises BrokerLost or Rejoin.
+
+        The connection's reader and the heartbeat run in a :func:`background` block that this call owns: they end
+        with it, and a failure of either ends it. The socket is closed on every way out (an open DEALER would
+        keep its context from terminating).
+        """
+        conn = self.conn = Connection(self.ctx, self.config.connect, self.config.max_message_bytes,
+                                      server_key=self.config.server_key, secret_key=self.config.secret_key)
+        try:
+            async with background() as tasks:
+                conn.start(tasks)
+                await self._join(conn)
+                tasks.start(conn.heartbeat(float(self.run.get("heartbeat_interval_s", 1.0)), self._liveness_s),
+                            name="heartbeat")
+                done = await self._session(conn)
+                await conn.send(C.LEAVE, reason="run complete")
+                await asyncio.sleep(0.05)  # let the socket take the leave out before it closes (linger 0)
+            return done
         finally:
-            beat.cancel()
+            self._close()
 
     async def serve(self) -> dict[str, Any]:
-        """Join and take part until the broker says the run is done; returns a summary."""
-        try:
-            await self.join()
-            while True:
-                try:
-                    done = await self._session()
-                    break
-                except (BrokerLost, Rejoin) as why:
-                    log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
-                                "the broker does not know this worker (restarted?)")
-                    self._close()
-                    await self.join()
-            assert self.conn is not None
-            await self.conn.send(C.LEAVE, reason="run complete")
-            await asyncio.sleep(0.05)
-        finally:
-            # Also on an error or cancellation: an open DEALER would keep its context from terminating.
-            self._close()
+        """Join and take part until the broker says the run is done; returns a summary.
+
+        Raises TransportError when no broker answers within ``connect_timeout_s`` and RemoteError when the broker
+        refuses the join; a lost or restarted broker is joined again.
+        """
+        while True:
+            try:
+                done = await self._attend()
+                break
+            except (BrokerLost, Rejoin) as why:
+                log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
+                            "the broker does not know this worker (restarted?)")
         log.info("run complete after round %d (model version %d); trained %d rounds", done["round"],
                  done["version"], self.rounds_trained)
         return {"rounds_trained": self.rounds_trained, "final_round": done["round"], "version": done["version"],

@@ -1,13 +1,17 @@
 """The worker's DEALER connection: one reader task, replies matched to requests by id, liveness bookkeeping.
 
-Transport + protocol glue only: it encodes and decodes messages but has no idea what training is.
+Transport + protocol glue only: it encodes and decodes messages but has no idea what training is. Its tasks (the
+reader, the CURVE handshake watcher, the heartbeat) run in a task group its owner holds (:func:`background`), so
+none outlives the code that uses the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +29,61 @@ from fedctl.wire.messages import Message
 log = logging.getLogger(__name__)
 
 
+class BrokerLost(Exception):
+    """Internal signal: the broker stopped answering heartbeats; reconnect."""
+
+
+class Rejoin(Exception):
+    """Internal signal: the broker does not know this worker (it restarted); join again."""
+
+
+class Background:
+    """The tasks serving one block of code, in the block's :class:`asyncio.TaskGroup` (see :func:`background`)."""
+
+    def __init__(self, group: asyncio.TaskGroup) -> None:
+        self._group = group
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = self._group.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+@contextlib.asynccontextmanager
+async def background() -> AsyncIterator[Background]:
+    """A task group for tasks that serve the block inside it (a socket's reader, a heartbeat loop).
+
+    They are cancelled when the block ends, however it ends, and waited for, so none outlives it; one that fails
+    cancels the block (its error comes out in an ExceptionGroup). An error of the block itself comes out as itself,
+    after the tasks ended, so callers still catch BrokerLost or RemoteError by type.
+    """
+    failure: Exception | None = None
+    async with asyncio.TaskGroup() as group:
+        tasks = Background(group)
+        try:
+            yield tasks
+        except Exception as exc:  # noqa: BLE001 - re-raised below: inside the group it would come out wrapped
+            failure = exc
+        finally:
+            tasks.cancel()
+    if failure is not None:
+        raise failure
+
+
 class Connection:
     """One DEALER socket connected to a broker.
 
-    Replies (messages whose ``re`` names a request) resolve that request's future; a ``done`` message sets
-    :attr:`done`; anything else unsolicited lands in :attr:`inbox`. :attr:`last_heard` is the monotonic time of
-    the last message from the broker, which the heartbeat task uses to judge the broker's liveness.
+    Replies (messages whose ``re`` names a request) resolve that request's future; a ``done`` message is kept in
+    :attr:`done_msg`; anything else unsolicited lands in :attr:`inbox`. :attr:`last_heard` is the monotonic time
+    of the last message from the broker, which :meth:`heartbeat` uses to judge the broker's liveness.
+    :meth:`wait_reply` ends early when the run is done, the broker forgot this worker or went silent.
+
+    Nothing is read until :meth:`start` runs the reader in the owner's :func:`background` group.
 
     With ``server_key`` (the broker's Z85 public key) and ``secret_key`` (this worker's ``NAME.key_secret`` file)
     the socket is a CURVE client: traffic is encrypted and the broker must hold that key pair. A broker that does
@@ -76,16 +129,63 @@ class Connection:
         self.transfers: dict[int, asyncio.Queue[Message]] = {}
         """Chunked transfers in progress, by the id of the model or push message they belong to: the ``chunk``
         messages of an incoming model, or the ``credit`` messages for an outgoing push."""
-        self.forgotten = asyncio.Event()
+        self.forgotten = False
         """Set when the broker answers anything (a heartbeat, say) with NOT_JOINED: it no longer knows us."""
-        self.done = asyncio.Event()
+        self.lost = False
+        """Set by :meth:`heartbeat` when the broker has been silent for longer than its liveness."""
         self.done_msg: Message | None = None
+        self._interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Resolved on the first of done, forgotten and lost: no reply will come after that."""
         self.last_heard = time.monotonic()
         self.bytes_out = 0
         self.bytes_in = 0
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def start(self, tasks: Background) -> None:
+        """Run the reader (and, with CURVE, the handshake watcher) among the owner's background tasks."""
+        tasks.start(self._read(), name=f"read {self.endpoint}")
         if self._monitor is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_handshakes(self._monitor))
+            tasks.start(self._watch_handshakes(self._monitor), name=f"watch handshakes {self.endpoint}")
+
+    def _interrupt(self) -> None:
+        if not self._interrupted.done():
+            self._interrupted.set_result(None)
+
+    async def heartbeat(self, interval_s: float, liveness_s: float) -> None:
+        """Send a heartbeat every ``interval_s``; return, marking the connection lost, once the broker has been
+        silent for more than ``liveness_s`` (the replies to heartbeats keep it heard while training runs)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if time.monotonic() - self.last_heard > liveness_s:
+                log.warning("the broker has not answered for %.0f s", time.monotonic() - self.last_heard)
+                self.lost = True
+                self._interrupt()
+                return
+            await self.send(C.HEARTBEAT, t=time.time())
+
+    async def wait_reply(self, future: asyncio.Future[Message]) -> Message:
+        """The reply ``future`` brings, or the broker's ``done`` message, whichever comes first; raises Rejoin when
+        the broker forgot this worker and BrokerLost when it went silent."""
+        waiting: set[asyncio.Future[Any]] = {future, self._interrupted}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if future.done():
+            return future.result()
+        if self.done_msg is not None:
+            return self.done_msg
+        if self.forgotten:
+            raise Rejoin()
+        raise BrokerLost()
+
+    async def wait_transfer(self, queue: asyncio.Queue[Message], what: str, timeout_s: float) -> Message:
+        """The next chunk or credit of a transfer from its ``queue`` (as :meth:`wait_reply`); BrokerLost when none
+        comes within ``timeout_s``."""
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.wait_reply(getter)
+        except TimeoutError:
+            raise BrokerLost(f"no {what} from the broker for {timeout_s} s") from None
+        finally:
+            getter.cancel()
 
     def next_id(self) -> int:
         self._next_id += 1
@@ -103,9 +203,10 @@ class Connection:
                 continue
             if msg.type == C.DONE:
                 self.done_msg = msg
-                self.done.set()
+                self._interrupt()
             if msg.type == C.ERROR and msg.get("code") == ErrorCode.NOT_JOINED:
-                self.forgotten.set()  # the broker restarted: whatever we wait for will not come
+                self.forgotten = True  # the broker restarted: whatever we wait for will not come
+                self._interrupt()
             if msg.type in (C.CHUNK, C.CREDIT):
                 queue = self.transfers.get(msg["xfer"])
                 if queue is None:
@@ -180,11 +281,10 @@ class Connection:
         return future
 
     def close(self) -> None:
-        self._reader.cancel()
+        """Close the socket (its tasks end with the owner's :func:`background` block) and cancel pending requests."""
         for future in self._pending.values():
             future.cancel()
         if self._monitor is not None:
-            self._watcher.cancel()
             self._sock.disable_monitor()
             self._monitor.close(0)
         self._sock.close(0)

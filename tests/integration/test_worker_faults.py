@@ -106,7 +106,7 @@ def test_join_without_a_broker_raises_transport_error_in_time(fed: Any, ctx: zmq
     async def scenario() -> float:
         t0 = time.monotonic()
         with pytest.raises(TransportError) as e:
-            await worker.join()
+            await worker.serve()
         assert endpoint in str(e.value)
         assert e.value.fix
         return time.monotonic() - t0
@@ -125,7 +125,7 @@ def test_join_without_a_broker_gives_up_after_several_attempts(fed: Any, ctx: zm
     async def scenario() -> float:
         t0 = time.monotonic()
         with pytest.raises(TransportError):
-            await worker.join()
+            await worker.serve()
         return time.monotonic() - t0
 
     elapsed = fed.run_async(scenario())
