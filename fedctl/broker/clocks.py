@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import Counter
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from fedctl.broker.rounds import evaluate, hand_out
+from fedctl.broker.drivers import Counters, Driver, applied_entry, register
+from fedctl.broker.policy import ClockPolicy
+from fedctl.strategies.base import AggregateResult, Params, Update
 from fedctl.wire import constants as C
 from fedctl.wire.tensors import SparseTensor, Tensor
-
-if TYPE_CHECKING:
-    from fedctl.broker.policy import ClockPolicy
-    from fedctl.broker.service import Broker
-    from fedctl.strategies.base import AggregateResult, Params, Update
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY_S = 1.0
@@ -45,75 +40,74 @@ def as_change(update: Update, base: Params) -> Update:
     return replace(update, tensors=change, kind=C.KIND_DELTA)
 
 
-class ClockDriver:
+@register("clocks")
+class ClockDriver(Driver):
     """Runs an SSP or async federation until ``rounds`` model versions exist or the target is reached."""
 
-    def __init__(self, broker: Broker) -> None:
-        self.b = broker
-        self.policy: ClockPolicy = broker.policy  # type: ignore[assignment]
-        self.started = time.monotonic() - float(broker.state.get("elapsed_s", 0.0))
-        self.staleness: Counter[int] = Counter()
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
         self.unsaved: list[Update] = []
         self.unsaved_journal: list[dict[str, Any]] = []
         self.unsaved_metrics: list[dict[str, Any]] = []
-        self.last_save = time.monotonic()
+        self.last_save = host.now()
+
+    @property
+    def policy(self) -> ClockPolicy:
+        policy = self.core.policy
+        assert isinstance(policy, ClockPolicy)  # the registry maps only ssp/async to this driver
+        return policy
 
     async def run(self) -> dict[str, Any]:
-        b = self.b
+        core, host = self.core, self.host
         last: dict[str, Any] = {}
-        counts = self._counts()
-        b.updates, b.restored = list(b.restored), []
-        while not b.is_complete():
-            b.changed.clear()
+        before = host.snapshot()
+
+        def ready() -> bool:
+            return bool(core.updates) and (len(core.updates) >= self.policy.config.buffer or self.policy.busy() == 0)
+
+        while not core.is_complete():
             await self._grant()
-            if b.updates and (len(b.updates) >= self.policy.config.buffer or self.policy.busy() == 0):
-                last = await self._apply(counts)
-                counts = self._counts()
+            if ready():
+                last = await self._apply(before)
+                before = host.snapshot()
                 continue
-            try:
-                async with asyncio.timeout(b.config.heartbeat_interval_s):
-                    await b.changed.wait()
-            except TimeoutError:
-                pass
+            # Woken by any change; the timeout re-grants pulls held by a worker that has since expired.
+            await host.wait_until(lambda: ready() or self._grantable(), host.config.heartbeat_interval_s)
         await self._checkpoint()
-        return {"rounds": b.state["round"], "version": b.store.version, "last": last, "rejected": dict(b.rejected),
-                "clocks": dict(self.policy.clocks)}
+        return {**self.summary(last), "clocks": dict(self.policy.clocks)}
 
     def _save(self, journal: list[dict[str, Any]], metrics: list[dict[str, Any]], committed: list[Update]) -> None:
         """In a thread: the checkpoint, the metrics lines logged since the last one, then the pending files of the
         updates it holds (file work stays off the event loop: while the disk syncs even an append or an unlink
         can block, and a second's worth of updates is a thousand of them)."""
-        self.b.checkpointer.save(self.b.store, self.b.state, journal)
+        host = self.host
+        host.checkpointer.save(self.core.store, self.core.state, journal)
         for record in metrics:
-            self.b.checkpointer.append_metrics(record, sync=False)
-        if self.b.pending is not None:
-            self.b.pending.remove_many((u.worker, u.round) for u in committed)
+            host.checkpointer.append_metrics(record, sync=False)
+        if host.pending is not None:
+            host.pending.remove_many((u.worker, u.round) for u in committed)
 
     async def _checkpoint(self) -> None:
         """Commit the model, state and journal of everything applied so far; then drop those pending files."""
-        if not self.unsaved and self.unsaved_journal == [] and not self.unsaved_metrics:
+        if not self.unsaved and not self.unsaved_journal and not self.unsaved_metrics:
             return
         metrics, self.unsaved_metrics = self.unsaved_metrics, []
         await asyncio.to_thread(self._save, list(self.unsaved_journal), metrics, list(self.unsaved))
         self.unsaved, self.unsaved_journal = [], []
-        self.last_save = time.monotonic()
+        self.last_save = self.host.now()
+
+    def _grantable(self) -> bool:
+        return any(self.policy.may_start(r.worker) for r in self.core.registry.waiting())
 
     async def _grant(self) -> None:
         """Hand the model to every waiting worker whose clock is within the bound."""
-        jobs = []
-        for record in self.b.registry.waiting():
-            if self.policy.may_start(record.worker):
-                jobs.append((record, self.policy.assign(record.worker, self.b.store.version)))
-        await hand_out(self.b, jobs)
-
-    def _counts(self) -> tuple[int, int, int, int, float]:
-        b = self.b
-        return (b.transport.counters.bytes_in, b.transport.counters.bytes_out, b.bytes_in_by_type.get(C.PUSH, 0),
-                b.bytes_out_by_type.get(C.MODEL, 0), time.perf_counter())
+        jobs = [(r, self.policy.assign(r.worker, self.core.store.version))
+                for r in self.core.registry.waiting() if self.policy.may_start(r.worker)]
+        await self.host.hand_out(jobs)
 
     def _combine(self, updates: list[Update], version: int, population: int) -> AggregateResult:
         """In a thread: staleness weights, weights updates turned into changes, then the strategy's rule."""
-        b = self.b
+        core = self.core
         ready, scales = [], []
         limit = self.policy.config.max_staleness
         for u in updates:
@@ -121,70 +115,50 @@ class ClockDriver:
                 log.error("dropping an update %d versions old (limit %d)", version - u.base_version, limit)
                 continue
             if u.kind == C.KIND_WEIGHTS:
-                base = b.store.at(u.base_version)
+                base = core.store.at(u.base_version)
                 if base is None:  # fell out of the history while buffered: it cannot be applied
                     continue
                 u = as_change(u, base)
             ready.append(u)
             scales.append(self.policy.weight(version - u.base_version))
         if not ready:
-            from fedctl.strategies.base import AggregateResult
+            return AggregateResult(core.store.weights, core.state["strategy_state"], {"updates": 0.0})
+        return core.strategy.apply_async(core.store.weights, ready, scales, core.state["strategy_state"], core.rng,
+                                         population)
 
-            return AggregateResult(b.store.weights, b.state["strategy_state"], {"updates": 0.0})
-        return b.strategy.apply_async(b.store.weights, ready, scales, b.state["strategy_state"], b.rng, population)
-
-    async def _apply(self, counts: tuple[int, int, int, int, float]) -> dict[str, Any]:
-        b = self.b
-        in0, out0, push0, model0, started = counts
-        updates = sorted(b.updates, key=lambda u: (u.base_version, u.worker))
-        b.updates = []
-        version = b.store.version
+    async def _apply(self, before: Counters) -> dict[str, Any]:
+        core, host = self.core, self.host
+        updates = sorted(core.start_apply(), key=lambda u: (u.base_version, u.worker))
+        version = core.store.version
         taus = [version - u.base_version for u in updates]
-        self.staleness.update(taus)
-        b.applying = True
+        population = sum(r.num_examples for r in core.registry.all() if r.worker in self.policy.live)
         try:
-            population = sum(r.num_examples for r in b.registry.all() if r.worker in self.policy.live)
             result = await asyncio.to_thread(self._combine, updates, version, population)
-            b.store.replace(result.weights)
-        finally:
-            b.applying = False
-        b.state["round"] = b.store.version
-        b.state["strategy_state"] = result.state
-        b.state["clocks"] = dict(self.policy.clocks)
-        b.state["elapsed_s"] = time.monotonic() - self.started
-        b.applied_total += len(updates)
-        eval_started = time.perf_counter()
-        evaluation = await self._evaluate(b.store.version)
-        n = sum(u.num_examples for u in updates)
-        held = sum(1 for r in b.registry.waiting() if not self.policy.may_start(r.worker))
-        record: dict[str, Any] = {
-            "round": b.store.version, "version": b.store.version, "policy": self.policy.name,
-            "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
-            "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
-            "participants": len(updates), "connected": len(b.registry),
-            "staleness": taus, "min_clock": self.policy.min_clock(), "max_clock": self.policy.max_clock(),
-            "held_pulls": held, "applied_total": b.applied_total, "refused_stale_total": b.stale_refused,
-            "bytes_in": b.transport.counters.bytes_in - in0, "bytes_out": b.transport.counters.bytes_out - out0,
-            "update_bytes_in": b.bytes_in_by_type.get(C.PUSH, 0) - push0,
-            "model_bytes_out": b.bytes_out_by_type.get(C.MODEL, 0) - model0,
-            "duration_s": round(eval_started - started, 4), "eval_s": round(time.perf_counter() - eval_started, 4),
-            "elapsed_s": round(b.state["elapsed_s"], 3), "rejected_total": sum(b.rejected.values()),
-            "strategy": dict(result.metrics)}
+        except BaseException:
+            core.finish_apply(None, 0)
+            raise
+        core.finish_apply(result.weights, len(updates))
+        core.state["round"] = core.store.version
+        core.state["strategy_state"] = result.state
+        core.state["clocks"] = dict(self.policy.clocks)
+        core.state["elapsed_s"] = host.now() - self.started
+        eval_started = host.now()
+        evaluation = await self.evaluate(core.store.version, f"at model version {core.store.version}")
+        held = sum(1 for r in core.registry.waiting() if not self.policy.may_start(r.worker))
+        record = self.record(updates, before, eval_started, evaluation, result, policy=self.policy.name,
+                             staleness=taus, min_clock=self.policy.min_clock(), max_clock=self.policy.max_clock(),
+                             held_pulls=held, applied_total=core.applied_total,
+                             refused_stale_total=core.rejected.get("STALE_UPDATE", 0))
         self.unsaved += updates
-        self.unsaved_journal += [{"version": b.store.version, "round": u.round, "worker": u.worker, "seq": u.seq,
-                                  "base_version": u.base_version, "num_examples": u.num_examples, "staleness": tau}
-                                 for u, tau in zip(updates, taus)]
+        self.unsaved_journal += [{**applied_entry(u), "staleness": tau} for u, tau in zip(updates, taus)]
         self.unsaved_metrics.append(record)
-        if (record["test_accuracy"] is not None or b.is_complete()
-                or time.monotonic() - self.last_save >= CHECKPOINT_EVERY_S):
+        if (record["test_accuracy"] is not None or core.is_complete()
+                or host.now() - self.last_save >= CHECKPOINT_EVERY_S):
             await self._checkpoint()
-        if record["test_accuracy"] is not None or b.store.version % 50 == 0:
+        if record["test_accuracy"] is not None or core.store.version % 50 == 0:
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
-            log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", b.store.version,
-                     b.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)
-        if b.on_round is not None:
-            b.on_round(record)
+            log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", core.store.version,
+                     host.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)
+        if host.on_round is not None:
+            host.on_round(record)
         return record
-
-    async def _evaluate(self, version: int) -> dict[str, float]:
-        return await evaluate(self.b, version, f"at model version {version}")

@@ -26,16 +26,12 @@ from fedctl.errors import ProtocolError
 from fedctl.fsio import atomic_write
 from fedctl.strategies.base import Update
 from fedctl.wire import constants as C
-from fedctl.wire import decode, encode, make, unpack_sparse
+from fedctl.wire import decode, unpack_sparse
 from fedctl.wire.tensors import MSGPACK_ERRORS
 
 log = logging.getLogger(__name__)
 PENDING_DIR = "pending"
 ROUND_FILE = "round.json"
-
-
-def _update_file(worker: str, round_no: int) -> str:
-    return f"update-{round_no}-{worker.encode().hex()}.push"
 
 
 def _array_header(n: int) -> bytes:
@@ -46,12 +42,11 @@ Entry = tuple[str, list[Any], str | None]
 """A stored push: worker, its frames as received, and for a chunked push the spool file holding its tensors."""
 
 
-def _write_entries(fh: Any, entries: list[Entry], as_list: bool = True) -> None:
-    """Write ``entries`` ([worker, frames] or [worker, frames, spool]; one bare entry when not ``as_list``) as the
-    msgpack that ``msgpack.packb`` would give, but frame by frame: packing megabytes of frames into one buffer
-    holds the GIL for tens of milliseconds (the event loop's heartbeats wait), while ``write`` releases it."""
-    if as_list:
-        fh.write(_array_header(len(entries)))
+def _write_entries(fh: Any, entries: list[Entry]) -> None:
+    """Write ``entries`` ([worker, frames] or [worker, frames, spool]) as the msgpack array that ``msgpack.packb``
+    would give, but frame by frame: packing megabytes of frames into one buffer holds the GIL for tens of
+    milliseconds (the event loop's heartbeats wait), while ``write`` releases it."""
+    fh.write(_array_header(len(entries)))
     for worker, frames, spool in entries:
         fh.write(_array_header(2 if spool is None else 3) + msgpack.packb(worker, use_bin_type=True)
                  + _array_header(len(frames)))
@@ -103,38 +98,21 @@ class PendingStore:
             return None
 
     # -- updates ---------------------------------------------------------------------------------------------
-    def save_update(self, update: Update, round_no: int, seq: int, frames: list[bytes] | None = None) -> None:
-        """Keep an acknowledged update: the push message exactly as it came on the wire (``frames``, header and
-        tensor frames in one msgpack array — cheap to write, validated again when read back), or, without them,
-        the update re-encoded as a push."""
-        if frames is None:
-            frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
-                                 base_version=update.base_version, seq=seq, kind=update.kind,
-                                 num_examples=update.num_examples, metrics=dict(update.metrics)))
-        entry: list[Entry] = [(update.worker, list(frames), None)]
-        atomic_write(self.dir / _update_file(update.worker, round_no), lambda fh: _write_entries(fh, entry, False))
-
-    def save_updates(self, batch: list[tuple[Update, int, int, list[bytes] | None]]) -> None:
-        """Group commit: the whole group in one file (``batch-<n>.push``: a msgpack array of [worker, frames]),
-        written to a temp file, fsynced and renamed, the directory fsynced — one write and one sync for the
-        group instead of one per update. A file is deleted once every update in it is committed or cleared."""
+    def save_updates(self, batch: list[tuple[Update, list[bytes], Path | None]]) -> None:
+        """Group commit of ``(update, push frames as received, spool file of a chunked push)``: the whole group in
+        one file (``batch-<n>.push``: a msgpack array of [worker, frames] or [worker, header frame, spool name]),
+        written to a temp file, fsynced and renamed, the directory fsynced — one write and one sync for the group
+        instead of one per update. A file is deleted once every update in it is committed or cleared."""
         self.dir.mkdir(parents=True, exist_ok=True)
         entries: list[Entry] = []
         keys = set()
         spools = {}
-        for update, round_no, seq, frames in batch:
-            if isinstance(update.tensors, SpoolTensors):  # a chunked push: its header, and its tensors' file
-                _sync_file(update.tensors.path)
-                spools[(update.worker, round_no)] = update.tensors.path
-                entries.append((update.worker, list(frames or []), update.tensors.path.name))
-                keys.add((update.worker, round_no))
-                continue
-            if frames is None:
-                frames = encode(make(C.PUSH, 0, tensors=update.tensors, round=round_no,
-                                     base_version=update.base_version, seq=seq, kind=update.kind,
-                                     num_examples=update.num_examples, metrics=dict(update.metrics)))
-            entries.append((update.worker, list(frames), None))
-            keys.add((update.worker, round_no))
+        for update, frames, spool in batch:
+            if spool is not None:  # a chunked push: its header, and its tensors' file
+                _sync_file(spool)
+                spools[(update.worker, update.round)] = spool
+            entries.append((update.worker, list(frames), None if spool is None else spool.name))
+            keys.add((update.worker, update.round))
         with self._lock:
             self._spools.update(spools)
             self._batches += 1
@@ -144,14 +122,12 @@ class PendingStore:
 
     def _entries(self, path: Path) -> list[Entry]:
         raw = msgpack.unpackb(path.read_bytes(), raw=False)
-        if path.name.startswith("update-"):
-            raw = [raw]
         return [(entry[0], entry[1], entry[2] if len(entry) == 3 else None) for entry in raw]
 
-    def load_updates(self) -> list[tuple[Update, int, int]]:
-        """Every readable pending update as (update, round, seq); unreadable files are logged and skipped."""
+    def load_updates(self) -> list[Update]:
+        """Every readable pending update; unreadable files are logged and skipped."""
         out = []
-        for path in sorted([*self.dir.glob("batch-*.push"), *self.dir.glob("update-*.push")]):
+        for path in sorted(self.dir.glob("batch-*.push")):
             keys = set()
             try:
                 for worker, frames, spool in self._entries(path):
@@ -168,9 +144,7 @@ class PendingStore:
                             self._spools[(worker, int(msg["round"]))] = spool_path
                     else:
                         tensors = unpack_sparse(msg.tensors, self.shapes) if self.shapes else dict(msg.tensors)
-                    update = Update(worker, msg["num_examples"], tensors, msg["kind"],
-                                    msg["base_version"], dict(msg.get("metrics") or {}), msg["round"], msg["seq"])
-                    out.append((update, int(msg["round"]), int(msg["seq"])))
+                    out.append(Update.from_push(worker, msg, tensors))
                     keys.add((worker, int(msg["round"])))
             except (OSError, ValueError, TypeError, ProtocolError, *MSGPACK_ERRORS) as exc:
                 log.warning("ignoring an unreadable pending update file %s (%s)", path.name, exc)
@@ -202,25 +176,16 @@ class PendingStore:
             if path.name not in kept:
                 path.unlink(missing_ok=True)
 
-    def remove(self, worker: str, round_no: int) -> None:
-        self.remove_many([(worker, round_no)])
-
     def remove_many(self, keys: Iterable[tuple[str, int]]) -> None:
         """Forget the committed updates ``keys`` ((worker, round) pairs) in one pass over the index; files left
         with none are deleted."""
         gone = set(keys)
-        for worker, round_no in gone:
-            (self.dir / _update_file(worker, round_no)).unlink(missing_ok=True)
         self._forget(lambda w, r: (w, r) in gone)
 
     def clear(self, through_round: int | None = None) -> None:
         """Forget the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
         if not self.dir.is_dir():
             return
-        for path in self.dir.glob("update-*.push"):
-            round_no = int(path.name.split("-")[1]) if path.name.split("-")[1].isdigit() else -1
-            if through_round is None or round_no <= through_round:
-                path.unlink(missing_ok=True)
         if through_round is None:
             for path in [*self.dir.glob("batch-*.push"), *self.dir.glob("spool-*.f4")]:
                 path.unlink(missing_ok=True)

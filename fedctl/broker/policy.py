@@ -9,12 +9,14 @@ It never sees a socket or a clock of its own, so it is tested with scripted arri
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.strategies.base import Update
 from fedctl.wire.constants import ErrorCode
 
 
@@ -63,10 +65,22 @@ class OpenRound:
     """Selected workers holding this round's model; one that asks again (it restarted) is handed it again."""
 
 
+@dataclass(frozen=True)
+class Restored:
+    """What a policy keeps of the acknowledged updates found after a restart, and which stored ones to forget
+    (``forget_all``: every stored update and the round file)."""
+
+    updates: list[Update]
+    forget: list[tuple[str, int]] = field(default_factory=list)
+    forget_all: bool = False
+
+
 class SyncRoundPolicy:
     """Bulk-synchronous rounds (the first consistency policy; SSP and async implement the same questions)."""
 
     name = "sync"
+    driver: ClassVar[str] = "rounds"
+    """The driver (:data:`fedctl.broker.drivers.DRIVERS`) that runs this policy."""
 
     def __init__(self, config: SyncConfig) -> None:
         self.config = config
@@ -86,11 +100,18 @@ class SyncRoundPolicy:
         self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s, handed=set(selected))
         return self.current
 
-    def restore(self, round_no: int, selected: tuple[str, ...], received: list[str], now: float) -> OpenRound:
-        """Reopen a round after a broker restart with the updates it had acknowledged (nobody holds its model:
-        each selected worker that pulls is handed it again); the deadline starts over."""
-        self.current = OpenRound(round_no, selected, now + self.config.round_timeout_s, list(received))
-        return self.current
+    def restore(self, done: int, opened: tuple[int, tuple[str, ...]] | None, stored: Sequence[Update],
+                applied: Callable[[], set[tuple[str, int]]], now: float) -> Restored:
+        """After a restart at committed round ``done``: reopen round ``done + 1`` if the broker had opened it
+        (``opened``: its number and sample), with the updates it had acknowledged. Nobody holds its model: each
+        selected worker that pulls is handed it again; the deadline starts over. ``applied`` is not needed here:
+        a committed round's updates are those of rounds up to ``done``."""
+        if opened is None or opened[0] != done + 1:
+            return Restored([], forget_all=True)
+        keep = [u for u in stored if u.round == done + 1 and u.worker in opened[1]]
+        kept = {(u.worker, u.round) for u in keep}
+        self.current = OpenRound(done + 1, opened[1], now + self.config.round_timeout_s, [u.worker for u in keep])
+        return Restored(keep, [(u.worker, u.round) for u in stored if (u.worker, u.round) not in kept])
 
     def needs_model(self, worker: str) -> bool:
         """Is ``worker`` selected for the open round, without an answer, and without the model?"""
@@ -231,12 +252,26 @@ class ClockPolicy:
     the pulls it was holding up.
     """
 
+    driver: ClassVar[str] = "clocks"
+
     def __init__(self, config: ClockConfig, clocks: dict[str, int] | None = None) -> None:
         self.config = config
         self.name = "async" if math.isinf(config.bound) else f"ssp:{int(config.bound)}"
         self.clocks: dict[str, int] = dict(clocks or {})
         self.live: set[str] = set()
         self.assigned: dict[str, Assignment] = {}
+
+    def restore(self, done: int, opened: tuple[int, tuple[str, ...]] | None, stored: Sequence[Update],
+                applied: Callable[[], set[tuple[str, int]]], now: float) -> Restored:
+        """After a restart: every acknowledged update the journal (``applied()``: (worker, tick) pairs) does not
+        list as applied is kept, and its worker's clock moves up to its tick."""
+        if not stored:
+            return Restored([])
+        done_keys = applied()
+        keep = [u for u in stored if (u.worker, u.round) not in done_keys]
+        for u in keep:
+            self.clocks[u.worker] = max(self.clocks.get(u.worker, 0), u.round)
+        return Restored(keep, [(u.worker, u.round) for u in stored if (u.worker, u.round) in done_keys])
 
     def join(self, worker: str) -> None:
         if worker not in self.clocks:
@@ -300,3 +335,14 @@ class ClockPolicy:
     def weight(self, staleness: int) -> float:
         """η_g · (1 + τ)^−a: how much an update τ versions old counts."""
         return float(self.config.server_lr * (1.0 + max(staleness, 0)) ** -self.config.staleness_exponent)
+
+
+Policy = SyncRoundPolicy | ClockPolicy
+
+
+def make_policy(text: str, sync: SyncConfig, clock: ClockConfig, state: dict[str, Any]) -> Policy:
+    """The policy ``--policy text`` names, with the clocks saved in ``state`` (ssp/async)."""
+    bound = parse_policy(text)
+    if bound is None:
+        return SyncRoundPolicy(sync)
+    return ClockPolicy(replace(clock, bound=bound), state.get("clocks"))

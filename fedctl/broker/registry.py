@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -13,14 +13,11 @@ class WorkerRecord:
     identity: bytes
     backend: str
     num_examples: int
-    host: str = ""
     last_seen: float = 0.0
     pending_pull: int | None = None
     """Message id of the worker's unanswered pull (it waits for a model), or None."""
     holds_version: int | None = None
     """The model version the worker said (in its pull) it holds exactly, for a downlink delta; None: nothing."""
-    rounds_done: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 class WorkerRegistry:
@@ -42,7 +39,6 @@ class WorkerRegistry:
         old = self._by_id.get(record.worker)
         if old is not None:
             self._by_identity.pop(old.identity, None)
-            record.rounds_done = old.rounds_done
         self._by_id[record.worker] = record
         self._by_identity[record.identity] = record.worker
         return old is not None
@@ -59,9 +55,6 @@ class WorkerRegistry:
         if record is not None:
             self._by_identity.pop(record.identity, None)
         return record
-
-    def touch(self, record: WorkerRecord, now: float) -> None:
-        record.last_seen = now
 
     def expired(self, now: float) -> list[WorkerRecord]:
         """Workers not heard from for longer than the liveness interval."""

@@ -1,8 +1,10 @@
-"""The broker service: one reader task on the ROUTER socket, a liveness reaper and the round driver.
+"""The broker's IO shell: it feeds the sans-IO core (:mod:`fedctl.broker.core`) what the ROUTER socket receives and
+the passing of time, carries out the effects the core returns, and runs the policy's driver.
 
-A round flows: workers ``pull`` → the policy samples m of K → each sampled worker gets ``model`` as the reply to
-its pull → workers ``push`` → the policy closes the round (all answered, or quorum at the deadline) → the
-strategy aggregates (in a thread) → the store bumps the version → evaluation, checkpoint, metrics line.
+Tasks, under one TaskGroup: the socket's reader, the liveness reaper (the core's ``tick``), the durable writer
+(accepted updates to ``pending/``, then their acks), one sender per chunked model transfer, and the driver
+(:mod:`fedctl.broker.rounds` or :mod:`fedctl.broker.clocks`, chosen by the policy through
+:data:`fedctl.broker.drivers.DRIVERS`).
 """
 
 from __future__ import annotations
@@ -12,30 +14,42 @@ import collections
 import logging
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from fedctl.broker import handlers, transfers
-from fedctl.broker.clocks import ClockDriver
+from fedctl.broker import clocks, downlink, rounds  # noqa: F401  (the drivers register themselves)
 from fedctl.broker.config import BrokerConfig
+from fedctl.broker.core import BrokerCore, Inbound
+from fedctl.broker.drivers import DRIVERS, Counters
 from fedctl.broker.durable import PendingStore
-from fedctl.broker.policy import ClockPolicy, SyncRoundPolicy, parse_policy
+from fedctl.broker.effects import (
+    CloseTransfer,
+    Credited,
+    Effect,
+    OpenTransfer,
+    Persist,
+    Send,
+    StartModelTransfer,
+    Wake,
+    WriteChunk,
+)
+from fedctl.broker.params import ParameterStore
+from fedctl.broker.policy import Policy, make_policy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
-from fedctl.broker.rounds import RoundDriver
-from fedctl.broker.store import Checkpointer, ParameterStore
+from fedctl.broker.store import Checkpointer
+from fedctl.broker.transfers import SpoolFiles
 from fedctl.broker.transport import RouterTransport
-from fedctl.errors import ConfigError, ProtocolError
+from fedctl.errors import ConfigError
 from fedctl.models import get_model, init_params
 from fedctl.strategies import Update, get_strategy
+from fedctl.wire import chunks, payload_bytes
 from fedctl.wire import constants as C
-from fedctl.wire import decode, encode, make, payload_bytes, peek_id
-from fedctl.wire.constants import ErrorCode
-from fedctl.wire.messages import Message, peek_type
+from fedctl.wire.messages import peek_type
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +57,26 @@ READER_BACKLOG = 1024
 """Messages the reader takes off the socket ahead of handling them (to find heartbeats); beyond it, and beyond
 READER_BACKLOG_BYTES, the rest wait in ZeroMQ's queues (its high-water marks push back on senders)."""
 READER_BACKLOG_BYTES = 256 * 2**20
+DURABLE_GROUP = 256
+"""Most accepted updates the durable writer stores with one sync."""
 Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], dict[str, float]]
 
 
+def check_writable(directory: Path) -> None:
+    """Refuse at start a state dir the broker could not write (rather than failing after round 1)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write to the state dir {directory}: {exc.strerror or exc}",
+                          "pass a --state-dir you can write to") from None
+
+
 class Broker:
-    """A parameter server for one federated run.
+    """A parameter server for one federated run: the IO shell around a :class:`BrokerCore`.
 
     Parameters
     ----------
@@ -58,169 +86,206 @@ class Broker:
         Optional centralised evaluation ``weights -> {"accuracy", "loss"}``; runs in a worker thread.
     on_round:
         Optional callback receiving each round's metrics record (progress displays).
+    ctx, clock:
+        The ZeroMQ context (default: the process's) and the monotonic clock every time the broker reads comes
+        from (tests pass a fake one).
+    transport:
+        A ready transport with :class:`RouterTransport`'s methods (default: a ROUTER bound to ``config.bind``;
+        ``fedctl.testing.memory.MemoryRouter`` runs a broker without sockets).
     """
 
     def __init__(self, config: BrokerConfig, evaluator: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
-                 ctx: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 ctx: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
+                 transport: Any = None) -> None:
         self.config = config
-        self.spec = get_model(config.model)
-        self.strategy = get_strategy(config.strategy, config.task)
-        bound = parse_policy(config.policy)
-        self.policy: SyncRoundPolicy | ClockPolicy = SyncRoundPolicy(config.sync)
-        self.registry = WorkerRegistry(config.liveness_s)
-        self.checkpointer = Checkpointer(config.state_dir)
-        self.expected_shapes = {p.name: p.shape for p in self.spec.params}
         self.evaluator = evaluator
         self.on_round = on_round
         self.now = clock
-        self.updates: list[Update] = []
-        self.rejected: dict[str, int] = {}
-        self._last_refusal_log: dict[str, float] = {}
-        self.current_frames: list[bytes] | None = None
-        self.durable_queue: asyncio.Queue[tuple[bytes, Message, Update, list[bytes] | None]] = asyncio.Queue()
-        """Accepted pushes waiting to be written to ``pending/`` and acknowledged (see :meth:`_durable_writer`)."""
-        self.bytes_in_by_type: dict[str, int] = {}
-        """Payload bytes of accepted (decoded) messages by type; the transport counts every byte received."""
-        self.bytes_out_by_type: dict[str, int] = {}
-        self.finished = False
-        self.changed = asyncio.Event()
-        self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._msg_id = 0
-        self.store, self.state = self._load_or_init()
-        self.store.history_bytes = int(self.config.history_mb * 2**20)
-        if bound is not None:
-            self.policy = ClockPolicy(replace(config.clock, bound=bound), self.state.get("clocks"))
-        self.pending = PendingStore(config.state_dir, self.expected_shapes) if config.durable_updates else None
-        self.spool_dir = self.pending.dir if self.pending is not None else config.state_dir / "spool"
+        check_writable(config.state_dir)
+        spec = get_model(config.model)
+        strategy = get_strategy(config.strategy, config.task)
+        self.checkpointer = Checkpointer(config.state_dir)
+        store, state = self._load_or_init(spec)
+        store.history_bytes = int(config.history_mb * 2**20)
+        policy: Policy = make_policy(config.policy, config.sync, config.clock, state)
+        shapes = {p.name: p.shape for p in spec.params}
+        self.pending = PendingStore(config.state_dir, shapes) if config.durable_updates else None
+        self.spools = SpoolFiles(self.pending.dir if self.pending is not None else config.state_dir / "spool", shapes)
         """Where chunked pushes are written as they arrive (with durable updates: kept with the pending pushes)."""
-        self.inbound: dict[tuple[bytes, int], transfers.Inbound] = {}
-        self.outbound: dict[tuple[bytes, int], transfers.Outbound] = {}
-        self.transfer_tasks: set[asyncio.Task[None]] = set()
-        if self.pending is None and self.spool_dir.is_dir():  # left by a broker that stopped mid-transfer
-            for stale in self.spool_dir.glob("spool-*.f4"):
-                stale.unlink(missing_ok=True)
-        self.restored: list[Update] = self._restore_pending()
-        """Acknowledged updates of the round (sync) or buffer (ssp/async) the broker was in when it stopped."""
-        self.applied_total = 0
-        self.stale_refused = 0
-        self.applying = False
-        """True while the clock driver applies updates (admission then counts one more version of staleness)."""
-        self.rng = np.random.default_rng([config.seed, self.state["round"]])
-        self.transport = RouterTransport(self._ctx, config.bind, config.max_message_bytes,
-                                         secret_key=config.curve_secret_key, allowed_keys=config.allowed_keys)
-        self.endpoint = self.transport.endpoint
+        if self.pending is None:  # left by a broker that stopped mid-transfer
+            self.spools.remove_stale()
+        self.core = BrokerCore(config, spec, strategy, policy, store, state, open_spool=self.spools.reader,
+                               durable=self.pending is not None)
+        self.core.restore(self._restore_pending())
+        self.bytes_out_by_type: dict[str, int] = {}
+        self.changed = asyncio.Event()
+        self.durable_queue: asyncio.Queue[Persist] = asyncio.Queue()
+        self.credited: dict[tuple[bytes, int], asyncio.Event] = {}
+        self._tasks: asyncio.TaskGroup | None = None
+        self._senders: set[asyncio.Task[None]] = set()
+        self._effects: dict[type, Callable[[Any], Awaitable[None]]] = {
+            Send: self._send, Persist: self._persist, OpenTransfer: self._open_transfer,
+            WriteChunk: self._write_chunk, CloseTransfer: self._close_transfer,
+            StartModelTransfer: self._start_model_transfer, Wake: self._wake, Credited: self._credited}
+        self.transport = transport or RouterTransport(
+            ctx or zmq.asyncio.Context.instance(), config.bind, config.max_message_bytes,
+            secret_key=config.curve_secret_key, allowed_keys=config.allowed_keys)
+        self.endpoint: str = self.transport.endpoint
 
-    def _restore_pending(self) -> list[Update]:
-        """Updates acknowledged before a crash and not yet applied; stale files of committed rounds are removed."""
-        if self.pending is None:
-            return []
-        done = int(self.state["round"])
-        if isinstance(self.policy, SyncRoundPolicy):
-            self.pending.clear(through_round=done)
-            opened = self.pending.load_round()
-            if opened is None or opened[0] != done + 1:
-                self.pending.clear()
-                return []
-            updates = [u for u, r, _ in self.pending.load_updates() if r == done + 1 and u.worker in opened[1]]
-            self.policy.restore(done + 1, opened[1], [u.worker for u in updates], self.now())
-        else:
-            # Pending = acknowledged; the journal says which of those a committed version already holds.
-            applied = {(e.get("worker"), e.get("round")) for e in self.checkpointer.read_journal()}
-            clocks = self.policy.clocks
-            updates = []
-            for u, tick, _ in self.pending.load_updates():
-                if (u.worker, tick) in applied:
-                    self.pending.remove(u.worker, tick)
-                    continue
-                updates.append(u)
-                clocks[u.worker] = max(clocks.get(u.worker, 0), tick)
-        self.pending.drop_orphan_spools()
-        if updates:
-            log.info("restored %d acknowledged update(s) not yet applied (%s)", len(updates),
-                     ", ".join(f"{u.worker}@{u.round}" for u in updates))
-        return updates
-
-    def _load_or_init(self) -> tuple[ParameterStore, dict[str, Any]]:
+    # ------------------------------------------------------------------ state, start and restore
+    def _load_or_init(self, spec: Any) -> tuple[ParameterStore, dict[str, Any]]:
+        config = self.config
         if self.checkpointer.exists():
             store, state = self.checkpointer.load()
-            if state.get("model") != self.config.model or state.get("strategy") != self.config.strategy:
-                raise ConfigError(f"{self.config.state_dir} holds a run of model {state.get('model')!r} with "
+            if state.get("model") != config.model or state.get("strategy") != config.strategy:
+                raise ConfigError(f"{config.state_dir} holds a run of model {state.get('model')!r} with "
                                   f"strategy {state.get('strategy')!r}",
                                   "pass a fresh --state-dir, or the same --model and --strategy to resume")
-            log.info("resuming run %s from %s at round %d (model version %d)", state["run_id"],
-                     self.config.state_dir, state["round"], store.version)
+            log.info("resuming run %s from %s at round %d (model version %d)", state["run_id"], config.state_dir,
+                     state["round"], store.version)
             return store, state
-        store = ParameterStore(init_params(self.spec, self.config.seed))
-        state = {"run_id": secrets.token_hex(8), "model": self.config.model, "strategy": self.config.strategy,
-                 "round": 0, "rounds": self.config.rounds, "seed": self.config.seed, "strategy_state": {}}
+        store = ParameterStore(init_params(spec, config.seed))
+        state = {"run_id": secrets.token_hex(8), "model": config.model, "strategy": config.strategy,
+                 "round": 0, "rounds": config.rounds, "seed": config.seed, "strategy_state": {}}
         return store, state
 
+    def _restore_pending(self) -> list[Update]:
+        """Updates acknowledged before a crash and not yet applied (the policy decides which); the files of the
+        others are removed."""
+        if self.pending is None:
+            return []
+        pending, policy = self.pending, self.core.policy
+
+        def applied() -> set[tuple[str, int]]:
+            return {(str(e.get("worker")), int(e.get("round", -1))) for e in self.checkpointer.read_journal()}
+
+        restored = policy.restore(int(self.core.state["round"]), pending.load_round(), pending.load_updates(),
+                                  applied, self.now())
+        if restored.forget_all:
+            pending.clear()
+        else:
+            pending.remove_many(restored.forget)
+        pending.drop_orphan_spools()
+        if restored.updates:
+            log.info("restored %d acknowledged update(s) not yet applied (%s)", len(restored.updates),
+                     ", ".join(f"{u.worker}@{u.round}" for u in restored.updates))
+        return restored.updates
+
+    # ------------------------------------------------------------------ the core's state, for callers and tests
+    @property
+    def store(self) -> ParameterStore:
+        return self.core.store
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.core.state
+
+    @property
+    def policy(self) -> Policy:
+        return self.core.policy
+
+    @property
+    def registry(self) -> WorkerRegistry:
+        return self.core.registry
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        return self.core.rejected
+
+    @property
+    def updates(self) -> list[Update]:
+        return self.core.updates
+
+    @property
+    def inbound(self) -> dict[tuple[bytes, int], Inbound]:
+        return self.core.inbound
+
+    @property
+    def bytes_in_by_type(self) -> dict[str, int]:
+        return self.core.bytes_in_by_type
+
+    @property
+    def applied_total(self) -> int:
+        return self.core.applied_total
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.spools.dir
+
     def is_complete(self) -> bool:
-        """True when the state holds a finished run: every round done, or the target accuracy reached."""
-        return self.state["round"] >= self.config.rounds or bool(self.state.get("target_reached_at"))
+        return self.core.is_complete()
 
-    # ------------------------------------------------------------------ messaging
-    def next_id(self) -> int:
-        self._msg_id += 1
-        return self._msg_id
+    def snapshot(self) -> Counters:
+        return Counters(self.transport.counters.bytes_in, self.transport.counters.bytes_out,
+                        self.core.bytes_in_by_type.get(C.PUSH, 0), self.bytes_out_by_type.get(C.MODEL, 0), self.now())
 
-    def run_info(self) -> dict[str, Any]:
-        """The ``run`` map of the welcome message."""
-        return {"run_id": self.state["run_id"], "model": self.spec.to_wire(), "strategy": self.strategy.name,
-                "rounds": self.config.rounds, "heartbeat_interval_s": self.config.heartbeat_interval_s,
-                "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes,
-                "chunk_above": self.config.chunk_above, "chunk_bytes": self.config.chunk_bytes}
+    # ------------------------------------------------------------------ effects
+    async def execute(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            await self._effects[type(effect)](effect)
 
-    async def send(self, identity: bytes, msg: Message, tensor_frames: list[bytes] | None = None) -> bool:
-        frames = encode(msg, tensor_frames)
-        sent = await self.transport.send(identity, frames)
-        if sent:
-            self.bytes_out_by_type[msg.type] = self.bytes_out_by_type.get(msg.type, 0) + payload_bytes(frames)
-        return sent
+    async def _deliver(self, identity: bytes, frames: list[bytes], mtype: str) -> bool:
+        """Send one message; False when the peer is gone. Payload bytes are counted by message type."""
+        if not await self.transport.send(identity, frames):
+            return False
+        self.bytes_out_by_type[mtype] = self.bytes_out_by_type.get(mtype, 0) + payload_bytes(frames)
+        return True
 
-    async def reply(self, identity: bytes, request: Message, mtype: str, tensors: Params | None = None,
-                    **fields: Any) -> bool:
-        return await self.send(identity, make(mtype, self.next_id(), re=request.id, tensors=tensors, **fields))
+    async def _send(self, e: Send) -> None:
+        if not await self._deliver(e.identity, e.frames, e.type) and e.worker is not None:
+            await self.execute(self.core.unreachable(e.worker))
 
-    async def send_done(self, record: WorkerRecord, re: int | None = None) -> None:
-        record.pending_pull = None
-        await self.send(record.identity, make(C.DONE, self.next_id(), re=re, round=self.state["round"],
-                                              version=self.store.version, reason="the run is complete"))
+    async def _persist(self, e: Persist) -> None:
+        self.durable_queue.put_nowait(e)
 
-    def drop(self, record: WorkerRecord, why: str) -> None:
-        """Forget a worker (left or expired) and stop waiting for it in the open round."""
-        self.registry.remove(record.worker)
-        self.policy.worker_gone(record.worker)
-        log.info("worker %s %s; %d connected", record.worker, why, len(self.registry))
+    async def _open_transfer(self, e: OpenTransfer) -> None:
+        self.spools.open(e.name, e.nbytes)
+
+    async def _write_chunk(self, e: WriteChunk) -> None:
+        self.spools.write(e.name, e.pieces)
+
+    async def _close_transfer(self, e: CloseTransfer) -> None:
+        self.spools.close(e.name, e.delete)
+
+    async def _start_model_transfer(self, e: StartModelTransfer) -> None:
+        assert self._tasks is not None, "model transfers start while the broker runs"
+        sender = self._tasks.create_task(self._send_model_chunks(e))
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    async def _wake(self, e: Wake) -> None:
         self.changed.set()
 
-    async def refuse(self, identity: bytes, err: ProtocolError, re: int | None) -> None:
-        """Count, log (at most once a second per code) and answer a refused message; ``re`` is the id it answers."""
-        key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
-        self.rejected[key] = self.rejected.get(key, 0) + 1
-        now = self.now()
-        if now - self._last_refusal_log.get(key, -1e9) >= 1.0:  # at most one line per code and second
-            self._last_refusal_log[key] = now
-            log.warning("refused a message from %s: %s (code %d %s; %d refused so far)", identity.hex()[:12],
-                        err.message, err.code, key, self.rejected[key])
-        else:
-            log.debug("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
-        await self.send(identity, make(C.ERROR, self.next_id(), re=re, code=err.code, reason=err.message[:1000],
-                                       fix=(err.fix or None)))
+    async def _credited(self, e: Credited) -> None:
+        event = self.credited.get((e.identity, e.xfer))
+        if event is not None:
+            event.set()
 
-    async def handle(self, identity: bytes, frames: list[bytes]) -> None:
-        """Decode, validate and dispatch one message; a bad one is refused and changes nothing."""
-        try:
-            msg = decode(frames, C.WORKER_TO_BROKER)
-            self.current_frames = frames  # read by on_push before its first await (durable copy of a push)
-            self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + payload_bytes(frames)
-            record = self.registry.by_identity(identity)
-            if record is not None:
-                self.registry.touch(record, self.now())
-            await handlers.HANDLERS[msg.type](self, identity, msg)
-        except ProtocolError as err:
-            await self.refuse(identity, err, peek_id(frames[0]) if frames else None)
+    # ------------------------------------------------------------------ what the drivers ask
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool:
+        """Wait until ``condition()`` holds (re-checked whenever the core's state changes); False on timeout."""
+        deadline = None if timeout_s is None else self.now() + timeout_s
+        while True:
+            self.changed.clear()
+            if condition():
+                return True
+            left = None if deadline is None else deadline - self.now()
+            if left is not None and left <= 0:
+                return False
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the event
+                async with asyncio.timeout(None if left is None else max(left, 0.001)):
+                    await self.changed.wait()
+            except TimeoutError:
+                continue
+
+    async def hand_out(self, jobs: list[tuple[WorkerRecord, int]]) -> None:
+        """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: dense, or only what
+        changed since the version it holds when that is smaller (built in a thread)."""
+        if jobs:
+            downlinks = await asyncio.to_thread(downlink.build, self.core, [r.holds_version for r, _ in jobs])
+            await self.execute(self.core.hand_out(jobs, downlinks, self.now()))
 
     # ------------------------------------------------------------------ tasks
     async def _reader(self) -> None:
@@ -240,13 +305,13 @@ class Broker:
                 if ready is None:
                     break
                 if len(ready[1]) == 1 and peek_type(ready[1][0]) == C.HEARTBEAT:
-                    await self.handle(*ready)
+                    await self.execute(self.core.handle(ready[0], ready[1], self.now()))
                 else:
                     backlog.append(ready)
                     backlog_bytes += payload_bytes(ready[1])
             identity, frames = backlog.popleft()
             backlog_bytes -= payload_bytes(frames)
-            await self.handle(identity, frames)
+            await self.execute(self.core.handle(identity, frames, self.now()))
             handled += 1
             if handled % 16 == 0:
                 # pyzmq returns finished futures while messages are queued: without this, a flood would keep the
@@ -258,62 +323,86 @@ class Broker:
         assert self.pending is not None
         while True:
             batch = [await self.durable_queue.get()]
-            while not self.durable_queue.empty() and len(batch) < 256:
+            while not self.durable_queue.empty() and len(batch) < DURABLE_GROUP:
                 batch.append(self.durable_queue.get_nowait())
             try:
-                await asyncio.to_thread(self.pending.save_updates,
-                                        [(u, m["round"], m["seq"], f) for _, m, u, f in batch])
+                await asyncio.to_thread(self.pending.save_updates, [
+                    (p.update, p.frames, None if p.spool is None else self.spools.dir / p.spool) for p in batch])
             except OSError as exc:  # no ack: the workers resend after reconnecting, or the round goes on
                 log.error("could not make %d update(s) durable (%s); not acknowledged", len(batch), exc)
-                continue
-            for identity, msg, _, _ in batch:
-                await self.reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+            else:
+                for persisted in batch:
+                    await self.execute(list(persisted.then))
+            finally:
+                for _ in batch:
+                    self.durable_queue.task_done()
 
     async def _reaper(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval_s)
-            for record in self.registry.expired(self.now()):
-                self.drop(record, f"lost (no message for {self.config.liveness_s:g} s)")
-            transfers.expire_inbound(self, self.now())
+            await self.execute(self.core.tick(self.now()))
+
+    async def _send_model_chunks(self, e: StartModelTransfer) -> None:
+        """Send the current model to ``e.identity`` as the chunks of transfer ``e.xfer``, at most the core's window
+        unanswered. Gives up (the worker pulls again) when no credit comes for ``liveness_s``."""
+        key = (e.identity, e.xfer)
+        weights, shapes, chunk_bytes = self.core.store.weights, self.core.shapes, self.config.chunk_bytes
+        total = chunks.count(shapes, chunk_bytes)
+        event = self.credited[key] = asyncio.Event()
+
+        async def wait_credit_below(limit: int, index: int) -> bool:
+            """Wait until fewer than ``limit`` chunks are unanswered; False when the transfer ended (no credit
+            for liveness_s, or the worker is gone)."""
+            while (out := self.core.outbound.get(key)) is not None and index - out.received >= limit:
+                event.clear()
+                try:
+                    async with asyncio.timeout(self.config.liveness_s):
+                        await event.wait()
+                except TimeoutError:
+                    log.warning("worker %s sent no credit for %g s; model transfer %d stopped at chunk %d of %d",
+                                e.worker, self.config.liveness_s, e.xfer, out.received, total)
+                    return False
+            return out is not None
+
+        try:
+            for index, piece in enumerate(chunks.split(weights, shapes, chunk_bytes)):
+                out = self.core.outbound.get(key)
+                if out is None or not await wait_credit_below(out.window.size, index):
+                    return
+                if not await self._deliver(e.identity, self.core.chunk_message(e.xfer, index, piece), C.CHUNK):
+                    log.info("worker %s is unreachable; model transfer %d stopped", e.worker, e.xfer)
+                    return
+            await wait_credit_below(1, total)  # the transfer stays open for the credits still on their way
+        finally:
+            self.core.outbound.pop(key, None)
+            self.credited.pop(key, None)
 
     async def run(self) -> dict[str, Any]:
         """Run every round, tell the workers the run is done, and return a summary."""
+        core = self.core
         log.info("broker on %s: model %s (%d parameters), strategy %s, policy %s, %d %s", self.endpoint,
-                 self.spec.name, self.spec.num_params, self.strategy.name, self.policy.name, self.config.rounds,
-                 "rounds" if isinstance(self.policy, SyncRoundPolicy) else "model versions")
+                 core.spec.name, core.spec.num_params, core.strategy.name, core.policy.name, self.config.rounds,
+                 "rounds" if core.policy.driver == "rounds" else "model versions")
+        driver = DRIVERS[core.policy.driver](self)
         try:
             async with asyncio.TaskGroup() as tg:
-                reader = tg.create_task(self._reader())
-                reaper = tg.create_task(self._reaper())
-                writer = tg.create_task(self._durable_writer()) if self.pending is not None else None
-                driver = RoundDriver(self) if isinstance(self.policy, SyncRoundPolicy) else ClockDriver(self)
+                self._tasks = tg
+                background = [tg.create_task(self._reader()), tg.create_task(self._reaper())]
+                if self.pending is not None:
+                    background.append(tg.create_task(self._durable_writer()))
                 summary = await driver.run()
                 await self._finish()
-                reader.cancel()
-                reaper.cancel()
-                if writer is not None:
-                    writer.cancel()
+                for task in [*background, *self._senders]:  # model transfers may still wait for credits
+                    task.cancel()
         finally:
-            for task in list(self.transfer_tasks):  # model transfers still waiting for credits
-                task.cancel()
-            for inbound in self.inbound.values():
-                inbound.abort()
-            self.inbound.clear()
+            self._tasks = None
+            self.spools.abort_all()
+            core.inbound.clear()
             self.transport.close()
         return summary
 
     async def _finish(self) -> None:
         """Tell every worker the run is done, then linger until they leave or the linger time passes."""
-        while not self.durable_queue.empty():  # acks of the last durable writes go out first
-            await asyncio.sleep(0.01)
-        self.finished = True
-        for record in self.registry.all():
-            await self.send_done(record, re=record.pending_pull)
-        deadline = self.now() + self.config.done_linger_s
-        while len(self.registry) and self.now() < deadline:
-            self.changed.clear()
-            try:
-                async with asyncio.timeout(max(deadline - self.now(), 0.01)):
-                    await self.changed.wait()
-            except TimeoutError:
-                break
+        await self.durable_queue.join()  # acks of the last durable writes go out first
+        await self.execute(self.core.finish())
+        await self.wait_until(lambda: not len(self.core.registry), self.config.done_linger_s)

@@ -1,8 +1,9 @@
-"""The parameter store: the global model, its version, the run state, and atomic checkpoints in --state-dir.
+"""Checkpoints in --state-dir: the global model, the run state, the journal of applied updates and metrics lines.
 
-Checkpoint files (docs/architecture.md): ``model.npz`` (float32 arrays by canonical name, no pickle) and
-``state.json`` (round, version, run config). Each is written to a temp file, fsynced and renamed, then the
-directory is fsynced, so a crash leaves either the old or the new checkpoint, never a torn one.
+Checkpoint files (docs/architecture.md): ``model-<version>.npz`` (float32 arrays by canonical name, and the
+strategy's array state; no pickle) and ``state.json`` (round, version, run config, the name of that model file).
+Each is written to a temp file, fsynced and renamed, then the directory is fsynced, so a crash leaves either the
+old or the new checkpoint, never a torn one. ``journal.jsonl`` lines are fsynced before the commit.
 """
 
 from __future__ import annotations
@@ -11,67 +12,22 @@ import json
 import logging
 import os
 import zipfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedctl.broker.params import ParameterStore
 from fedctl.errors import ConfigError
 from fedctl.fsio import atomic_write
 
 log = logging.getLogger(__name__)
-Params = dict[str, np.ndarray]
-MODEL_FILE = "model.npz"
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
 JOURNAL_FILE = "journal.jsonl"
 STATE_ARRAY_PREFIX = "strategy_state/"
-"""Arrays of the strategy's broker state are kept in model.npz under this prefix (JSON holds the rest)."""
-
-
-class ParameterStore:
-    """The global weights and their version; ``version`` counts aggregations since initialisation.
-
-    It also keeps recent versions (newest first, at most ``history_bytes`` of arrays) so that the broker can send
-    a worker that holds version v only what changed since v (the downlink delta). Versions are immutable: an
-    aggregation installs new arrays, so the history holds references, not copies.
-    """
-
-    def __init__(self, weights: Params, version: int = 0, history_bytes: int = 0) -> None:
-        self.weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
-        self.version = version
-        self.history_bytes = history_bytes
-        self._history: OrderedDict[int, Params] = OrderedDict()
-
-    @property
-    def model_bytes(self) -> int:
-        return sum(a.nbytes for a in self.weights.values())
-
-    def replace(self, weights: Params) -> int:
-        """Install new global weights and bump the version; returns the new version."""
-        if weights.keys() != self.weights.keys():
-            raise ValueError("aggregated weights do not have the model's tensor names")
-        old, old_version = self.weights, self.version
-        self.weights = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in self.weights}
-        self.version += 1
-        keep = self.history_bytes // max(self.model_bytes, 1)
-        if keep > 0:
-            self._history[old_version] = old
-            while len(self._history) > keep:
-                self._history.popitem(last=False)
-        return self.version
-
-    def at(self, version: int) -> Params | None:
-        """The weights of ``version`` when still kept (the current one always is), else None."""
-        if version == self.version:
-            return self.weights
-        return self._history.get(version)
-
-    @property
-    def kept_versions(self) -> int:
-        return len(self._history)
+"""Arrays of the strategy's broker state are kept in the model file under this prefix (JSON holds the rest)."""
 
 
 class Checkpointer:
@@ -99,7 +55,6 @@ class Checkpointer:
         for old in self.dir.glob("model-*.npz"):
             if old.name != model_file:
                 old.unlink(missing_ok=True)
-        (self.dir / MODEL_FILE).unlink(missing_ok=True)  # the single-file layout of older checkpoints
 
     def _append_journal(self, entries: list[dict[str, Any]]) -> None:
         self._append_jsonl(JOURNAL_FILE, entries, sync=True)
@@ -147,7 +102,7 @@ class Checkpointer:
             state = json.loads((self.dir / STATE_FILE).read_text())
             if not isinstance(state, dict):
                 raise TypeError("state.json does not hold a JSON object")
-            model_file = str(state.get("model_file") or MODEL_FILE)
+            model_file = str(state["model_file"])
             if "/" in model_file or "\\" in model_file:
                 raise ValueError(f"state.json names a model file outside the state dir: {model_file!r}")
             with np.load(self.dir / model_file, allow_pickle=False) as npz:

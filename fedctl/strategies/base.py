@@ -100,6 +100,13 @@ class Update:
     ``worker`` they identify it, so a resent update is never applied twice."""
     seq: int = 0
 
+    @classmethod
+    def from_push(cls, worker: str, header: Any, tensors: Mapping[str, Tensor]) -> Update:
+        """The update a validated ``push`` header (docs/protocol.md §5.4) from ``worker`` carries, with ``tensors``
+        (its frames, or the spool of a chunked push)."""
+        return cls(worker, header["num_examples"], tensors, header["kind"], header["base_version"],
+                   dict(header.get("metrics") or {}), header["round"], header["seq"])
+
 
 @dataclass(frozen=True)
 class ClientResult:

@@ -52,7 +52,7 @@ def acked_in_round(state: Path, round_no: int) -> bool:
     """True once round ``round_no`` is open with an acknowledged update on disk (a kill now is mid-round)."""
     if len(read_metrics(state)) != round_no - 1 or not (state / "pending").is_dir():
         return False
-    return any(r == round_no for _, r, _ in PendingStore(state).load_updates())
+    return any(u.round == round_no for u in PendingStore(state).load_updates())
 
 
 def kill9(proc: Proc) -> None:
@@ -96,7 +96,7 @@ def acked_not_applied(state: Path) -> bool:
     if not (state / "pending").is_dir() or not (state / "journal.jsonl").is_file():
         return False
     applied = {(e["worker"], e["round"]) for e in map(json.loads, (state / "journal.jsonl").read_text().splitlines())}
-    return any((u.worker, r) not in applied for u, r, _ in PendingStore(state).load_updates())
+    return any((u.worker, u.round) not in applied for u in PendingStore(state).load_updates())
 
 
 def test_async_broker_killed_twice_applies_every_acked_update_once(spawn: Launcher, partition_dir: Path,

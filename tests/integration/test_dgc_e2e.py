@@ -47,7 +47,9 @@ def test_dgc_trains_with_sparse_pushes_and_keeps_residuals_across_a_restart(fed:
         assert m["update_metrics"]["kept"] == pytest.approx(0.01 * 109_386, rel=0.25)
         assert m["strategy"]["density"] <= 2 * 0.012  # ≤ 2 workers × 1% (sampled top-k: ±20% of k)
     assert metrics[-1]["test_loss"] < 0.5 * start_loss
-    assert broker.updates and all(u.kind == "gradient" for u in broker.updates)
+    # Every push was a gradient: the broker refuses any other kind (WRONG_KIND), and it refused nothing.
+    assert broker.core.strategy.update_kind == "gradient" and broker.rejected == {}
+    assert all(m["participants"] == 2 for m in metrics)
 
     saved = [WorkerState.load(d) for d in dirs]
     for s in saved:

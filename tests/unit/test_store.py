@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedctl.broker.store import METRICS_FILE, STATE_FILE, Checkpointer, ParameterStore, atomic_write
+from fedctl.broker.params import ParameterStore
+from fedctl.broker.store import METRICS_FILE, STATE_FILE, Checkpointer, atomic_write
 from fedctl.errors import ConfigError
 from fedctl.models import get_model, init_params
 

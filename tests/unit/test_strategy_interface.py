@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedctl.broker.store import ParameterStore
+from fedctl.broker.params import ParameterStore
 from fedctl.errors import ConfigError
 from fedctl.strategies.base import Option, TaskConfig, Update, exact_delta
 from fedctl.strategies.fedavg import FedAvg

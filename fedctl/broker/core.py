@@ -1,0 +1,442 @@
+"""The broker's protocol core: a sans-IO state machine (in the spirit of h11 and ps-lite's KVServer).
+
+:meth:`BrokerCore.handle` takes one received message — the peer's routing identity, its frames and the time —
+and returns effects (:mod:`fedctl.broker.effects`): messages to send, updates to make durable, spool files to
+open, write or close, drivers to wake. :meth:`BrokerCore.tick` does the same for the passing of time (liveness,
+stalled transfers). The core owns the worker registry, the consistency policy, admission of updates, the inbound
+chunked transfers, the credit state of outbound ones and the one refusal path; it imports neither zmq nor asyncio
+and does no file IO (``tests/unit/test_layers.py`` checks), so every conversation is tested without a socket.
+
+The drivers (:mod:`fedctl.broker.rounds`, :mod:`fedctl.broker.clocks`) query it — who waits, open a round, take
+the accepted updates, install the aggregate — and the shell (:mod:`fedctl.broker.service`) feeds it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.effects import (
+    CloseTransfer,
+    Credited,
+    Effect,
+    OpenTransfer,
+    Persist,
+    Send,
+    StartModelTransfer,
+    Wake,
+    WriteChunk,
+)
+from fedctl.broker.params import ParameterStore
+from fedctl.broker.policy import Admission, ClockPolicy, OpenRound, SyncRoundPolicy
+from fedctl.broker.registry import WorkerRecord, WorkerRegistry
+from fedctl.errors import ProtocolError
+from fedctl.models import ModelSpec
+from fedctl.strategies.base import Strategy, Update
+from fedctl.wire import check_against_spec, chunks, decode, encode, make, payload_bytes, peek_id, unpack_sparse
+from fedctl.wire import constants as C
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.messages import Message
+from fedctl.wire.tensors import Tensor
+
+log = logging.getLogger(__name__)
+UPDATE_DTYPES = frozenset({"<f4", "<f2"})
+"""Value dtypes an update may carry: float32, or float16 to halve the bytes of kept values (e.g. DGC)."""
+REFUSAL_LOG_EVERY_S = 1.0
+"""Refusals are logged at WARNING at most once per error code in this many seconds (the rest at DEBUG)."""
+SpoolOpener = Callable[[str, bool], Mapping[str, np.ndarray]]
+"""``(spool name, owned) -> tensors``: the shell's reader of a completed chunked push (``owned``: delete the file
+when the update is dropped; False when the pending store keeps it)."""
+Downlink = tuple[dict[str, Tensor], list[bytes], bool]
+"""What a worker holding some model version is sent: tensors, their encoded frames, and whether it is a delta."""
+
+
+@dataclass
+class Inbound:
+    """A chunked push being received: its header, where it stands, and the spool file its tensors go to."""
+
+    header: Message
+    header_frames: list[bytes]
+    cursor: chunks.Cursor
+    spool: str
+    started: float
+    last: float
+
+
+@dataclass
+class Outbound:
+    """A chunked model being sent to one worker: how far its credits reach and how fast they come."""
+
+    worker: str
+    window: chunks.Window
+    received: int = 0
+    last_credit: float = 0.0
+
+
+class BrokerCore:
+    """The protocol state of one broker (see the module docstring).
+
+    Parameters
+    ----------
+    config:
+        The run configuration.
+    spec, strategy, policy:
+        The model, the algorithm (its update kind and round tasks) and the consistency policy.
+    store, state:
+        The global model and the run state (``round``, ``run_id``...), loaded or created by the shell.
+    open_spool:
+        How the shell reads back a completed chunked push (see :data:`SpoolOpener`).
+    durable:
+        Whether accepted updates are made durable (:class:`Persist`) before they are acknowledged.
+    """
+
+    def __init__(self, config: BrokerConfig, spec: ModelSpec, strategy: Strategy,
+                 policy: SyncRoundPolicy | ClockPolicy, store: ParameterStore, state: dict[str, Any], *,
+                 open_spool: SpoolOpener, durable: bool) -> None:
+        self.config = config
+        self.spec = spec
+        self.strategy = strategy
+        self.policy = policy
+        self.store = store
+        self.state = state
+        self.shapes = {p.name: p.shape for p in spec.params}
+        self.registry = WorkerRegistry(config.liveness_s)
+        self.rng = np.random.default_rng([config.seed, state["round"]])
+        self.durable = durable
+        self.open_spool = open_spool
+        self.updates: list[Update] = []
+        """Accepted updates of the open round (sync) or buffer (ssp/async), until a driver takes them."""
+        self.inbound: dict[tuple[bytes, int], Inbound] = {}
+        self.outbound: dict[tuple[bytes, int], Outbound] = {}
+        self.rejected: dict[str, int] = {}
+        """Refused messages by error code name."""
+        self.bytes_in_by_type: dict[str, int] = {}
+        """Payload bytes of decoded messages by type (the transport counts every byte received)."""
+        self.applied_total = 0
+        self.finished = False
+        self.applying = False
+        """True between :meth:`start_apply` and :meth:`finish_apply`: what is admitted meanwhile is applied on top
+        of the version being made, so admission counts one more version of staleness."""
+        self._ids = itertools.count(1)
+        self._spools = itertools.count(1)
+        self._spool_token = secrets.token_hex(6)  # a restarted broker never reuses a spool name
+        self._last_refusal_log: dict[str, float] = {}
+        self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
+            C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
+            C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave}
+
+    # ------------------------------------------------------------------ inputs
+    def handle(self, identity: bytes, frames: list[bytes], now: float) -> list[Effect]:
+        """Decode, validate and act on one message; a bad one is refused and changes nothing."""
+        try:
+            msg = decode(frames, C.WORKER_TO_BROKER)
+        except ProtocolError as err:
+            return self._refuse(identity, err, peek_id(frames[0]) if frames else None, now)
+        return self.dispatch(identity, msg, frames, now)
+
+    def dispatch(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """Act on a decoded message (``frames`` are the message as received: a push is stored as it came)."""
+        self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + payload_bytes(frames)
+        record = self.registry.by_identity(identity)
+        if record is not None:
+            record.last_seen = now
+        try:
+            return self._handlers[msg.type](identity, msg, frames, now)
+        except ProtocolError as err:
+            return self._refuse(identity, err, msg.id, now)
+
+    def tick(self, now: float) -> list[Effect]:
+        """The passing of time: forget workers not heard from for ``liveness_s``, drop stalled chunked pushes."""
+        effects: list[Effect] = []
+        for record in self.registry.expired(now):
+            effects += self.drop(record.worker, f"lost (no message for {self.config.liveness_s:g} s)")
+        for key, inbound in list(self.inbound.items()):
+            if now - inbound.last > self.config.liveness_s:
+                log.warning("chunked push %d stalled at chunk %d of %d for %g s; dropped", inbound.header.id,
+                            inbound.cursor.received, inbound.cursor.chunks, self.config.liveness_s)
+                del self.inbound[key]
+                effects.append(CloseTransfer(inbound.spool, delete=True))
+        return effects
+
+    # ------------------------------------------------------------------ the one refusal path
+    def _refuse(self, identity: bytes, err: ProtocolError, re: int | None, now: float) -> list[Effect]:
+        """Count, log (at most once a second per code) and answer a refused message; ``re`` is the id answered."""
+        key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+        if now - self._last_refusal_log.get(key, -1e18) >= REFUSAL_LOG_EVERY_S:
+            self._last_refusal_log[key] = now
+            log.warning("refused a message from %s: %s (code %d %s; %d refused so far)", identity.hex()[:12],
+                        err.message, err.code, key, self.rejected[key])
+        else:
+            log.debug("refused a message from %s: %s (code %d %s)", identity.hex()[:12], err.message, err.code, key)
+        return [self._send(identity, make(C.ERROR, self.next_id(), re=re, code=err.code,
+                                          reason=err.message[:1000], fix=(err.fix or None)))]
+
+    # ------------------------------------------------------------------ messages
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    @staticmethod
+    def _send(identity: bytes, msg: Message, frames: list[bytes] | None = None, worker: str | None = None) -> Send:
+        return Send(identity, encode(msg, frames), msg.type, worker)
+
+    def _reply(self, identity: bytes, request: Message, mtype: str, **fields: Any) -> Send:
+        return self._send(identity, make(mtype, self.next_id(), re=request.id, **fields))
+
+    def run_info(self) -> dict[str, Any]:
+        """The ``run`` map of the welcome message."""
+        return {"run_id": self.state["run_id"], "model": self.spec.to_wire(), "strategy": self.strategy.name,
+                "rounds": self.config.rounds, "heartbeat_interval_s": self.config.heartbeat_interval_s,
+                "liveness_s": self.config.liveness_s, "max_message_bytes": self.config.max_message_bytes,
+                "chunk_above": self.config.chunk_above, "chunk_bytes": self.config.chunk_bytes}
+
+    def _joined(self, identity: bytes, msg: Message) -> WorkerRecord:
+        record = self.registry.by_identity(identity)
+        if record is None:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"{msg.type} from a worker that has not joined",
+                                "send join first (the broker may have restarted)")
+        return record
+
+    def _on_join(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        model = msg.get("model")
+        if model is not None and model != self.config.model:
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH,
+                                f"this run trains model {self.config.model!r}, the worker asked for {model!r}",
+                                f"join without --model or with --model {self.config.model}")
+        record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], now)
+        again = self.registry.add(record)
+        self.policy.join(record.worker)
+        log.info("worker %s %s (%s, %d examples, %d connected)", record.worker, "rejoined" if again else "joined",
+                 record.backend, record.num_examples, len(self.registry))
+        return [self._reply(identity, msg, C.WELCOME, worker=record.worker, run=self.run_info()), Wake()]
+
+    def _on_pull(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        record = self._joined(identity, msg)
+        if self.finished:
+            return [self._done(record, re=msg.id)]
+        # A worker that pulls again before pushing (it restarted) will not push the work it was given.
+        self.policy.pulled(record.worker)
+        record.pending_pull = msg.id
+        record.holds_version = msg.get("version")
+        return [Wake()]
+
+    def _on_push(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        record = self._joined(identity, msg)
+        if self.finished:
+            raise ProtocolError(ErrorCode.RUN_FINISHED, "the run has finished; the update was not used")
+        # What the update is (kind, tensor names and shapes) is checked before where it fits (round, selection),
+        # so a malformed update is refused as such whatever the round's state.
+        if msg["kind"] != self.strategy.update_kind:
+            raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {self.strategy.name} needs "
+                                f"{self.strategy.update_kind!r} updates, got {msg['kind']!r}")
+        chunked = msg.get("chunks") is not None
+        if chunked and msg.tensors:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "a push with 'chunks' carries its tensors in chunk messages",
+                                "send the push header alone, then the chunks")
+        tensors = unpack_sparse(msg.tensors, self.shapes)  # a packed sparse frame, split per tensor
+        if not chunked:  # (a chunked push's slices are checked as they come: wire.chunks.Cursor)
+            # a gradient or delta may leave out tensors it does not change (zero); weights carry every tensor
+            check_against_spec(tensors, self.shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
+        admission = self._admit(record, msg)
+        if admission.duplicate:
+            return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")]
+        if admission.code is not None:
+            raise ProtocolError(admission.code, admission.reason)
+        if msg["kind"] == C.KIND_WEIGHTS and self.store.at(msg["base_version"]) is None:
+            # Applied out of round, a weights update becomes the change from its base, which must still be kept.
+            self.policy.pulled(record.worker)
+            raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
+                                "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
+        if chunked:
+            return self._open_inbound(identity, msg, frames, now)
+        # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
+        return self._accept(identity, msg, record, Update.from_push(record.worker, msg, tensors), frames, None)
+
+    def _admit(self, record: WorkerRecord, header: Message) -> Admission:
+        """The policy's decision on a push (header) from ``record``."""
+        version = self.store.version + (1 if self.applying else 0)
+        return self.policy.admit(record.worker, header["round"], header["base_version"], version)
+
+    def _accept(self, identity: bytes, msg: Message, record: WorkerRecord, update: Update, frames: list[bytes],
+                spool: str | None) -> list[Effect]:
+        """Count an admitted update and acknowledge it — once durable, when the broker keeps updates on disk (the
+        shell's writer stores queued updates in groups, one sync per group, then sends their acks)."""
+        self.updates.append(update)
+        self.policy.record(record.worker)
+        ack = self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+        if not self.durable:
+            return [ack, Wake()]
+        return [Persist(update, list(frames), (ack,), spool), Wake()]
+
+    # ------------------------------------------------------------------ chunked pushes (docs/protocol.md §7.1)
+    def _open_inbound(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        key = (identity, msg.id)
+        old = self.inbound.pop(key, None)
+        if old is not None:
+            effects.append(CloseTransfer(old.spool, delete=True))
+        cursor = chunks.Cursor(self.shapes, int(msg["chunks"]))
+        spool = f"spool-{self._spool_token}-{next(self._spools):08d}.f4"
+        self.inbound[key] = Inbound(msg, list(frames[:1]), cursor, spool, now, now)
+        effects.append(OpenTransfer(spool, cursor.total * chunks.CHUNK_DTYPE.itemsize))
+        effects.append(self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg.id, received=0)))
+        return effects
+
+    def _on_chunk(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """A chunk of a push (written to its spool file), or of nothing this broker is receiving."""
+        record = self._joined(identity, msg)
+        key = (identity, msg["xfer"])
+        inbound = self.inbound.get(key)
+        if inbound is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"chunk {msg['index']} of transfer {msg['xfer']}, "
+                                "which is not open (it finished, failed or expired)", "push the update again")
+        header = inbound.header
+        try:
+            pieces = inbound.cursor.accept(msg["index"], msg.slices)
+        except ProtocolError as err:  # answers the push: the worker waits on that
+            del self.inbound[key]
+            return [CloseTransfer(inbound.spool, delete=True), *self._refuse(identity, err, header.id, now)]
+        inbound.last = now
+        effects: list[Effect] = [
+            WriteChunk(inbound.spool, [(at * chunks.CHUNK_DTYPE.itemsize, piece.values) for _, piece, at in pieces]),
+            self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg["xfer"], received=inbound.cursor.received))]
+        if not inbound.cursor.done:
+            return effects
+        del self.inbound[key]
+        admission = self._admit(record, header)
+        if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
+            effects.append(CloseTransfer(inbound.spool, delete=True))
+            if admission.duplicate:
+                return [*effects, self._reply(identity, header, C.ACK, round=header["round"], seq=header["seq"],
+                                              status="duplicate")]
+            late = ProtocolError(admission.code or ErrorCode.STALE_UPDATE, admission.reason)
+            return [*effects, *self._refuse(identity, late, header.id, now)]
+        effects.append(CloseTransfer(inbound.spool, delete=False))
+        tensors = self.open_spool(inbound.spool, not self.durable)
+        log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker,
+                 inbound.cursor.total * chunks.CHUNK_DTYPE.itemsize / 1e6, inbound.cursor.chunks,
+                 now - inbound.started)
+        update = Update.from_push(record.worker, header, tensors)
+        return [*effects, *self._accept(identity, header, record, update, inbound.header_frames, inbound.spool)]
+
+    def _on_credit(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        self._joined(identity, msg)
+        out = self.outbound.get((identity, msg["xfer"]))
+        if out is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"credit for transfer {msg['xfer']}, which is not open")
+        if msg["received"] <= out.received:
+            return []
+        out.window.credited(msg["received"] - out.received, now - out.last_credit)
+        out.received, out.last_credit = msg["received"], now
+        return [Credited(identity, msg["xfer"])]
+
+    def _on_heartbeat(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        self._joined(identity, msg)
+        return [self._reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))]
+
+    def _on_leave(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        record = self.registry.by_identity(identity)
+        if record is None:
+            return []
+        return self.drop(record.worker, f"left ({msg.get('reason') or 'no reason given'})")
+
+    # ------------------------------------------------------------------ workers
+    def drop(self, worker: str, why: str) -> list[Effect]:
+        """Forget a worker (left, expired, unreachable) and stop waiting for it in the open round."""
+        record = self.registry.remove(worker)
+        if record is None:
+            return []
+        self.policy.worker_gone(worker)
+        for key in [k for k, out in self.outbound.items() if out.worker == worker]:
+            del self.outbound[key]
+        log.info("worker %s %s; %d connected", worker, why, len(self.registry))
+        return [Wake()]
+
+    def unreachable(self, worker: str) -> list[Effect]:
+        """The shell could not deliver a model to ``worker`` (its connection is gone)."""
+        return self.drop(worker, "is unreachable (its connection is gone)")
+
+    def _done(self, record: WorkerRecord, re: int | None) -> Send:
+        record.pending_pull = None
+        return self._send(record.identity, make(C.DONE, self.next_id(), re=re, round=self.state["round"],
+                                                version=self.store.version, reason="the run is complete"))
+
+    def finish(self) -> list[Effect]:
+        """The run is over: every worker hears ``done`` (as the answer to its waiting pull, if any)."""
+        self.finished = True
+        return [self._done(r, re=r.pending_pull) for r in self.registry.all()]
+
+    def is_complete(self) -> bool:
+        """True when the state holds a finished run: every round done, or the target accuracy reached."""
+        return self.state["round"] >= self.config.rounds or bool(self.state.get("target_reached_at"))
+
+    # ------------------------------------------------------------------ what the drivers ask
+    def try_open_round(self, round_no: int, now: float) -> OpenRound | None:
+        """Sync rounds: open round ``round_no`` with a sample of the workers whose pulls wait, if the policy
+        lets it start now; any update left from before is discarded."""
+        assert isinstance(self.policy, SyncRoundPolicy)
+        ready = [r.worker for r in self.registry.waiting()]
+        opened = self.policy.try_start(round_no, ready, len(self.registry), now, self.rng)
+        if opened is not None:
+            self.updates = []
+        return opened
+
+    def chunked_model(self) -> int:
+        """The number of chunks the dense model goes in, or 0 when it goes in one message."""
+        if self.spec.nbytes <= self.config.chunk_above:
+            return 0
+        return chunks.count(self.shapes, self.config.chunk_bytes)
+
+    def hand_out(self, jobs: Sequence[tuple[WorkerRecord, int]], downlinks: Mapping[int | None, Downlink],
+                 now: float) -> list[Effect]:
+        """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: ``downlinks`` has
+        what to send a worker holding each version (see :func:`fedctl.broker.downlink.build`)."""
+        effects: list[Effect] = []
+        chunked = self.chunked_model()
+        for record, number in jobs:
+            task = self.strategy.task_for_round(number, int(self.rng.integers(2**31)))
+            tensors, frames, is_delta = downlinks[record.holds_version]
+            in_chunks = chunked if not is_delta else 0
+            msg = make(C.MODEL, self.next_id(), re=record.pending_pull, tensors=None if in_chunks else tensors,
+                       round=number, version=self.store.version, task=task,
+                       base=record.holds_version if is_delta else None, chunks=in_chunks or None)
+            record.pending_pull = None
+            effects.append(self._send(record.identity, msg, None if in_chunks else frames, worker=record.worker))
+            if in_chunks:  # the weights follow as chunks, paced by the worker's credits
+                self.outbound[(record.identity, msg.id)] = Outbound(
+                    record.worker, chunks.Window(self.config.chunk_bytes), last_credit=now)
+                effects.append(StartModelTransfer(record.identity, record.worker, msg.id))
+        return effects
+
+    def chunk_message(self, xfer: int, index: int, piece: Mapping[str, Any]) -> list[bytes]:
+        """The frames of chunk ``index`` of model transfer ``xfer``."""
+        return encode(make(C.CHUNK, self.next_id(), slices=piece, xfer=xfer, index=index))
+
+    def take_updates(self) -> list[Update]:
+        """The accepted updates (the drivers aggregate them); the core starts a new list."""
+        updates, self.updates = self.updates, []
+        return updates
+
+    def start_apply(self) -> list[Update]:
+        """Clock policies: take the buffered updates to apply; until :meth:`finish_apply`, admission counts the
+        version being made."""
+        self.applying = True
+        return self.take_updates()
+
+    def finish_apply(self, weights: Mapping[str, np.ndarray] | None, applied: int) -> None:
+        """Install the aggregate (None: nothing changed, e.g. a failed aggregation) of ``applied`` updates."""
+        self.applying = False
+        if weights is not None:
+            self.store.replace(dict(weights))
+            self.applied_total += applied
+
+    def restore(self, updates: list[Update]) -> None:
+        """Updates acknowledged before a restart and not yet applied (see the policies' ``restore``)."""
+        self.updates = list(updates)

@@ -1,0 +1,126 @@
+"""What the round and clock drivers share: the shell they run in (:class:`Host`), the registry that maps a policy
+to its driver, counter snapshots, the one metrics-record builder and centralised evaluation.
+
+A driver runs a federation's schedule — open a round or grant clocks, hand out the model, wait, aggregate,
+evaluate, checkpoint — asking the core (:class:`~fedctl.broker.core.BrokerCore`) what the conversation allows and
+the host for IO. It never sees a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.core import BrokerCore
+from fedctl.broker.durable import PendingStore
+from fedctl.broker.params import Params
+from fedctl.broker.registry import WorkerRecord
+from fedctl.broker.store import Checkpointer
+from fedctl.strategies.base import AggregateResult, Update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """A snapshot of the broker's byte counters and clock, taken when a round (or version) starts."""
+
+    bytes_in: int
+    bytes_out: int
+    update_bytes_in: int
+    model_bytes_out: int
+    at: float
+
+    def since(self, before: Counters) -> dict[str, int]:
+        return {"bytes_in": self.bytes_in - before.bytes_in, "bytes_out": self.bytes_out - before.bytes_out,
+                "update_bytes_in": self.update_bytes_in - before.update_bytes_in,
+                "model_bytes_out": self.model_bytes_out - before.model_bytes_out}
+
+
+class Host(Protocol):
+    """The IO shell a driver runs in (:class:`fedctl.broker.service.Broker`)."""
+
+    core: BrokerCore
+    config: BrokerConfig
+    checkpointer: Checkpointer
+    pending: PendingStore | None
+    evaluator: Callable[[Params], dict[str, float]] | None
+    on_round: Callable[[dict[str, Any]], None] | None
+
+    def now(self) -> float: ...
+
+    def snapshot(self) -> Counters: ...
+
+    async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool: ...
+
+    async def hand_out(self, jobs: list[tuple[WorkerRecord, int]]) -> None: ...
+
+
+class Driver(ABC):
+    """Runs one policy's schedule until the run is complete; returns the run's summary."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.core = host.core
+        self.started = host.now() - float(self.core.state.get("elapsed_s", 0.0))
+
+    @abstractmethod
+    async def run(self) -> dict[str, Any]: ...
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"rounds": self.core.state["round"], "version": self.core.store.version, "last": last,
+                "rejected": dict(self.core.rejected)}
+
+    async def evaluate(self, number: int, where: str) -> dict[str, float]:
+        """Centralised evaluation every ``eval_every`` rounds (sync) or model versions (ssp/async) and after the
+        last; notes a reached target in the state, which ends the run."""
+        host, config = self.host, self.host.config
+        if host.evaluator is None or (number % config.eval_every and number < config.rounds):
+            return {}
+        evaluation = await asyncio.to_thread(host.evaluator, self.core.store.weights)
+        if config.target_accuracy is not None and evaluation.get("accuracy", 0.0) >= config.target_accuracy:
+            self.core.state["target_reached_at"] = number
+            log.info("target accuracy %.4f reached %s; ending the run", config.target_accuracy, where)
+        return evaluation
+
+    def record(self, updates: Sequence[Update], before: Counters, eval_started: float, evaluation: dict[str, float],
+               result: AggregateResult, **extra: Any) -> dict[str, Any]:
+        """The metrics line of one round (sync) or model version (ssp/async)."""
+        core, now = self.core, self.host.now()
+        n = sum(u.num_examples for u in updates)
+        return {"round": core.state["round"], "version": core.store.version,
+                "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
+                "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
+                "participants": len(updates), "connected": len(core.registry), **extra,
+                **self.host.snapshot().since(before),
+                "duration_s": round(eval_started - before.at, 4), "eval_s": round(now - eval_started, 4),
+                "elapsed_s": round(core.state["elapsed_s"], 3), "rejected_total": sum(core.rejected.values()),
+                "strategy": dict(result.metrics)}
+
+
+DRIVERS: dict[str, type[Driver]] = {}
+"""Driver classes by the name a policy gives as its ``driver``."""
+
+
+def register(name: str) -> Callable[[type[Driver]], type[Driver]]:
+    def add(cls: type[Driver]) -> type[Driver]:
+        DRIVERS[name] = cls
+        return cls
+    return add
+
+
+def mean_metrics(updates: Sequence[Update]) -> dict[str, float]:
+    """Mean over the updates of each metric the workers reported (loss, kept elements, time...)."""
+    keys = sorted({k for u in updates for k in u.metrics})
+    return {k: round(sum(float(u.metrics.get(k, 0.0)) for u in updates) / max(len(updates), 1), 6) for k in keys}
+
+
+def applied_entry(u: Update) -> dict[str, Any]:
+    """An update's line in the journal (the checkpointer adds the version)."""
+    return {"round": u.round, "worker": u.worker, "seq": u.seq, "base_version": u.base_version,
+            "num_examples": u.num_examples}
