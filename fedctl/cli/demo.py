@@ -36,7 +36,7 @@ def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[
         backend = backends[i % len(backends)]
         log = open(log_dir / f"worker{i}-{backend}.log", "w")  # noqa: SIM115 - lives as long as the process
         cmd = [sys.executable, "-m", "fedctl", "join", "--connect", endpoint, "--data", shard, "--data-dir",
-               str(data_dir), "--backend", backend, "--threads", "1", "--worker-id", f"demo-{i}-{backend}",
+               str(data_dir), "--backend", backend, "--worker-id", f"demo-{i}-{backend}",
                "--connect-timeout", "30"]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
     return procs
@@ -45,7 +45,8 @@ def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[
 def _env() -> dict[str, str]:
     import os
 
-    return {**os.environ, "FEDCTL_PLAIN_LOGS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # No OMP_NUM_THREADS here: `fedctl join --threads auto` shares the CPUs among the workers by itself.
+    return {**os.environ, "FEDCTL_PLAIN_LOGS": "1"}
 
 
 async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_dir: Path,

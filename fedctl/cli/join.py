@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import socket
 from pathlib import Path
 
 import click
 
-from fedctl.cli.common import check_endpoint, load_data, resolve_backend, trainer_factory
+from fedctl.cli.common import check_endpoint, load_data, resolve_backend
+from fedctl.fsio import check_writable_dir
 from fedctl.security import check_join_security
 from fedctl.worker.client import Worker, WorkerConfig
+from fedctl.worker.frameworks import create_trainer
+from fedctl.worker.threads import worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +26,14 @@ log = logging.getLogger(__name__)
 @click.option("--data", required=True, help="Shard name in --data-dir (e.g. shard3), or DATASET:SPLIT.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory written by `fedctl partition`.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
+              help="Framework that trains the model (auto: the first one installed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or gpu:N.")
 @click.option("--worker-id", default=None, help="Stable identity of this worker [default: DATA@HOSTNAME].")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Framework CPU threads.")
-@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+@click.option("--threads", default="auto", show_default=True, metavar="auto|N",
+              help="Framework CPU threads. auto: this machine's CPUs divided among the live `fedctl join` processes "
+                   "of this user, recounted every round (an explicit OMP_NUM_THREADS wins); N: exactly N.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Give up if no broker answers within this many seconds.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
@@ -38,24 +46,27 @@ log = logging.getLogger(__name__)
               help="This worker's NAME.key_secret (`fedctl keygen`); its NAME.key must be in the broker's "
                    "--allowed-keys directory.")
 def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, device: str, worker_id: str | None,
-             threads: int | None, connect_timeout: float, state_dir: Path | None, slowdown: float,
+             threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
              server_key: str | None, secret_key: Path | None) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     check_endpoint(connect, "--connect", bind=False)
     curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
+    if state_dir is not None:
+        check_writable_dir(state_dir, "--state-dir")
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
                           backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout,
                           state_dir=state_dir, slowdown=slowdown,
                           server_key=curve[0].decode("ascii") if curve else None, secret_key=secret_key)
-    make = trainer_factory(backend, shard, device, threads)
+    budget = worker_threads(threads, os.environ)  # registers this process among the local workers
+    make = functools.partial(create_trainer, backend, x=shard.x, y=shard.y, device=device, threads=budget)
     # Build the framework once up front so a missing backend or GPU fails before contacting the broker.
     from fedctl.models import get_model
-    from fedctl.worker.frameworks import create_trainer
 
-    create_trainer(backend, get_model("mlp"), shard.x[:1], shard.y[:1], device=device, threads=threads)
+    create_trainer(backend, get_model("mlp"), shard.x[:1], shard.y[:1], device=device, threads=budget)
     log.info("worker %s: %d examples from %s, %s on %s", config.worker_id, shard.num_examples, shard.name,
              backend, device)
+    log.info("%s CPU threads: %s", backend, budget.describe())
     summary = asyncio.run(Worker(config, make).serve())
     click.echo(f"done: trained {summary['rounds_trained']} rounds; run finished at round {summary['final_round']}")

@@ -221,11 +221,13 @@ class SharedThreads:
     cpus: int = field(default_factory=available_cpus)
     last: int | None = None
     live: int = 1
+    capped: bool = False
 
     def threads(self, cap: int | None = None) -> int:
         self.live = self.workers.count()
         share = max(1, self.cpus // self.live)
         count = min(share, cap) if cap else share
+        self.capped = count < share
         if count != self.last:
             log.debug("threads: %d (%d CPUs, %d live local workers, framework default %s)", count, self.cpus,
                       self.live, cap if cap else "all")
@@ -234,7 +236,8 @@ class SharedThreads:
 
     def describe(self) -> str:
         now = f"{self.last} now" if self.last is not None else "not applied yet"
-        return (f"{now} (auto: {self.cpus} CPUs shared by {self.live} live fedctl worker(s) of this user, "
+        cap = ", at most the framework's own default" if self.capped else ""
+        return (f"{now} (auto: {self.cpus} CPUs shared by {self.live} live fedctl worker(s) of this user{cap}, "
                 f"recounted before every round in {self.workers.directory})")
 
 

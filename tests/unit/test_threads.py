@@ -100,6 +100,7 @@ def test_shared_threads_divide_the_cpus_and_keep_the_framework_cap(registry: Pat
     budget = SharedThreads(regs[0], cpus=8)
     assert budget.threads() == 2  # 8 // 3
     assert budget.threads(cap=1) == 1
+    assert "at most the framework's own default" in budget.describe()
     assert budget.threads(cap=16) == 2
     assert "3 live fedctl worker(s)" in budget.describe()
     regs[2].close()
