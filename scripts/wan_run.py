@@ -41,9 +41,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedctl.testing.wan import (  # noqa: E402  (the repository root is put on the path first)
-    CutPlan,
-    DelayProxy,
+# The repository root is put on the path first, hence E402.
+from fedctl.testing.delay_proxy import CutPlan, DelayProxy  # noqa: E402
+from fedctl.testing.wan import (  # noqa: E402
     Link,
     LinkConfig,
     close_link,

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 from conftest import ENDPOINT, fedctl_env, read_metrics
 
+from fedctl.testing.delay_proxy import CutPlan, DelayProxy
 from fedctl.testing.wan import (
-    CutPlan,
-    DelayProxy,
     Link,
     LinkConfig,
     measure_rtt,
