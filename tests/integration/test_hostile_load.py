@@ -16,14 +16,8 @@ import zmq.asyncio
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
 from fedctl.errors import ProtocolError
-from fedctl.testing.hostile import (
-    DEFAULT_BEHAVIOURS,
-    HostileClient,
-    HostileConfig,
-    HostileStats,
-    hostile_tensor_cases,
-    reply_key,
-)
+from fedctl.testing.hostile import DEFAULT_BEHAVIOURS, HostileClient, HostileConfig, HostileStats, reply_key
+from fedctl.testing.hostile_payloads import hostile_tensor_cases
 from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 
