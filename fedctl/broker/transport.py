@@ -31,9 +31,6 @@ class ByteCounters:
     bytes_in: int = 0
     bytes_out: int = 0
     messages_in: int = 0
-    messages_out: int = 0
-    dropped_slow: int = 0
-    """Messages not sent because that peer's send queue was full (it does not read)."""
 
 
 class WorkerKeyAuthenticator(AsyncioAuthenticator):
@@ -47,7 +44,6 @@ class WorkerKeyAuthenticator(AsyncioAuthenticator):
     def __init__(self, ctx: zmq.asyncio.Context, allowed: AllowedKeys) -> None:
         super().__init__(ctx, log=log)  # pyzmq's own ZAP trace goes to fedctl's logger at DEBUG (-v)
         self.allowed = allowed
-        self.refused = 0
         self._peer = "?"
         self._warned: dict[bytes, float] = {}
         self.configure_curve_callback("*", credentials_provider=self)
@@ -62,7 +58,6 @@ class WorkerKeyAuthenticator(AsyncioAuthenticator):
         if self.allowed.allows(key):
             log.debug("admitted worker key %s from %s", key.decode("ascii", "replace"), self._peer)
             return True
-        self.refused += 1
         now = time.monotonic()
         if now - self._warned.get(key, -WARN_AGAIN_S) >= WARN_AGAIN_S:
             if len(self._warned) >= MAX_REMEMBERED_REFUSALS:
@@ -162,7 +157,6 @@ class RouterTransport:
             # and waiting for it would stop the broker for everyone.
             await self._sock.send_multipart([identity, *frames], flags=zmq.DONTWAIT, copy=False)
         except zmq.Again:
-            self.counters.dropped_slow += 1
             log.debug("peer %s does not read its messages (send queue full); message dropped", identity.hex())
             return False
         except zmq.ZMQError as exc:
@@ -171,7 +165,6 @@ class RouterTransport:
                 return False
             raise
         self.counters.bytes_out += sum(len(f) for f in frames)
-        self.counters.messages_out += 1
         return True
 
     def close(self) -> None:

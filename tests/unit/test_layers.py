@@ -123,3 +123,60 @@ def test_wire_alone_imports_no_socket_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+CORE = ("fedctl.broker.core", "fedctl.broker.effects", "fedctl.broker.params", "fedctl.broker.policy",
+        "fedctl.broker.registry", "fedctl.broker.downlink")
+"""The broker's sans-IO core and the pure modules it is made of."""
+IO_MODULES = ("zmq", "asyncio", "os", "io", "pathlib", "shutil", "tempfile", "threading", "socket", "subprocess",
+              "fedctl.broker.service", "fedctl.broker.transport", "fedctl.broker.store", "fedctl.broker.durable",
+              "fedctl.broker.transfers", "fedctl.fsio")
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_broker_core_does_no_io(module: str) -> None:
+    """No socket, event loop or file module is imported, and no file is opened."""
+    assert hits(all_imports()[module], IO_MODULES) == []
+    path = ROOT.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    calls = [node.func.id for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)]
+    assert "open" not in calls and "print" not in calls
+
+
+def broker_graph() -> dict[str, set[str]]:
+    """Imports among fedctl.broker's modules (TYPE_CHECKING and lazy imports included)."""
+    mods = {m for m in all_imports() if m.startswith("fedctl.broker.")}
+    return {m: {i for i in all_imports()[m] if i in mods and i != m} for m in mods}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return []
+
+
+def test_the_broker_has_no_import_circle() -> None:
+    graph = broker_graph()
+    assert "fedctl.broker.core" in graph["fedctl.broker.service"]
+    assert find_cycle(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
