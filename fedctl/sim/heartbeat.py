@@ -154,12 +154,10 @@ async def _noop_workers(endpoint: str, count: int) -> None:
 
 async def wait_loaded(broker: Broker, workers: int, timeout_s: float) -> None:
     """Wait until every load worker joined and the broker applied one update per worker."""
-    deadline = time.monotonic() + timeout_s
-    while len(broker.registry) < workers or broker.applied_total < workers:
-        if time.monotonic() > deadline:
-            raise TransportError(f"only {len(broker.registry)} of {workers} load workers joined and "
-                                 f"{broker.applied_total} updates were applied within {timeout_s:g} s")
-        await asyncio.sleep(0.1)
+    if not await broker.wait_until(lambda: len(broker.registry) >= workers and broker.applied_total >= workers,
+                                   timeout_s):
+        raise TransportError(f"only {len(broker.registry)} of {workers} load workers joined and "
+                             f"{broker.applied_total} updates were applied within {timeout_s:g} s")
 
 
 async def _probe(broker: Broker, bench: HeartbeatBench) -> dict[str, Any]:

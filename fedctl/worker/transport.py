@@ -27,6 +27,9 @@ from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 
 log = logging.getLogger(__name__)
+INBOX_MESSAGES = 1024
+"""Unsolicited messages kept for a reader of :attr:`Connection.inbox` (the oldest go first): the worker itself
+reads none of them (heartbeat echoes, mostly), so an unbounded queue would grow for the whole run."""
 
 
 class BrokerLost(Exception):
@@ -125,7 +128,7 @@ class Connection:
             raise
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
-        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_MESSAGES)
         self.transfers: dict[int, asyncio.Queue[Message]] = {}
         """Chunked transfers in progress, by the id of the model or push message they belong to: the ``chunk``
         messages of an incoming model, or the ``credit`` messages for an outgoing push."""
@@ -220,6 +223,8 @@ class Connection:
             if future is not None and not future.done():
                 future.set_result(msg)
             elif msg.type != C.DONE:
+                if self.inbox.full():
+                    self.inbox.get_nowait()
                 self.inbox.put_nowait(msg)
 
     async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
