@@ -33,7 +33,19 @@ MAX_NDIM = 8
 MAX_TENSOR_ELEMENTS = 2**40
 """Bound on the product of a tensor's non-zero dimensions, so a hostile shape cannot overflow numpy's sizes."""
 MAX_ID_CHARS = 128
+"""Longest ``worker`` id of ``join`` and ``welcome``."""
+MAX_BACKEND_CHARS = 32
+MAX_MODEL_NAME_CHARS = 64
+"""Longest ``model`` name a ``join`` may ask for."""
+MAX_HOST_CHARS = 255
 MAX_REASON_CHARS = 1024
+"""Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
+MAX_METRICS = 64
+"""Most entries in a push's ``metrics`` map."""
+MAX_FRAME_FIELDS = 16
+"""Most entries in a tensor frame's map (msgpack limit applied before anything is built)."""
+MAX_FRAME_STR_BYTES = 1024
+"""Longest str (UTF-8 bytes) anywhere in a tensor frame."""
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """Default ZMQ_MAXMSGSIZE of the broker's socket: a larger frame is dropped by libzmq with the connection."""
 
@@ -61,6 +73,11 @@ MAX_INFLATE_RATIO = 64
 """A zlib field may inflate to at most this many times its own length (a bound on decompression bombs)."""
 MAX_VARINT_BYTES = 6
 """Longest LEB128 gap a decoder accepts: 6 × 7 bits cover every gap below MAX_TENSOR_ELEMENTS = 2**40."""
+
+# Statuses of an ``ack`` (header field "status").
+ACK_ACCEPTED = "accepted"
+ACK_DUPLICATE = "duplicate"
+ACK_STATUSES = frozenset({ACK_ACCEPTED, ACK_DUPLICATE})
 
 # Update kinds a push may carry (header field "kind").
 KIND_WEIGHTS = "weights"

@@ -27,6 +27,8 @@ from fedctl.wire.constants import (
     INDEX_ENCODINGS,
     INDEX_RAW,
     INDEX_VARINT,
+    MAX_FRAME_FIELDS,
+    MAX_FRAME_STR_BYTES,
     MAX_NAME_CHARS,
     MAX_NDIM,
     MAX_TENSOR_ELEMENTS,
@@ -42,7 +44,8 @@ MSGPACK_ERRORS = (ValueError, TypeError, OverflowError, msgpack.exceptions.Unpac
 COMPACT_SPARSE_FIELDS = ("enc", "name", "dtype", "shape", "nnz", "index_enc", "indices", "values")
 """Positional layout of a compact sparse frame (a msgpack array): the map's fields without their keys."""
 
-TENSOR_FRAME_LIMITS = {"max_array_len": MAX_NDIM, "max_map_len": 16, "max_str_len": 1024, "max_ext_len": 0}
+TENSOR_FRAME_LIMITS = {"max_array_len": MAX_NDIM, "max_map_len": MAX_FRAME_FIELDS, "max_str_len": MAX_FRAME_STR_BYTES,
+                       "max_ext_len": 0}
 """msgpack limits of a tensor frame (docs/protocol.md §4): more is refused before anything is built."""
 
 
@@ -105,11 +108,11 @@ def encode_tensor(name: str, tensor: Tensor | TensorSlice, compress: bool = Fals
 
 # ----------------------------------------------------------------------------------------------- decoding
 def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], tensor: str = "") -> Any:
-    where = f"tensor {tensor!r}" if tensor else "tensor frame"
-    if key not in body:
-        raise bad_tensor(f"{where} lacks field {key!r}")
-    value = body[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
+    value = body.get(key, _field)  # (a sentinel no frame can hold)
+    if value is _field or not isinstance(value, kind) or isinstance(value, bool):
+        where = f"tensor {tensor!r}" if tensor else "tensor frame"
+        if value is _field:
+            raise bad_tensor(f"{where} lacks field {key!r}")
         raise bad_tensor(f"{where} field {key!r} has the wrong type {type(value).__name__}")
     return value
 
@@ -123,11 +126,14 @@ def _shape(body: Mapping[str, Any], tensor: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES | ALLOWED_INDEX_DTYPES}
+
+
 def _dtype(body: Mapping[str, Any], key: str, allowed: frozenset[str], tensor: str) -> np.dtype:
     name = _field(body, key, str, tensor)
     if name not in allowed:
         raise bad_tensor(f"tensor {tensor!r} {key} {name!r} is not allowed (allowed: {', '.join(sorted(allowed))})")
-    return np.dtype(name)
+    return _DTYPES[name]
 
 
 def _all_finite(values: np.ndarray) -> bool:

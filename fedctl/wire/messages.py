@@ -33,8 +33,13 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _one_of(values: frozenset[str]) -> Check:
+    return lambda v: isinstance(v, str) and v in values
+
+
 def _metrics(v: Any) -> bool:
-    return isinstance(v, dict) and len(v) <= 64 and all(isinstance(k, str) and _num(x) for k, x in v.items())
+    return isinstance(v, dict) and len(v) <= C.MAX_METRICS and all(isinstance(k, str) and _num(x)
+                                                                    for k, x in v.items())
 
 
 def _chunks(v: Any) -> bool:
@@ -47,18 +52,19 @@ def _map(v: Any) -> bool:
 
 # For each message type: field -> (check, required). "v", "type", "id", "re" and "tensors" are common fields.
 SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
-    C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(32), True),
-             "num_examples": (_int(0), True), "model": (_str(64), False), "host": (_str(255), False)},
+    C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(C.MAX_BACKEND_CHARS), True),
+             "num_examples": (_int(0), True), "model": (_str(C.MAX_MODEL_NAME_CHARS), False),
+             "host": (_str(C.MAX_HOST_CHARS), False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
               "chunks": (_chunks, False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
-             "kind": (lambda v: isinstance(v, str) and v in C.UPDATE_KINDS, True),
+             "kind": (_one_of(C.UPDATE_KINDS), True),
              "num_examples": (_int(1), True), "metrics": (_metrics, False), "chunks": (_chunks, False)},
     C.CHUNK: {"xfer": (_int(0), True), "index": (_int(0), True)},
     C.CREDIT: {"xfer": (_int(0), True), "received": (_int(0), True)},
-    C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_str(32), True)},
+    C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_one_of(C.ACK_STATUSES), True)},
     C.ERROR: {"code": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True),
               "fix": (_str(C.MAX_REASON_CHARS), False)},
     C.HEARTBEAT: {"t": (_num, False)},
