@@ -148,6 +148,7 @@ class DelayProxy:
             finally:
                 if timer is not None:
                     timer.cancel()
+                    await asyncio.gather(timer, return_exceptions=True)  # the timer ends with its connection
                 _reset(client_w)
                 _reset(server_w)
         except asyncio.CancelledError:
