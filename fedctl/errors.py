@@ -41,6 +41,19 @@ class ChecksumError(DataError):
     """A file's SHA-256 does not match the expected digest."""
 
 
+class DatasetNotFound(DataError):
+    """A registered dataset's files are in none of the searched directories.
+
+    Its ``fix`` names no command-line option (the data layer does not know which command runs); a command that
+    has ``--source-dir`` or ``--download`` replaces it with one naming those.
+    """
+
+    def __init__(self, message: str, fix: str, dataset: str, downloadable: bool) -> None:
+        super().__init__(message, fix)
+        self.dataset = dataset
+        self.downloadable = downloadable
+
+
 class BackendUnavailable(FedctlError, ImportError):
     """A deep-learning framework (MXNet or PyTorch) is requested but not installed or not usable."""
 

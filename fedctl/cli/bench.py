@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +14,19 @@ import click
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
+from fedctl.cli.common import source_dir_fix
 from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
+from fedctl.data.datasets import DATASETS
 from fedctl.data.shards import read_manifest
+from fedctl.errors import ConfigError, DatasetNotFound, FedctlError
+from fedctl.fsio import check_writable_dir
+from fedctl.models import MODELS
 from fedctl.sim.baseline import run_centralized
 from fedctl.sim.metrics import summarize, summarize_centralized
 from fedctl.sim.presets import PRESETS, Preset, get_preset
 from fedctl.sim.report import merge_results, write_report
 from fedctl.sim.runner import SimConfig
-from fedctl.strategies import TaskConfig
+from fedctl.strategies import TaskConfig, strategy_names
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,15 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
                  "dataset": read_manifest(data).get("dataset")})
 
 
+@contextmanager
+def _dataset_fix() -> Iterator[None]:
+    """A missing dataset's fix names --source-dir, which these commands have (but not --download)."""
+    try:
+        yield
+    except DatasetNotFound as err:
+        raise source_dir_fix(err, has_download=False) from None
+
+
 @click.group("bench")
 def bench_group() -> None:
     """Benchmarks and experiments; results go to --out as JSON, markdown and PNG."""
@@ -68,7 +84,7 @@ def bench_group() -> None:
 @click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
               help="Experiment to run (repeatable); see docs/results.md.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True)
+              show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the MNIST IDX files are (otherwise the usual search path).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None,
@@ -82,8 +98,16 @@ def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_r
     """Federated-learning experiments of the seed (McMahan et al. on MNIST): rounds, bytes and wall time to the
     target accuracy, beside the centralised baseline. Rows accumulate in OUT/fl.json; a stopped run resumes."""
     if not presets:
-        raise click.UsageError("name at least one --preset (e.g. --preset lenet5-fedavg-e5-b10-iid)")
+        raise ConfigError("no --preset given", "name at least one, e.g. --preset lenet5-fedavg-e5-b10-iid "
+                          "(`fedctl bench fl --help` lists them)")
+    check_writable_dir(out, "--out")
     quiet_workers()
+    with _dataset_fix():
+        _bench_fl(presets, out, source_dir, max_rounds, parallel, stop_at_target, skip_existing)
+
+
+def _bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
+              stop_at_target: bool, skip_existing: bool) -> None:
     done = {r["preset"] for r in merge_results(out / "fl.json", [])} if skip_existing else set()
     for name in presets:
         if name in done:
@@ -110,12 +134,13 @@ COMM_SUITE = ("lenet5-fedsgd-iid", "lenet5-dgc-999-iid", "lenet5-dgc-99-iid", "m
 @click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
               help=f"Run (repeatable) [default: {', '.join(COMM_SUITE)}].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True)
+              show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the MNIST IDX files are (otherwise the usual search path).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Override the presets' round budget.")
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
-@click.option("--stop-at-target/--full-budget", default=True, show_default=True)
+@click.option("--stop-at-target/--full-budget", default=True, show_default=True,
+              help="End a run at its target accuracy, or run the whole round budget.")
 @click.option("--skip-existing", is_flag=True, help="Skip presets that already have a row in OUT/comm.json.")
 @click.option("--topk/--no-topk", default=True, show_default=True,
               help="Also time sampled vs exact top-k selection on 1M and 10M elements.")
@@ -130,6 +155,11 @@ def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max
     from fedctl.compress.topk import time_selection
     from fedctl.sim import comm
 
+    central = [name for name in presets if get_preset(name).strategy == "central"]
+    if central:
+        raise ConfigError(f"--preset {central[0]} is a centralised baseline; bench comm compares federated runs",
+                          "leave it out (run it with `fedctl bench fl`)")
+    check_writable_dir(out, "--out")
     quiet_workers()
     path = out / "comm.json"
     old = json.loads(path.read_text()) if path.is_file() else {"results": [], "topk": []}
@@ -140,9 +170,8 @@ def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max
             console.print(f"[bold]{name}[/]: already in {path}; skipped")
             continue
         p = get_preset(name)
-        if p.strategy == "central":
-            raise click.UsageError(f"{name} is a centralised baseline; bench comm compares federated runs")
-        row = run_federated(p, out, source_dir, max_rounds or p.max_rounds, parallel, stop_at_target)
+        with _dataset_fix():
+            row = run_federated(p, out, source_dir, max_rounds or p.max_rounds, parallel, stop_at_target)
         row.update(command=f"fedctl bench comm --preset {p.name}", reference=p.reference, options=dict(p.options))
         rows = [r for r in rows if r["preset"] != name] + [row]
         comm.write(rows, old["topk"], out)
@@ -164,19 +193,25 @@ def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max
               show_default=True, help="Numbers of connected virtual workers to measure (repeatable).")
 @click.option("--sampled", type=click.IntRange(min=1), default=10, show_default=True,
               help="Workers sampled per round (C = sampled / K).")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--dataset", default="mnist-sample", show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Rounds per run.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist-sample", show_default=True,
+              help="Dataset the K clients' IID partition is made from.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True)
+              show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 def bench_scale(counts: tuple[int, ...], sampled: int, rounds: int, dataset: str, out: Path) -> None:
     """Peak RSS and round time of one `fedctl simulate` process as the number of connected workers grows
     (each K in a fresh process, so its peak RSS is its own)."""
+    if sampled > min(counts):
+        raise ConfigError(f"--sampled {sampled} is more than --workers {min(counts)}",
+                          f"pass --sampled {min(counts)} or less, or more --workers")
+    check_writable_dir(out, "--out")
     rows = [_scale_run(k, sampled, rounds, dataset, out / "runs" / f"scale-{k}") for k in counts]
     write_scale_report(rows, out)
 
 
 def _scale_run(k: int, sampled: int, rounds: int, dataset: str, state_root: Path) -> dict[str, Any]:
     import json
+    import shlex
     import shutil
     import subprocess
     import sys
@@ -188,7 +223,10 @@ def _scale_run(k: int, sampled: int, rounds: int, dataset: str, state_root: Path
     with console.status(f"[bold]scale[/]: {k} workers, {sampled} sampled per round"):
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise click.ClickException(f"simulate with {k} workers failed:\n{done.stderr[-2000:]}")
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit status {done.returncode}"
+        raise FedctlError(f"simulate with {k} workers failed: {last.removeprefix('error: ')}",
+                          f"run it alone to see all its output: {shlex.join(['fedctl', *cmd[4:]])}")
     summary = json.loads((state_root / "state" / "simulate.json").read_text())
     records = Checkpointer(state_root / "state").read_metrics()
     durations = sorted(r["duration_s"] for r in records[1:]) or [records[0]["duration_s"]]
@@ -240,20 +278,27 @@ def _command_line() -> str:
               help="Policy to run (repeatable) [default: sync, ssp:1, ssp:4, async].")
 @click.option("--workers", type=click.IntRange(min=1), default=20, show_default=True,
               help="K workers: the first K shards of the partition.")
-@click.option("--dataset", default="mnist", show_default=True, help="mnist, or mnist-sample for a smoke run.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
+              help="mnist, or mnist-sample for a smoke run.")
 @click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True,
               help="Clients of the IID partition the workers are taken from (as in bench fl).")
-@click.option("--model", default="lenet5", show_default=True)
-@click.option("--strategy", default="fedavg", show_default=True)
-@click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", "-B", type=click.IntRange(min=0), default=50, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True)
+@click.option("--model", type=click.Choice(sorted(MODELS)), default="lenet5", show_default=True,
+              help="The model every worker trains.")
+@click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True,
+              help="The algorithm (`fedctl strategies` lists them).")
+@click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs E.")
+@click.option("--batch-size", "-B", type=click.IntRange(min=0), default=50, show_default=True,
+              help="Local batch size B (0 = the whole shard).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="Learning rate η.")
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.2, show_default=True,
               help="This fraction of the workers (the first shards) is --slowdown times slower.")
-@click.option("--slowdown", type=click.FloatRange(min=1), default=5.0, show_default=True)
+@click.option("--slowdown", type=click.FloatRange(min=1), default=5.0, show_default=True,
+              help="How many times slower the --slow-fraction workers are.")
 @click.option("--delay", "delay_s", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Emulated device seconds added to every update (before the slowdown).")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.985, show_default=True)
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=0.985, show_default=True,
+              help="Test accuracy whose wall time to reach the report compares.")
 @click.option("--max-updates", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Budget in applied updates: sync runs ⌈N/K⌉ rounds, ssp/async ⌈N/buffer⌉ model versions.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None,
@@ -266,17 +311,21 @@ def _command_line() -> str:
 @click.option("--max-staleness", type=click.IntRange(min=0), default=None,
               help="ssp/async: refuse updates more than this many versions old [default: 10·K, above what a 5× "
                    "straggler reaches, so the staleness weighting rather than refusal handles it].")
-@click.option("--staleness-exponent", type=click.FloatRange(min=0), default=0.5, show_default=True)
-@click.option("--buffer", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--staleness-exponent", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="ssp/async: weigh an update τ versions old by (1+τ)^-a (0: no weighting).")
+@click.option("--buffer", type=click.IntRange(min=1), default=1, show_default=True,
+              help="ssp/async: apply updates in groups of this many arrivals.")
 @click.option("--server-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="ssp/async: factor on every update's weight (FedBuff's server learning rate).")
-@click.option("--stop-at-target/--full-budget", default=True, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--stop-at-target/--full-budget", default=True, show_default=True,
+              help="End each run at --target, or spend the whole --max-updates budget.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
+              help="Framework the workers train with (auto: the first one installed).")
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the MNIST IDX files are (otherwise the usual search path).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True)
+              show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 def bench_policies(policies: tuple[str, ...], dataset: str, clients: int, backend: str, parallel: int,
                    source_dir: Path | None, out: Path, **options: Any) -> None:
     """Sync vs SSP vs async with stragglers: the same model, data, K workers and speed profile under each policy
@@ -284,9 +333,11 @@ def bench_policies(policies: tuple[str, ...], dataset: str, clients: int, backen
     from fedctl.cli.common import resolve_backend
     from fedctl.sim.policies import add_ratios, write_policies_report
 
-    _quiet_refusals()
     bench = _policy_bench(policies, options)
-    data = ensure_partition(None, dataset, clients, None, source_dir, 0, out / "partitions")
+    check_writable_dir(out, "--out")
+    _quiet_refusals()
+    with _dataset_fix():
+        data = ensure_partition(None, dataset, clients, None, source_dir, 0, out / "partitions")
     start = _start_accuracy(bench, data, backend)
     rows = [_run_policy(bench, p, data, out, backend, parallel, start) for p in bench.policies]
     add_ratios({r["policy"]: r["summary"] for r in rows})
@@ -349,7 +400,8 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
 @bench_group.command("heartbeat")
 @click.option("--workers", type=click.IntRange(min=1), default=100, show_default=True,
               help="Load workers pushing dense updates as fast as the broker takes them.")
-@click.option("--model", default="lenet5", show_default=True)
+@click.option("--model", type=click.Choice(sorted(MODELS)), default="lenet5", show_default=True,
+              help="The model whose dense updates the load workers push.")
 @click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True), default=20.0,
               show_default=True, help="Seconds of probing.")
 @click.option("--interval-ms", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
@@ -362,7 +414,7 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
               help="Load test instead: sync rounds sample 10 workers, the others only heartbeat and wait "
                    "(report as heartbeat-idle.{json,md}).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
-              show_default=True)
+              show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: float, budget_ms: float,
                     durable: bool, idle: bool, out: Path) -> None:
     """Heartbeat round-trip under load: an async FedAvg broker in this process, WORKERS no-op workers in a child
@@ -373,8 +425,9 @@ def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: fl
 
     from fedctl.sim.heartbeat import HeartbeatBench, measure_heartbeat, write_heartbeat_report
 
-    _quiet_refusals()
     bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle, durable=durable)
+    check_writable_dir(out, "--out")
+    _quiet_refusals()
     state = out / "runs" / "heartbeat"
     shutil.rmtree(state, ignore_errors=True)
     with console.status(f"[bold]heartbeat[/]: {workers} workers pushing {model} updates, probing for "

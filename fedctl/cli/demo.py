@@ -21,10 +21,11 @@ from fedctl.broker.service import Broker
 from fedctl.cli.common import make_evaluator
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import load_shard
-from fedctl.errors import FedctlError
+from fedctl.errors import BackendUnavailable, ConfigError, FedctlError
+from fedctl.fsio import check_writable_dir
 from fedctl.models import get_model
-from fedctl.strategies import TaskConfig
-from fedctl.worker.frameworks import available_backends
+from fedctl.strategies import TaskConfig, strategy_names
+from fedctl.worker.frameworks import BACKENDS, available_backends
 
 console = Console(stderr=False)
 
@@ -68,13 +69,18 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
 
 
 @click.command("demo")
-@click.option("--workers", type=click.IntRange(min=1, max=50), default=5, show_default=True)
-@click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--model", type=click.Choice(["mlp", "lenet5"]), default="mlp", show_default=True)
-@click.option("--strategy", default="fedavg", show_default=True)
-@click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", "-B", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1, max=50), default=5, show_default=True,
+              help="Worker processes, each with its own IID shard of the sample.")
+@click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True, help="Federated rounds.")
+@click.option("--model", type=click.Choice(["mlp", "lenet5"]), default="mlp", show_default=True,
+              help="The model the workers train.")
+@click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True,
+              help="The algorithm (`fedctl strategies` lists them).")
+@click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs E.")
+@click.option("--batch-size", "-B", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Local batch size B (0 = the whole shard).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="Learning rate η.")
 @click.option("--backends", default="auto", show_default=True,
               help="Comma-separated backends the workers cycle through; auto = every installed framework.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -85,19 +91,19 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
     WORKERS worker processes over TCP loopback, train, and print accuracy per round and a summary."""
     if logging.getLogger().level > logging.DEBUG:  # the progress display replaces the broker's round log
         logging.getLogger("fedctl.broker").setLevel(logging.WARNING)
-    chosen = available_backends() if backends == "auto" else [b.strip() for b in backends.split(",") if b.strip()]
-    if not chosen:
-        raise FedctlError("no deep-learning framework is installed", "pip install 'fedctl[torch]' or run make install")
+    chosen = _backends(backends)
     out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    # Every input is checked before the first file is written.
+    config = BrokerConfig(bind="tcp://127.0.0.1:*", model=model, strategy=strategy, rounds=rounds,
+                          task=TaskConfig(epochs, batch_size, lr), sync=SyncConfig(1.0, workers, 60.0),
+                          state_dir=out / "state", done_linger_s=5.0)
+    check_writable_dir(out, "--out")
     data_dir, log_dir = out / "data", out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]fedctl demo[/]: {workers} workers ({', '.join(chosen)}), model {model}, {strategy}, "
                   f"{rounds} rounds, E={epochs} B={batch_size} η={lr}; files in {out}")
     write_partition("mnist-sample", data_dir, clients=workers, scheme="iid", seed=0)
     evaluator = make_evaluator(chosen[0], get_model(model), load_shard(data_dir, "test"), threads=1)
-    config = BrokerConfig(bind="tcp://127.0.0.1:*", model=model, strategy=strategy, rounds=rounds,
-                          task=TaskConfig(epochs, batch_size, lr), sync=SyncConfig(1.0, workers, 60.0),
-                          state_dir=out / "state", done_linger_s=5.0)
     started = time.perf_counter()
     summary, procs = asyncio.run(_run_broker(config, evaluator, data_dir, log_dir, chosen))
     codes = [p.wait(timeout=30) for p in procs]
@@ -105,6 +111,28 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
     if any(codes):
         raise FedctlError(f"{sum(1 for c in codes if c)} worker(s) exited with an error",
                           f"see the logs in {log_dir}")
+
+
+def _backends(option: str) -> list[str]:
+    """The backends named by --backends (auto: every installed one), each known and installed."""
+    installed = available_backends()
+    if option == "auto":
+        if not installed:
+            raise BackendUnavailable("no deep-learning framework is installed",
+                                     "pip install 'fedctl[torch]' or run make install")
+        return installed
+    chosen = [b.strip() for b in option.split(",") if b.strip()]
+    if not chosen:
+        raise ConfigError(f"--backends {option!r} names no backend", "pass e.g. --backends torch, or auto")
+    for name in chosen:
+        if name not in BACKENDS:
+            raise ConfigError(f"--backends: unknown backend {name!r}",
+                              f"choose from: {', '.join(sorted(BACKENDS))}, or auto")
+        if name not in installed:
+            raise BackendUnavailable(f"--backends: {name} is not installed",
+                                     f"{BACKENDS[name].fix}, or leave it out (installed: "
+                                     f"{', '.join(installed) or 'none'})")
+    return chosen
 
 
 def _summary(summary: dict[str, Any], codes: list[int], elapsed: float, out: Path) -> None:

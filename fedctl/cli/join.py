@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from fedctl.cli.common import check_endpoint, load_data, resolve_backend
+from fedctl.fsio import check_writable_dir
 from fedctl.security import check_join_security
 from fedctl.worker.client import Worker, WorkerConfig
 from fedctl.worker.frameworks import create_trainer
@@ -25,13 +26,14 @@ log = logging.getLogger(__name__)
 @click.option("--data", required=True, help="Shard name in --data-dir (e.g. shard3), or DATASET:SPLIT.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory written by `fedctl partition`.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
+              help="Framework that trains the model (auto: the first one installed).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or gpu:N.")
 @click.option("--worker-id", default=None, help="Stable identity of this worker [default: DATA@HOSTNAME].")
 @click.option("--threads", default="auto", show_default=True, metavar="auto|N",
               help="Framework CPU threads. auto: this machine's CPUs divided among the live `fedctl join` processes "
                    "of this user, recounted every round (an explicit OMP_NUM_THREADS wins); N: exactly N.")
-@click.option("--connect-timeout", type=float, default=60.0, show_default=True,
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Give up if no broker answers within this many seconds.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
@@ -49,6 +51,8 @@ def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, devic
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     check_endpoint(connect, "--connect", bind=False)
     curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
+    if state_dir is not None:
+        check_writable_dir(state_dir, "--state-dir")
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",

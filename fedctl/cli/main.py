@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import logging
 import sys
 
 import click
@@ -33,20 +35,63 @@ for command in (serve_cmd, join_cmd, keygen_cmd, partition_cmd, demo_cmd, simula
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: a FedctlError ends in one line 'error: cause — fix' and its exit code."""
+    """Console entry point: a user's mistake ends in one line ``error: cause — fix`` and a non-zero exit code.
+
+    A FedctlError (also one raised inside an ``asyncio.TaskGroup``, which wraps it in an exception group) and
+    click's usage errors become that line; so does an OSError on a named file, the environment's refusal (disk
+    full, permission denied) rather than a bug — ``-v`` logs its traceback. Anything else is a bug and keeps its
+    traceback.
+    """
     try:
         cli.main(args=argv, prog_name="fedctl", standalone_mode=False)
-    except FedctlError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except BaseException as err:
+        code = _report(_only_leaf(err))
+        if code is None:
+            raise
+        sys.exit(code)
+
+
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
+"""What ``asyncio.TaskGroup`` raises (Python 3.11+)."""
+
+
+def _only_leaf(error: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups, or ``error`` itself."""
+    while _GROUP is not None and isinstance(error, _GROUP) and len(getattr(error, "exceptions", ())) == 1:
+        error = error.exceptions[0]  # type: ignore[attr-defined]
+    return error
+
+
+def _report(err: BaseException) -> int | None:
+    """Print the one line for ``err`` and return the exit code, or None when ``err`` is a bug to re-raise."""
+    if isinstance(err, FedctlError):
+        click.echo(f"error: {_one_line(str(err))}", err=True)
+        return err.exit_code
+    if isinstance(err, click.exceptions.Exit):
+        return err.exit_code
+    if isinstance(err, (click.exceptions.Abort, KeyboardInterrupt)):
         click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
-    except click.exceptions.Exit as ex:
-        sys.exit(ex.exit_code)
+        return 130
+    if isinstance(err, click.exceptions.UsageError):
+        command = err.ctx.command_path if err.ctx is not None else "fedctl"
+        click.echo(f"error: {_sentence(err.format_message())} — see `{command} --help`", err=True)
+        return err.exit_code
+    if isinstance(err, click.exceptions.ClickException):
+        click.echo(f"error: {_sentence(err.format_message())}", err=True)
+        return err.exit_code
+    if isinstance(err, OSError) and err.filename is not None:
+        logging.getLogger(__name__).debug("the traceback of the error below", exc_info=err)
+        click.echo(f"error: {err.filename}: {err.strerror or err} — check the path, its permissions and the free "
+                   "disk space (-v shows where it happened)", err=True)
+        return 1
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _sentence(text: str) -> str:
+    """click's message as the cause of an ``error:`` line: one line, lower-case start, no final full stop."""
+    text = _one_line(text).rstrip(".")
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text

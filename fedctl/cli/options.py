@@ -12,24 +12,29 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import ClockConfig, SyncConfig
 from fedctl.errors import ConfigError
 from fedctl.models import MODELS
-from fedctl.strategies import TaskConfig, strategy_names
+from fedctl.strategies import TaskConfig, get_strategy, strategy_names
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 RUN_OPTIONS = [
-    click.option("--model", type=click.Choice(sorted(MODELS)), default="mlp", show_default=True),
-    click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True),
-    click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True),
-    click.option("--fraction", "-C", type=float, default=1.0, show_default=True,
+    click.option("--model", type=click.Choice(sorted(MODELS)), default="mlp", show_default=True,
+                 help="The model every worker trains (canonical parameter names, any framework)."),
+    click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True,
+                 help="The algorithm: the workers' update rule and the broker's aggregation (`fedctl strategies`)."),
+    click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True,
+                 help="Rounds to run (for ssp/async: model versions)."),
+    click.option("--fraction", "-C", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                  help="Client fraction C: each round samples max(C·K, 1) of the K connected workers."),
     click.option("--min-workers", type=click.IntRange(min=1), default=1, show_default=True,
                  help="Quorum: a round starts once this many workers wait, and at the deadline it is aggregated "
                       "only if min(this, sampled) updates arrived (otherwise retried)."),
-    click.option("--round-timeout", type=float, default=120.0, show_default=True, help="Round deadline, seconds."),
+    click.option("--round-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                 help="Round deadline, seconds."),
     click.option("--epochs", "-E", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs E."),
     click.option("--batch-size", "-B", type=click.IntRange(min=0), default=10, show_default=True,
                  help="Local batch size B (0 = the whole shard, B=∞)."),
-    click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate η."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+                 help="Learning rate η."),
     click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                  help="Round r uses η · lr_decay^(r−1) (1 = constant)."),
     click.option("--opt", "strategy_options", multiple=True, metavar="KEY=VALUE",
@@ -48,7 +53,7 @@ RUN_OPTIONS = [
     click.option("--history-mb", type=click.FloatRange(min=0), default=64.0, show_default=True,
                  help="Memory for past model versions, so a worker is sent only what changed since the version "
                       "it holds (0: always the dense model)."),
-    click.option("--seed", type=int, default=0, show_default=True,
+    click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Seed of the model initialisation and sampling."),
     click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/default"),
                  show_default=True, help="Checkpoints and metrics.jsonl go here; an existing run there is resumed."),
@@ -84,13 +89,15 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
     """Build the BrokerConfig from the run options (popped from ``options``) plus ``extra`` fields."""
     o = {k: options.pop(k) for k in RUN_KEYS}
-    return BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
-                        task=TaskConfig(o["epochs"], o["batch_size"], o["lr"], o["lr_decay"],
-                                        parse_options(o["strategy_options"])),
-                        sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
-                        state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
-                        history_mb=o["history_mb"], policy=o["policy"],
-                        clock=ClockConfig(max_staleness=o["max_staleness"],
-                                          staleness_exponent=o["staleness_exponent"], buffer=o["buffer"],
-                                          server_lr=o["server_lr"]),
-                        **extra)
+    config = BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
+                          task=TaskConfig(o["epochs"], o["batch_size"], o["lr"], o["lr_decay"],
+                                          parse_options(o["strategy_options"])),
+                          sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
+                          state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
+                          history_mb=o["history_mb"], policy=o["policy"],
+                          clock=ClockConfig(max_staleness=o["max_staleness"],
+                                            staleness_exponent=o["staleness_exponent"], buffer=o["buffer"],
+                                            server_lr=o["server_lr"]),
+                          **extra)
+    get_strategy(config.strategy, config.task)  # checks the --opt values now, before any file or socket is made
+    return config

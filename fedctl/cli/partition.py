@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from fedctl.cli.common import source_dir_fix
 from fedctl.data.datasets import DATASETS
 from fedctl.data.partition import write_partition
+from fedctl.errors import ConfigError, DatasetNotFound
+from fedctl.fsio import check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 @click.option("--iid", is_flag=True, default=False, help="IID split: shuffle and cut into equal parts.")
 @click.option("--shards-per-client", type=click.IntRange(min=1), default=None,
               help="Non-IID split of McMahan et al.: sort by label, give each client N label shards.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the partition's RNG.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the partition's RNG.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output directory for shard*.npz, test.npz and manifest.json.")
 def partition_cmd(dataset: str, source_dir: Path | None, download: bool, clients: int, iid: bool,
@@ -38,10 +41,16 @@ def partition_cmd(dataset: str, source_dir: Path | None, download: bool, clients
     size, label histogram and SHA-256, which workers verify before training.
     """
     if iid == (shards_per_client is not None):
-        raise click.UsageError("pass exactly one of --iid and --shards-per-client N")
+        given = "both --iid and --shards-per-client were given" if iid else "no split was chosen"
+        raise ConfigError(given, "pass exactly one of --iid and --shards-per-client N (--iid: shuffle and cut; N: "
+                                 "McMahan et al.'s non-IID label shards per client)")
+    check_writable_dir(out_dir, "--out")
     scheme = "iid" if iid else "shards"
-    manifest = _run_with_progress(dataset, out_dir, clients, scheme, shards_per_client, seed, source_dir,
-                                  download)
+    try:
+        manifest = _run_with_progress(dataset, out_dir, clients, scheme, shards_per_client, seed, source_dir,
+                                      download)
+    except DatasetNotFound as err:
+        raise source_dir_fix(err, has_download=True) from None
     sizes = [s["num_examples"] for s in manifest["shards"]]
     per_client = str(sizes[0]) if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
     how = "IID" if iid else f"{shards_per_client} label shards each"
@@ -55,7 +64,8 @@ def _run_with_progress(dataset: str, out_dir: Path, clients: int, scheme: str, s
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    console = Console(stderr=True)  # off a terminal the bar would leave only a blank line behind
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task(f"writing {dataset} shards", total=clients + 1)
 
         def on_progress(done: int, total: int) -> None:

@@ -13,6 +13,8 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.service import Broker
 from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
 from fedctl.cli.options import broker_config, run_options
+from fedctl.errors import ConfigError
+from fedctl.fsio import check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
 from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
 
@@ -20,17 +22,22 @@ log = logging.getLogger(__name__)
 
 
 @click.command("serve")
-@click.option("--bind", default="tcp://*:5555", show_default=True, help="ZeroMQ endpoint to listen on.")
+@click.option("--bind", default="tcp://*:5555", show_default=True,
+              help="ZeroMQ endpoint to listen on: tcp://HOST:PORT (tcp://127.0.0.1:* for any free port on this "
+                   "machine only; other addresses need CURVE keys or --insecure), ipc://PATH or inproc://NAME.")
 @run_options
 @click.option("--eval-data", default=None,
               help="Evaluate the global model after every round on this shard of --data-dir (e.g. test), "
                    "or on a dataset split such as mnist:test.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--eval-backend", default="auto", show_default=True, help="Framework for evaluation: auto|torch|mxnet.")
-@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True, help="Seconds.")
-@click.option("--liveness", type=float, default=10.0, show_default=True,
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Partition directory (`fedctl partition --out`) holding the --eval-data shard.")
+@click.option("--eval-backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
+              help="Framework for evaluation (auto: the first one installed).")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Seconds between heartbeats to each worker.")
+@click.option("--liveness", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="A worker silent for this many seconds is dropped from the run.")
-@click.option("--max-message-mb", type=float, default=256.0, show_default=True,
+@click.option("--max-message-mb", type=click.FloatRange(min=0.01), default=256.0, show_default=True,
               help="Largest frame accepted (ZMQ_MAXMSGSIZE).")
 @click.option("--chunk-above-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Dense models and updates larger than this go in chunks paced by the receiver's credits "
@@ -48,26 +55,36 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int,
               secret_key: Path | None, allowed_keys: Path | None,
               insecure: bool, **run: Any) -> None:
-    """Run the parameter server: hold the global model, run synchronous rounds, aggregate, checkpoint."""
+    """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
+    (synchronous rounds, stale-synchronous ssp:S or async) and checkpoint to --state-dir.
+
+    Every option is checked, and --state-dir probed for writing, before the broker binds --bind.
+    """
     check_endpoint(bind, "--bind", bind=True)
     check_serve_security(bind, secret_key, allowed_keys, insecure)
+    max_message_bytes = int(max_message_mb * 2**20)
+    if chunk_kb * 1024 > max_message_bytes // 2:
+        raise ConfigError(f"--chunk-kb {chunk_kb} is more than half of --max-message-mb {max_message_mb:g}",
+                          f"pass --chunk-kb {max(max_message_bytes // 2048, 1)} or less, or a larger --max-message-mb")
+    config = broker_config(run, bind=bind, heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
+                           max_message_bytes=max_message_bytes,
+                           chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
+                           chunk_bytes=chunk_kb * 1024, curve_secret_key=secret_key, allowed_keys=allowed_keys)
+    check_writable_dir(config.state_dir, "--state-dir")
     if secret_key is not None and allowed_keys is not None:  # fail on a bad key before loading evaluation data
         load_key_pair(secret_key)
         load_allowed_keys(allowed_keys)
     elif insecure and not is_local_bind(bind):
         log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
                     "travel unencrypted", bind)
-    config = broker_config(run, bind=bind, heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
-                           max_message_bytes=int(max_message_mb * 2**20),
-                           chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
-                           chunk_bytes=chunk_kb * 1024, curve_secret_key=secret_key, allowed_keys=allowed_keys)
     evaluator = None
     if eval_data:
-        shard = load_data(eval_data, data_dir)
+        shard = load_data(eval_data, data_dir, "--eval-data")
         evaluator = make_evaluator(resolve_backend(eval_backend), get_model(config.model), shard)
         log.info("evaluating on %s (%d examples) every %d round(s)", shard.name, shard.num_examples,
                  config.eval_every)
-    summary = asyncio.run(_serve(config, evaluator))
+    with removed_if_empty_on_error(config.state_dir):  # e.g. --bind in use: no empty run directory stays
+        summary = asyncio.run(_serve(config, evaluator))
     last = summary["last"]
     acc = last.get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"

@@ -15,10 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedctl.broker.config import BrokerConfig
-from fedctl.cli.common import make_evaluator, resolve_backend
+from fedctl.cli.common import make_evaluator, resolve_backend, source_dir_fix
 from fedctl.cli.options import broker_config, run_options
+from fedctl.data.datasets import DATASETS, locate_dataset
 from fedctl.data.partition import write_partition
-from fedctl.data.shards import load_shard
+from fedctl.data.shards import list_shards, load_shard
+from fedctl.errors import ConfigError, DatasetNotFound
+from fedctl.fsio import check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
 from fedctl.sim.runner import SimConfig, simulate
 
@@ -34,6 +37,7 @@ def ensure_partition(data_dir: Path | None, dataset: str, clients: int, shards_p
     scheme = "iid" if shards_per_client is None else f"shards{shards_per_client}"
     out = cache_root / f"{dataset}-{clients}-{scheme}-seed{seed}"
     if not (out / "manifest.json").is_file():
+        locate_dataset(dataset, source_dir)  # a missing dataset fails before the line below announces work
         console.print(f"partitioning {dataset} into {clients} clients ({scheme}) → {out}")
         write_partition(dataset, out, clients=clients, scheme="iid" if shards_per_client is None else "shards",
                         shards_per_client=shards_per_client, seed=seed, source_dir=source_dir)
@@ -70,19 +74,26 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
 @run_options
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A partition from `fedctl partition`; otherwise one is made from --dataset and cached.")
-@click.option("--dataset", default="mnist", show_default=True)
-@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
+              help="Dataset to partition when no --data-dir is given (mnist-sample ships with fedctl).")
+@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory holding the dataset's four IDX files (.gz or raw); otherwise searched in "
+                   "$FEDCTL_DATA_DIR/<dataset>, system packages and ~/.cache/fedctl/<dataset>.")
+@click.option("--clients", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Clients (shards) of the partition made from --dataset.")
 @click.option("--shards-per-client", type=click.IntRange(min=1), default=None,
               help="Non-IID partition (McMahan et al.); IID when absent.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Virtual workers [default: one per shard].")
-@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
+              help="Framework the virtual workers train with (auto: the first one installed).")
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True,
               help="Training threads shared by the virtual workers.")
-@click.option("--transport", type=click.Choice(["tcp", "inproc"]), default="tcp", show_default=True)
+@click.option("--transport", type=click.Choice(["tcp", "inproc"]), default="tcp", show_default=True,
+              help="tcp: real loopback sockets, as in a deployment; inproc: in-process ZeroMQ, less overhead.")
 @click.option("--slow-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Emulate heterogeneous devices: this fraction of the workers is --slowdown times slower.")
-@click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True)
+@click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True,
+              help="How many times slower the --slow-fraction workers are.")
 @click.option("--delay", "delay_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Emulated device seconds added to every update (before the slowdown factor).")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
@@ -92,12 +103,21 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
     quiet_workers()
     config = broker_config(run, done_linger_s=2.0)
-    data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
-                            Path(config.state_dir).parent / "partitions")
+    check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
+    try:
+        data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
+                                Path(config.state_dir).parent / "partitions")
+    except DatasetNotFound as err:
+        raise source_dir_fix(err, has_download=False) from None
+    shards = len(list_shards(data))  # a bad partition fails here, before the progress display starts
+    if workers is not None and workers > shards:
+        raise ConfigError(f"--workers {workers} is more than the {shards} shards of {data}",
+                          f"pass --workers {shards} or fewer, or a partition with more clients")
     sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport,
                     slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay_s)
     try:
-        summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
+        with removed_if_empty_on_error(config.state_dir):
+            summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
     except KeyboardInterrupt:
         click.echo(f"interrupted; the completed rounds are saved in {config.state_dir} — run the same command "
                    "again to resume", err=True)

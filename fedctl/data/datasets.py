@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedctl.data.idx import parse_idx, read_uncompressed
-from fedctl.errors import ChecksumError, ConfigError, DataError
+from fedctl.errors import ChecksumError, ConfigError, DataError, DatasetNotFound
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def locate_dataset(name: str, source_dir: str | os.PathLike[str] | None = None, 
 
     Raises
     ------
-    DataError
+    DatasetNotFound
         Not found and ``download`` is false (the message lists where it looked), or the dataset cannot be
         downloaded.
     """
@@ -204,11 +204,16 @@ def locate_dataset(name: str, source_dir: str | os.PathLike[str] | None = None, 
 
         return fetch_dataset(name, _download_dir(name, source_dir))
     looked = ", ".join(str(d) for d in dirs)
+    raise DatasetNotFound(f"dataset {name!r} not found (looked in: {looked})", fix=_not_found_fix(spec),
+                          dataset=name, downloadable=spec.base_url is not None)
+
+
+def _not_found_fix(spec: DatasetSpec) -> str:
+    """How to provide a missing dataset, naming no option: the command that failed may have none."""
+    where = f"put its four IDX files (.gz or raw) in {_download_dir(spec.name, None)}"
     if spec.base_url is None:
-        fix = "pass --source-dir DIR pointing at the four IDX files (this dataset cannot be downloaded)"
-    else:
-        fix = "pass --source-dir DIR holding the four IDX files (.gz or raw), or add --download"
-    raise DataError(f"dataset {name!r} not found (looked in: {looked})", fix=fix)
+        return f"{where} (this dataset cannot be downloaded)"
+    return f"{where}, or download them once with `fedctl partition --dataset {spec.name} --download --iid --out DIR`"
 
 
 def _download_dir(name: str, source_dir: str | os.PathLike[str] | None) -> Path:
@@ -233,8 +238,8 @@ def read_verified(path: Path, expected_sha256: str | None) -> bytes:
         if actual != expected_sha256:
             raise ChecksumError(
                 f"{path}: SHA-256 of the uncompressed content is {actual}, expected {expected_sha256}",
-                fix="the file is corrupt or from another dataset; delete it and run again with --download, "
-                    "or point --source-dir at a good copy")
+                fix=f"the file is corrupt or from another dataset: delete {path} and put a good copy there (or "
+                    "fetch one with `fedctl partition --download`)")
     return data
 
 
@@ -282,7 +287,7 @@ def load_dataset(name: str, split: str = "train", source_dir: str | os.PathLike[
 
 
 def _check_split(directory: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    fix = "the files are not an MNIST-style dataset; point --source-dir at the right directory"
+    fix = f"the files in {directory} are not an MNIST-style dataset: replace them with the right IDX files"
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{directory}: images are {images.dtype} {images.shape}, expected uint8 [N, 28, 28]",
                         fix=fix)

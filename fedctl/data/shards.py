@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,13 +180,23 @@ def load_shard(data_dir: str | os.PathLike[str], name: str | int) -> Shard:
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     fix = "the file is not a fedctl shard; partition again with `fedctl partition`"
+    # np.load takes anything that is not a zip or .npy file for a pickle and says so; check the format first.
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a .npz archive (not a zip file, or cut short)", fix=fix)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            images, labels = npz["x"], npz["y"]
-    except KeyError as err:
-        raise DataError(f"{path} lacks array {err}", fix=fix) from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path} cannot be read as .npz without pickle: {err}", fix=fix) from err
+            held = sorted(npz.files)
+            arrays = [npz[key] for key in ("x", "y") if key in held]
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise DataError(f"{path} holds an object array, which only unpickling could load (never done)",
+                            fix=fix) from None
+        raise DataError(f"{path} is a damaged .npz archive ({_reason(err)})", fix=fix) from err
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{path} is a damaged .npz archive ({_reason(err)})", fix=fix) from err
+    if len(arrays) != 2:
+        raise DataError(f"{path} holds the arrays {', '.join(held) or '(none)'}, a shard holds x and y", fix=fix)
+    images, labels = arrays
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{path}: x is {images.dtype} {images.shape}, expected uint8 [n, 28, 28]", fix=fix)
     if labels.dtype != np.uint8 or labels.shape != (len(images),):
@@ -193,6 +204,12 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise DataError(f"{path}: label {int(labels.max())} out of range 0..{NUM_CLASSES - 1}", fix=fix)
     return images, labels
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's text: numpy's errors run over several lines."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def load_split_as_shard(dataset: str, split: str, source_dir: str | os.PathLike[str] | None = None,

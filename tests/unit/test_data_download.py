@@ -19,7 +19,7 @@ import pytest
 from fedctl.data.datasets import BUNDLED_ROOT, DATASETS, FILE_NAMES, load_dataset, locate_dataset
 from fedctl.data.download import download, fetch_dataset
 from fedctl.data.idx import encode_idx, write_idx
-from fedctl.errors import ChecksumError, ConfigError, DataError
+from fedctl.errors import ChecksumError, ConfigError, DataError, DatasetNotFound
 
 pytestmark = pytest.mark.timeout(60)
 SAMPLE_DIR = BUNDLED_ROOT / "mnist-sample"
@@ -219,7 +219,12 @@ def test_not_found_names_places_and_fix(tmp_path: Path, monkeypatch: pytest.Monk
     message = str(info.value)
     assert str(tmp_path / "data" / "mnist") in message
     assert str(tmp_path / "xdg-cache" / "fedctl" / "mnist") in message
-    assert "--source-dir" in message and "--download" in message
+    # The data layer names no option of its own (join and serve have neither --source-dir nor --download): it says
+    # where the files go and the command that downloads them; commands with --source-dir replace the fix.
+    assert f"put its four IDX files (.gz or raw) in {tmp_path / 'data' / 'mnist'}" in message
+    assert "`fedctl partition --dataset mnist --download" in message
+    assert "--source-dir" not in message
+    assert isinstance(info.value, DatasetNotFound) and info.value.dataset == "mnist" and info.value.downloadable
 
 
 def test_env_dir_is_searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

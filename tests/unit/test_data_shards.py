@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -108,8 +109,55 @@ def test_pickled_payload_refused(own_partition: Path) -> None:
     path = own_partition / "shard0.npz"
     np.savez(path, x=np.array([{"evil": 1}], dtype=object), y=np.zeros(1, np.uint8))
     _rewrite_manifest_digest(own_partition, "shard0")
-    with pytest.raises(DataError, match="without pickle"):
+    with pytest.raises(DataError, match="object array, which only unpickling could load"):
         load_shard(own_partition, "shard0")
+
+
+def _replace_shard(directory: Path, data: bytes) -> Path:
+    path = directory / "shard0.npz"
+    path.write_bytes(data)
+    _rewrite_manifest_digest(directory, "shard0")  # past the digest check: only the content can refuse it
+    return path
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"not a zip archive at all", r"is not a \.npz archive \(not a zip file, or cut short\)"),
+    (b"", r"is not a \.npz archive"),
+    (b"\x93NUMPY" + bytes(100), r"is not a \.npz archive"),  # a bare .npy, not an archive
+    (_npz_bytes(a=np.zeros(2), b=np.ones(2)), r"holds the arrays a, b, a shard holds x and y"),
+    (_npz_bytes(x=np.zeros((1, 28, 28), np.uint8)), r"holds the arrays x, a shard holds x and y"),
+])
+def test_not_a_shard_says_what_it_is(own_partition: Path, content: bytes, needle: str) -> None:
+    _replace_shard(own_partition, content)
+    with pytest.raises(DataError, match=needle) as info:
+        load_shard(own_partition, "shard0")
+    message = str(info.value)
+    assert "pickle" not in message and "\n" not in message, message
+    assert "fedctl partition" in message
+
+
+def test_truncated_shard(own_partition: Path) -> None:
+    whole = (own_partition / "shard0.npz").read_bytes()
+    _replace_shard(own_partition, whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="not a .npz archive") as info:
+        load_shard(own_partition, "shard0")
+    assert "pickle" not in str(info.value)
+
+
+def test_damaged_member_of_a_shard(own_partition: Path) -> None:
+    whole = bytearray((own_partition / "shard0.npz").read_bytes())
+    middle = len(whole) // 3
+    whole[middle:middle + 64] = bytes(64)  # the zip directory is intact, the compressed data is not
+    _replace_shard(own_partition, bytes(whole))
+    with pytest.raises(DataError, match="damaged .npz archive") as info:
+        load_shard(own_partition, "shard0")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("x", "y", "needle"), [
