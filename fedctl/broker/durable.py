@@ -25,9 +25,8 @@ from fedctl.broker.transfers import SpoolTensors
 from fedctl.errors import ProtocolError
 from fedctl.fsio import atomic_write
 from fedctl.strategies.base import Update
+from fedctl.wire import MSGPACK_ERRORS, decode, unpack_sparse
 from fedctl.wire import constants as C
-from fedctl.wire import decode, unpack_sparse
-from fedctl.wire.tensors import MSGPACK_ERRORS
 
 log = logging.getLogger(__name__)
 PENDING_DIR = "pending"

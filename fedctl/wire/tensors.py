@@ -183,13 +183,3 @@ def unpack_sparse(tensors: Mapping[str, Tensor], shapes: Mapping[str, tuple[int,
             out[name] = SparseTensor(tuple(shape), packed.indices[lo:hi] - bounds[i], packed.values[lo:hi])
     return out
 
-
-_MOVED = {"MSGPACK_ERRORS": "fedctl.wire.frames", "decode_tensor": "fedctl.wire.frames",
-          "encode_tensor": "fedctl.wire.frames"}
-
-
-def __getattr__(name: str) -> Any:  # TEMPORARY: until fedctl/broker imports these from fedctl.wire
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
