@@ -1,29 +1,48 @@
 # fedctl — every dependency is installed by the project itself into .venv.
-#   make install   virtual environment with fedctl, PyTorch (CPU, pinned), MXNet 1.9.1 and test tools
+#   make install   virtual environment with fedctl, PyTorch 2.13.0, MXNet 1.9.1 (Python <= 3.11) and test tools
 #   make test      install if needed, then the whole test suite
 #   make demo      install if needed, then a real local federation on the bundled MNIST sample
 #   make bench     install if needed, then the benchmarks (bench/results/: JSON, markdown, PNG)
 #   make fuzz      install if needed, add atheris, then fuzz the wire decoder for FUZZ_SECONDS (docs/reliability.md)
+#
+# Which builds `make install` gets (docs/install.md). The version is pinned; the build is chosen by the index:
+#   TORCH_INDEX=        (default) what pip's configured index has for torch==2.13.0. From plain PyPI on Linux x86_64
+#                       that is the CUDA build: the torch wheel plus nvidia-* CUDA libraries, several GB (it runs on
+#                       CPU-only machines too). On this development machine a local CPU wheel in pip's find-links
+#                       (/opt/wheels) satisfies the pin first, so here it is 2.13.0+cpu.
+#   TORCH_INDEX=cpu     PyTorch's CPU-only index, https://download.pytorch.org/whl/cpu: no CUDA libraries.
+#   TORCH_INDEX=cu128   that CUDA build (any tag PyTorch publishes for this release), or TORCH_INDEX=URL: any index.
+#   MXNET=mxnet-cu112   MXNet 1.9.1 built for CUDA 11.2 (or mxnet-cu110, ...) instead of the CPU wheel `mxnet`.
+# Changing either on an existing .venv does nothing (it is up to date): `make clean install TORCH_INDEX=cpu`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-TORCH_PIN := torch==2.13.0
-# numpy 1.23.5: the newest numpy MXNet 1.9.1 runs with (np.bool was removed in 1.24); torch 2.13 accepts it.
-NUMPY_PIN := $(shell $(PYTHON) -c 'import sys; print("numpy==1.23.5" if sys.version_info < (3, 12) else "numpy>=1.26")')
+TORCH_PIN   := torch==2.13.0
+TORCH_INDEX ?=
+MXNET       ?= mxnet
+TORCH_FROM  := $(if $(strip $(TORCH_INDEX)),--index-url $(if $(findstring ://,$(TORCH_INDEX)),$(TORCH_INDEX),https://download.pytorch.org/whl/$(strip $(TORCH_INDEX))))
+# MXNet 1.9.1 needs numpy < 1.24 (it uses np.bool), whose newest, 1.23.5, has no wheels beyond Python 3.11: newer
+# Pythons get a PyTorch-only install. torch 2.13 accepts numpy 1.23.5.
+MXNET_OK  := $(shell $(PYTHON) -c 'import sys; print("yes" if sys.version_info < (3, 12) else "")')
+NUMPY_PIN := $(if $(MXNET_OK),numpy==1.23.5,numpy>=1.26)
+# The `mxnet` extra names the CPU wheel; another MXNet package is installed beside a torch-only extra instead.
+EXTRAS_ALL   := torch,mxnet,dev
+EXTRAS_TORCH := torch,dev
+EXTRAS    := $(if $(and $(MXNET_OK),$(filter mxnet,$(MXNET))),$(EXTRAS_ALL),$(EXTRAS_TORCH))
+MXNET_REQ := $(if $(and $(MXNET_OK),$(filter-out mxnet,$(MXNET))),"$(MXNET)==1.9.1")
 STAMP  := $(VENV)/.stamp-install
-# MXNet 1.9.1 has no wheels beyond Python 3.11: newer Pythons get a PyTorch-only install.
-EXTRAS := $(shell $(PYTHON) -c 'import sys; print("torch,mxnet,dev" if sys.version_info < (3, 12) else "torch,dev")')
 
 .PHONY: install test acceptance test-fast demo bench fuzz lint typecheck clean fashion-mnist
 
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fedctl needs Python >= 3.11 (asyncio.TaskGroup, asyncio.timeout): make PYTHON=python3.11 install")'
 	$(PYTHON) -m venv $(VENV)
-	# The exact CPU build first: a bare torch requirement would pull a multi-GB CUDA build.
-	$(PIP) install --quiet "$(TORCH_PIN)" "$(NUMPY_PIN)"
-	$(PIP) install --quiet -e ".[$(EXTRAS)]" "$(NUMPY_PIN)"
+	# torch alone first, so that TORCH_INDEX chooses its build and nothing else; the extras then find it installed.
+	$(PIP) install --quiet $(TORCH_FROM) "$(TORCH_PIN)"
+	$(PIP) install --quiet -e ".[$(EXTRAS)]" $(MXNET_REQ) "$(NUMPY_PIN)"
 	$(VENV)/bin/fedctl --version
 	touch $(STAMP)
 
@@ -41,6 +60,7 @@ demo: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/threads.py
 	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
 
 # Coverage-guided fuzzing of the decoder. atheris is a fuzzing-only dependency, installed here and nowhere else;
