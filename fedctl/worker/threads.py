@@ -80,11 +80,14 @@ def default_runtime_dir(env: Mapping[str, str]) -> Path:
 
 
 def _private_dir(path: Path) -> None:
-    """Create ``path`` (mode 700) and refuse one that another user owns or can write: it decides our thread count."""
+    """Create ``path`` and its parent (mode 700) and refuse either if another user owns it or can write to it (its
+    files decide our thread count). A parent like /tmp (sticky, owned by root) is accepted."""
     for d in (path.parent, path):
         d.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(d)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        private = st.st_uid == os.getuid() and not st.st_mode & 0o022
+        sticky = d == path.parent and st.st_uid in (0, os.getuid()) and bool(st.st_mode & stat.S_ISVTX)
+        if not stat.S_ISDIR(st.st_mode) or not (private or sticky):
             raise PermissionError(f"{d} is not a private directory of this user (owner uid {st.st_uid}, "
                                   f"mode {stat.filemode(st.st_mode)})")
 

@@ -82,6 +82,14 @@ def test_registry_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
         LocalWorkers(shared / "workers").register()
 
 
+def test_registry_may_sit_in_a_sticky_directory_like_tmp(tmp_path: Path) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    os.chmod(tmp, 0o1777)
+    with LocalWorkers(tmp / "workers") as me:
+        assert me.count() == 1
+
+
 def test_unusable_registry_warns_and_auto_still_works(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     shared = tmp_path / "open"
     shared.mkdir()
