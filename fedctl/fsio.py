@@ -61,6 +61,17 @@ def check_writable_dir(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path} is not writable{where}: {err.strerror or err}", fix) from None
 
 
+def check_readable_dir(path: Path, option: str) -> None:
+    """Refuse a directory that exists but cannot be listed: a glob in it would see nothing and say it is empty."""
+    try:
+        os.listdir(path)
+    except FileNotFoundError:
+        return  # the caller says what a missing directory means
+    except OSError as err:
+        raise ConfigError(f"{option} {path} cannot be read: {err.strerror or err}",
+                          f"make it readable by this user (chmod u+rx {path}), or pass another {option}") from None
+
+
 @contextmanager
 def removed_if_empty_on_error(path: Path) -> Iterator[None]:
     """Run the block; if it raises, remove ``path`` and the parents it creates, provided they did not exist

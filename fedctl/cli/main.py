@@ -7,6 +7,7 @@ import logging
 import sys
 
 import click
+from click.core import ParameterSource
 
 from fedctl import __version__
 from fedctl.cli.bench import bench_group
@@ -74,7 +75,12 @@ def _report(err: BaseException) -> int | None:
         return 130
     if isinstance(err, click.exceptions.UsageError):
         command = err.ctx.command_path if err.ctx is not None else "fedctl"
-        click.echo(f"error: {_sentence(err.format_message())} — see `{command} --help`", err=True)
+        envvar = _from_envvar(err)
+        if envvar:
+            click.echo(f"error: {_sentence(err.format_message())} (from ${envvar}) — correct or unset {envvar} "
+                       f"(see `{command} --help`)", err=True)
+        else:
+            click.echo(f"error: {_sentence(err.format_message())} — see `{command} --help`", err=True)
         return err.exit_code
     if isinstance(err, click.exceptions.ClickException):
         click.echo(f"error: {_sentence(err.format_message())}", err=True)
@@ -85,6 +91,20 @@ def _report(err: BaseException) -> int | None:
                    "disk space (-v shows where it happened)", err=True)
         return 1
     return None
+
+
+def _from_envvar(err: click.exceptions.UsageError) -> str | None:
+    """The FEDCTL_* variable a bad value came from (the option was not on the command line), if it did."""
+    param = getattr(err, "param", None)
+    ctx = err.ctx
+    if not isinstance(param, click.Option) or ctx is None or not param.name:
+        return None
+    if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+        return None
+    if isinstance(param.envvar, str):
+        return param.envvar
+    prefix = ctx.auto_envvar_prefix
+    return f"{prefix}_{param.name.upper()}" if prefix else None
 
 
 def _one_line(text: str) -> str:

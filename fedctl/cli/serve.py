@@ -14,7 +14,7 @@ from fedctl.broker.service import Broker
 from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
 from fedctl.cli.options import broker_config, run_options
 from fedctl.errors import ConfigError
-from fedctl.fsio import check_writable_dir, removed_if_empty_on_error
+from fedctl.fsio import check_readable_dir, check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
 from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
 
@@ -72,6 +72,7 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
                            chunk_bytes=chunk_kb * 1024, curve_secret_key=secret_key, allowed_keys=allowed_keys)
     check_writable_dir(config.state_dir, "--state-dir")
     if secret_key is not None and allowed_keys is not None:  # fail on a bad key before loading evaluation data
+        check_readable_dir(allowed_keys, "--allowed-keys")
         load_key_pair(secret_key)
         load_allowed_keys(allowed_keys)
     elif insecure and not is_local_bind(bind):

@@ -195,7 +195,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise DataError(f"{path} is a damaged .npz archive ({_reason(err)})", fix=fix) from err
     if len(arrays) != 2:
-        raise DataError(f"{path} holds the arrays {', '.join(held) or '(none)'}, a shard holds x and y", fix=fix)
+        raise DataError(f"{path} holds the arrays {', '.join(held) or '(none)'}, not a shard's x and y", fix=fix)
     images, labels = arrays
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{path}: x is {images.dtype} {images.shape}, expected uint8 [n, 28, 28]", fix=fix)

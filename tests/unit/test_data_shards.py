@@ -130,8 +130,8 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     (b"not a zip archive at all", r"is not a \.npz archive \(not a zip file, or cut short\)"),
     (b"", r"is not a \.npz archive"),
     (b"\x93NUMPY" + bytes(100), r"is not a \.npz archive"),  # a bare .npy, not an archive
-    (_npz_bytes(a=np.zeros(2), b=np.ones(2)), r"holds the arrays a, b, a shard holds x and y"),
-    (_npz_bytes(x=np.zeros((1, 28, 28), np.uint8)), r"holds the arrays x, a shard holds x and y"),
+    (_npz_bytes(a=np.zeros(2), b=np.ones(2)), r"holds the arrays a, b, not a shard's x and y"),
+    (_npz_bytes(x=np.zeros((1, 28, 28), np.uint8)), r"holds the arrays x, not a shard's x and y"),
 ])
 def test_not_a_shard_says_what_it_is(own_partition: Path, content: bytes, needle: str) -> None:
     _replace_shard(own_partition, content)
