@@ -68,13 +68,15 @@ def child(args: argparse.Namespace) -> int:
     sys.stdin.readline()  # "go"
 
     def train() -> dict[str, Any]:
-        rounds, cpu0 = [], time.process_time()
+        rounds, per_round, others, cpu0 = [], [], [], time.process_time()
         for r in range(args.rounds):
             t0 = time.perf_counter()
             trainer.fit(weights, 1, args.batch_size, 0.05, r + 1)
             rounds.append(time.perf_counter() - t0)
-        threads = budget.last if budget is not None else _framework_threads(args.backend)
-        return {"round_s": rounds, "train_s": sum(rounds), "cpu_s": time.process_time() - cpu0, "threads": threads}
+            per_round.append(budget.last if budget is not None else _framework_threads(args.backend))
+            others.append(getattr(budget, "others", None))
+        return {"round_s": rounds, "train_s": sum(rounds), "cpu_s": time.process_time() - cpu0,
+                "threads": per_round[-1], "threads_per_round": per_round, "others_busy_cpus": others}
 
     print(json.dumps(pool.submit(train).result()), flush=True)
     return 0
@@ -122,6 +124,8 @@ def run_case(args: argparse.Namespace, backend: str, workers: int, mode: str) ->
                     p.wait()
     times = [r["train_s"] for r in results]
     return {"backend": backend, "workers": workers, "mode": mode, "threads": [r["threads"] for r in results],
+            "threads_per_round": [r["threads_per_round"] for r in results],
+            "others_busy_cpus": [r["others_busy_cpus"] for r in results],
             "train_s": {"min": min(times), "median": statistics.median(times), "max": max(times)},
             "per_worker_s": times, "cpu_s": [r["cpu_s"] for r in results], "wall_all_s": elapsed}
 
@@ -162,19 +166,23 @@ def markdown(res: dict[str, Any]) -> str:
               "worker's own training wall time."), "",
              "| backend | case | workers | threads per worker | min | median | max | median / case a | load before |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    summaries = []
     for backend, cases in res["backends"].items():
         base = cases["a"]["train_s"]["median"]
         for key, label, _, _ in CASES:
             c = cases[key]
             t = c["train_s"]
-            threads = sorted({str(n) if n is not None else "default" for n in c["threads"]})
+            threads = sorted({str(n) for per_worker in c["threads_per_round"] for n in per_worker})
             lines.append(f"| {backend} | {key}. {label.replace('K', str(c['workers']))} | {c['workers']} | "
                          f"{', '.join(threads)} | {t['min']:.3f} s | {t['median']:.3f} s | {t['max']:.3f} s | "
                          f"{t['median'] / base:.1f}× | {c['load_average_1min_before']} |")
         b, c = cases["b"]["train_s"], cases["c"]["train_s"]
-        lines += ["", (f"{backend}: with {cases['b']['workers']} workers, the framework's default threads take "
-                       f"{c['median'] / b['median']:.1f}× the median and {c['max'] / b['max']:.1f}× the slowest "
-                       "worker's time of `--threads auto`."), ""]
+        summaries.append(f"{backend}: with {cases['b']['workers']} workers, the framework's default threads take "
+                         f"{c['median'] / b['median']:.1f}× the median and {c['max'] / b['max']:.1f}× the slowest "
+                         "worker's time of `--threads auto`.")
+    lines += ["", ("Threads per worker: every count a worker used in its rounds (`--threads auto` recounts before "
+                   "each). `load before`: the machine's 1-minute load average before the case."), ""]
+    lines += [f"* {line}" for line in summaries]
     return "\n".join(lines) + "\n"
 
 
@@ -189,9 +197,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     for ax, backend in zip(axes[0], backends):
         cases = res["backends"][backend]
         labels, med, lo, hi = [], [], [], []
-        for key, label, _, _ in CASES:
+        for key, _, _, mode in CASES:
             t = cases[key]["train_s"]
-            labels.append(f"{key}. {label.replace('K', str(cases[key]['workers']))}".replace(", ", ",\n"))
+            k = cases[key]["workers"]
+            short = {"auto": "auto", "framework": "framework\ndefault"}.get(mode, f"--threads {mode}")
+            labels.append(f"{key}. {k} worker{'s' if k > 1 else ''}\n{short}")
             med.append(t["median"])
             lo.append(t["median"] - t["min"])
             hi.append(t["max"] - t["median"])
@@ -199,8 +209,9 @@ def plot(res: dict[str, Any], path: Path) -> None:
         bars = ax.bar(range(len(med)), med, yerr=[lo, hi], capsize=5, color=colours[: len(med)])
         ax.bar_label(bars, fmt="%.2f s", padding=8, fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(min(med) / 2, max(m + h for m, h in zip(med, hi)) * 3)
         ax.set_xticks(range(len(med)), labels, fontsize=8)
-        ax.set_ylabel("training wall time per worker (median, whiskers min-max)")
+        ax.set_ylabel("training time per worker, s\n(median; whiskers: min, max)")
         ax.set_title(f"{backend}: {res['work']['rounds'] * res['work']['steps']} MLP steps per worker")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

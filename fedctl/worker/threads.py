@@ -4,8 +4,9 @@ Every PyTorch or MXNet process starts an OpenMP pool sized for the whole machine
 two cores then run ten spinning threads on two cores, and the same local training takes 10-100x longer. So every
 ``fedctl join`` registers itself in a per-user directory (one file per process, held with ``flock``, so a crashed
 worker stops counting the moment the kernel drops its lock), and a worker on ``--threads auto`` sizes its pool to
-``max(1, cpus // live_workers)`` before every local training call. Nothing here imports a framework: the adapters
-ask a :class:`ThreadBudget` for the count and apply it themselves.
+``max(1, cpus // live_workers)`` before every local training call, and no more than the CPUs other processes left
+free lately (:class:`CpuLoad`). Nothing here imports a framework: the adapters ask a :class:`ThreadBudget` for the
+count and apply it themselves.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import os
 import secrets
 import stat
 import tempfile
+import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +28,7 @@ from typing import Protocol
 from fedctl.errors import ConfigError
 
 __all__ = [
+    "CpuLoad",
     "FixedThreads",
     "LocalWorkers",
     "SharedThreads",
@@ -180,6 +183,62 @@ def _is_live(path: Path) -> bool:
         os.close(fd)
 
 
+def _proc_stat_busy_s(path: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds all CPUs of the machine spent busy since boot (``/proc/stat``), or None where there is none."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+        # user nice system idle iowait irq softirq steal ...: busy is all but idle and iowait
+        ticks = [int(v) for v in fields[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 8 or fields[0] != "cpu":
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class CpuLoad:
+    """How many CPUs other processes kept busy lately: the machine's busy time (``/proc/stat``) minus this process's
+    own, over the time since the previous call (the first call samples ``first_sample_s``).
+
+    Other ``fedctl join`` processes are in it too; :class:`SharedThreads` takes the smaller of the two limits. In a
+    container ``/proc/stat`` covers the whole host, which can only make the count smaller.
+    """
+
+    def __init__(self, busy_s: Callable[[], float | None] = _proc_stat_busy_s, own_s: Callable[[], float] = _own_cpu_s,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 first_sample_s: float = 0.05) -> None:
+        self._busy_s, self._own_s, self._clock, self._sleep = busy_s, own_s, clock, sleep
+        self._first_sample_s = first_sample_s
+        self._last: tuple[float, float, float] | None = None
+
+    def _read(self) -> tuple[float, float, float] | None:
+        busy = self._busy_s()
+        return None if busy is None else (self._clock(), busy, self._own_s())
+
+    def others_busy(self) -> float | None:
+        """Average CPUs busy with other processes since the previous call; None where it cannot be measured."""
+        if self._last is None:
+            self._last = self._read()
+            if self._last is None:
+                return None
+            self._sleep(self._first_sample_s)
+        now = self._read()
+        if now is None:
+            return None
+        (t0, busy0, own0), (t1, busy1, own1) = self._last, now
+        self._last = now
+        if t1 <= t0:
+            return 0.0
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+
+
 class ThreadBudget(Protocol):
     """How many CPU threads a framework adapter may use now; asked before every training call."""
 
@@ -216,14 +275,22 @@ class FixedThreads:
         return f"{self.count} ({self.source})"
 
 
+# A CPU counts as free for another thread when other processes kept it busy less than a quarter of the time: an
+# OpenMP thread that is descheduled holds up its whole team at the next barrier, so "mostly free" is not free.
+_FREE_SLACK = 0.25
+
+
 @dataclass
 class SharedThreads:
-    """``--threads auto``: ``max(1, cpus // live local workers)``, at most the framework's own default."""
+    """``--threads auto``: ``max(1, cpus // live local workers)``, at most the framework's own default and, with a
+    :class:`CpuLoad`, at most the CPUs other processes left free lately."""
 
     workers: LocalWorkers
     cpus: int = field(default_factory=available_cpus)
+    load: CpuLoad | None = None
     last: int | None = None
     live: int = 1
+    others: float | None = None
     capped: bool = False
 
     def threads(self, cap: int | None = None) -> int:
@@ -231,17 +298,22 @@ class SharedThreads:
         share = max(1, self.cpus // self.live)
         count = min(share, cap) if cap else share
         self.capped = count < share
+        self.others = self.load.others_busy() if self.load is not None else None
+        if self.others is not None:
+            count = max(1, min(count, int(self.cpus - self.others + _FREE_SLACK)))
         if count != self.last:
-            log.debug("threads: %d (%d CPUs, %d live local workers, framework default %s)", count, self.cpus,
-                      self.live, cap if cap else "all")
+            log.debug("threads: %d (%d CPUs, %d live local workers, framework default %s, other processes %s CPUs)",
+                      count, self.cpus, self.live, cap if cap else "all",
+                      "?" if self.others is None else f"{self.others:.2f}")
         self.last = count
         return count
 
     def describe(self) -> str:
         now = f"{self.last} now" if self.last is not None else "not applied yet"
         cap = ", at most the framework's own default" if self.capped else ""
-        return (f"{now} (auto: {self.cpus} CPUs shared by {self.live} live fedctl worker(s) of this user{cap}, "
-                f"recounted before every round in {self.workers.directory})")
+        busy = "" if self.others is None else f", {self.others:.1f} CPUs busy with other processes"
+        return (f"{now} (auto: {self.cpus} CPUs shared by {self.live} live fedctl worker(s) of this user{busy}{cap}; "
+                f"recounted before every round, workers registered in {self.workers.directory})")
 
 
 def as_budget(threads: int | ThreadBudget | None) -> ThreadBudget | None:
@@ -289,4 +361,4 @@ def worker_threads(option: str, env: Mapping[str, str], directory: Path | None =
     omp = _omp_num_threads(env)
     if omp is not None:
         return FixedThreads(omp, f"OMP_NUM_THREADS={omp}", workers)
-    return SharedThreads(workers)
+    return SharedThreads(workers, load=CpuLoad())

@@ -15,6 +15,7 @@ import pytest
 from fedctl.errors import ConfigError
 from fedctl.worker import threads
 from fedctl.worker.threads import (
+    CpuLoad,
     FixedThreads,
     LocalWorkers,
     SharedThreads,
@@ -123,7 +124,7 @@ def test_shared_threads_divide_the_cpus_and_keep_the_framework_cap(registry: Pat
 
 def test_worker_threads_option_and_environment(registry: Path) -> None:
     auto = worker_threads("auto", {}, directory=registry)
-    assert isinstance(auto, SharedThreads) and auto.workers.path is not None
+    assert isinstance(auto, SharedThreads) and auto.workers.path is not None and auto.load is not None
     fixed = worker_threads("3", {"OMP_NUM_THREADS": "1"}, directory=registry)
     assert isinstance(fixed, FixedThreads) and fixed.threads(cap=1) == 3 and fixed.source == "--threads 3"
     assert fixed.workers is not None and fixed.workers.path is not None  # counted by the automatic ones
@@ -174,3 +175,71 @@ def test_count_is_cheap(registry: Path) -> None:
     for _ in range(50):
         assert regs[0].count() == 20
     assert (time.perf_counter() - started) / 50 < 0.05  # asked once per round, not per step
+
+
+class _Busy(CpuLoad):
+    """Other processes keep ``value`` CPUs busy."""
+
+    def __init__(self, value: float | None) -> None:
+        super().__init__()
+        self.value = value
+
+    def others_busy(self) -> float | None:
+        return self.value
+
+
+def test_shared_threads_leave_the_cpus_other_processes_use(registry: Path) -> None:
+    me = LocalWorkers(registry)
+    me.register()
+    load = _Busy(0.1)
+    budget = SharedThreads(me, cpus=8, load=load)
+    assert budget.threads() == 8  # background noise does not cost a thread
+    load.value = 2.9
+    assert budget.threads() == 5
+    assert "2.9 CPUs busy with other processes" in budget.describe()
+    load.value = 3.8  # a CPU 80% busy elsewhere is not free: a descheduled thread stalls its whole team
+    assert budget.threads() == 4
+    load.value = 12.0
+    assert budget.threads() == 1
+    load.value = None  # unmeasurable: the registry alone decides
+    assert budget.threads() == 8
+    load.value = 0.0
+    others = [LocalWorkers(registry) for _ in range(3)]
+    for reg in others:
+        reg.register()
+    assert budget.threads() == 2  # the registry's share is the other limit
+    assert budget.threads(cap=1) == 1
+
+
+def test_cpu_load_counts_other_processes_only() -> None:
+    clock, busy, own = [0.0], [100.0], [5.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        busy[0] += 1.5 * seconds  # others keep 1.5 CPUs busy during the first sample
+
+    load = CpuLoad(busy_s=lambda: busy[0], own_s=lambda: own[0], clock=lambda: clock[0], sleep=sleep,
+                   first_sample_s=0.1)
+    assert load.others_busy() == pytest.approx(1.5)
+    clock[0] += 2.0
+    busy[0] += 3.0  # 3 CPU-seconds busy over 2 s, 2.5 of them this process's own
+    own[0] += 2.5
+    assert load.others_busy() == pytest.approx(0.25)
+    clock[0] += 1.0
+    own[0] += 0.5  # tick rounding can make our own time exceed the machine's: never negative
+    assert load.others_busy() == 0.0
+    assert load.others_busy() == 0.0  # no time passed
+    assert CpuLoad(busy_s=lambda: None).others_busy() is None
+
+
+def test_proc_stat_parsing(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1000 50 250 9000 100 0 20 30 0 0\ncpu0 500 25 125 4500 50 0 10 15 0 0\n")
+    hz = os.sysconf("SC_CLK_TCK")
+    assert threads._proc_stat_busy_s(stat) == pytest.approx((1000 + 50 + 250 + 20 + 30) / hz)
+    assert threads._proc_stat_busy_s(tmp_path / "missing") is None
+    stat.write_text("garbage\n")
+    assert threads._proc_stat_busy_s(stat) is None
+    if Path("/proc/stat").exists():
+        real = threads._proc_stat_busy_s()
+        assert real is not None and real > 0
