@@ -8,6 +8,7 @@ fails before a deep-learning framework is imported, so each takes well under a s
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -25,7 +26,8 @@ import pytest
 import zmq
 from conftest import fedctl_env
 
-from fedctl.cli.main import cli
+from fedctl.cli.main import cli, main
+from fedctl.errors import ConfigError
 from fedctl.security import generate_key_pair
 
 pytestmark = pytest.mark.timeout(120)
@@ -269,3 +271,46 @@ def test_every_number_option_has_a_range() -> None:
 def test_serve_help_names_every_policy() -> None:
     doc = cli.commands["serve"].help or ""
     assert "ssp" in doc and "async" in doc and "synchronous rounds" in doc
+
+
+def test_an_error_inside_a_task_group_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """asyncio.TaskGroup wraps a task's FedctlError in an ExceptionGroup; the user still sees its one line."""
+    async def refuse() -> None:
+        raise ConfigError("the cause", "the fix")
+
+    async def run() -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(refuse())
+
+    def fail(*_: object, **__: object) -> None:
+        asyncio.run(run())
+
+    monkeypatch.setattr(cli, "main", fail)
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == ConfigError.exit_code
+    assert capsys.readouterr().err == "error: the cause — the fix\n"
+
+
+def test_an_os_error_on_a_file_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The environment's refusal (disk full) is not a bug: one line naming the file, no traceback."""
+    def fail(*_: object, **__: object) -> None:
+        raise OSError(28, "No space left on device", "runs/x/model-3.npz")
+
+    monkeypatch.setattr(cli, "main", fail)
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs/x/model-3.npz: No space left on device — ") and err.count("\n") == 1, err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_: object, **__: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "main", fail)
+    with pytest.raises(ZeroDivisionError):
+        main([])
