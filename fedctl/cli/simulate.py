@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedctl.broker.config import BrokerConfig
 from fedctl.cli.common import make_evaluator, resolve_backend, source_dir_fix
 from fedctl.cli.options import broker_config, run_options
-from fedctl.data.datasets import DATASETS, locate_dataset
+from fedctl.data.datasets import DATASETS
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import list_shards, load_shard
 from fedctl.errors import ConfigError, DatasetNotFound
@@ -37,10 +37,15 @@ def ensure_partition(data_dir: Path | None, dataset: str, clients: int, shards_p
     scheme = "iid" if shards_per_client is None else f"shards{shards_per_client}"
     out = cache_root / f"{dataset}-{clients}-{scheme}-seed{seed}"
     if not (out / "manifest.json").is_file():
-        locate_dataset(dataset, source_dir)  # a missing dataset fails before the line below announces work
-        console.print(f"partitioning {dataset} into {clients} clients ({scheme}) → {out}")
+        announced: list[bool] = []
+
+        def announce(done: int, total: int) -> None:  # once the data is loaded and cut: a mistake prints nothing
+            if not announced:
+                announced.append(True)
+                console.print(f"partitioning {dataset} into {clients} clients ({scheme}) → {out}")
+
         write_partition(dataset, out, clients=clients, scheme="iid" if shards_per_client is None else "shards",
-                        shards_per_client=shards_per_client, seed=seed, source_dir=source_dir)
+                        shards_per_client=shards_per_client, seed=seed, source_dir=source_dir, on_progress=announce)
     return out
 
 
