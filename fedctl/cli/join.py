@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from fedctl.cli.common import check_endpoint, load_data, resolve_backend
+from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir
 from fedctl.security import check_join_security
+from fedctl.wire.constants import MAX_ID_CHARS
 from fedctl.worker.client import Worker, WorkerConfig
 from fedctl.worker.frameworks import create_trainer
 from fedctl.worker.threads import worker_threads
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 @click.option("--worker-id", default=None, help="Stable identity of this worker [default: DATA@HOSTNAME].")
 @click.option("--threads", default="auto", show_default=True, metavar="auto|N",
               help="Framework CPU threads. auto: this machine's CPUs divided among the live `fedctl join` processes "
-                   "of this user, recounted every round (an explicit OMP_NUM_THREADS wins); N: exactly N.")
+                   "of this user, at most those other processes left free, recounted every round (an explicit "
+                   "OMP_NUM_THREADS wins); N: exactly N.")
 @click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Give up if no broker answers within this many seconds.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -53,6 +56,9 @@ def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, devic
     curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
     if state_dir is not None:
         check_writable_dir(state_dir, "--state-dir")
+    if len(worker_id or f"{data}@{socket.gethostname()}") > MAX_ID_CHARS:  # the broker would refuse the join
+        raise ConfigError(f"the worker id {worker_id or 'DATA@HOSTNAME'} is longer than {MAX_ID_CHARS} characters",
+                          f"pass a --worker-id of at most {MAX_ID_CHARS} characters")
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
