@@ -57,8 +57,8 @@ def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, devic
     if state_dir is not None:
         check_writable_dir(state_dir, "--state-dir")
     if len(worker_id or f"{data}@{socket.gethostname()}") > MAX_ID_CHARS:  # the broker would refuse the join
-        raise ConfigError(f"the worker id {worker_id or 'DATA@HOSTNAME'} is longer than {MAX_ID_CHARS} characters",
-                          f"pass a --worker-id of at most {MAX_ID_CHARS} characters")
+        raise ConfigError(f"the worker id ({'--worker-id' if worker_id else 'DATA@HOSTNAME'}) is longer than the "
+                          f"{MAX_ID_CHARS} characters the protocol allows", "pass a shorter --worker-id")
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",

@@ -82,6 +82,8 @@ MISTAKES = [
     m("bad-value-from-env", "serve", USAGE, "--rounds", "$FEDCTL_SERVE_ROUNDS", "unset FEDCTL_SERVE_ROUNDS",
       env={"FEDCTL_SERVE_ROUNDS": "abc"}),
     # Numbers out of range.
+    m("worker-id-too-long", "join --data shard0 --data-dir {part} --worker-id " + "w" * 129, CONFIG,
+      "(--worker-id) is longer than the 128 characters", "pass a shorter --worker-id"),
     m("connect-timeout-negative", "join --data shard0 --data-dir {part} --connect-timeout -1", USAGE,
       "--connect-timeout", "-1.0 is not in the range x>0"),
     m("rounds-zero", f"{SERVE} --rounds 0", USAGE, "--rounds", "0 is not in the range x>=1"),
