@@ -12,8 +12,10 @@ from pathlib import Path
 import click
 
 from fedctl.cli.common import check_endpoint, load_data, resolve_backend
+from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir
 from fedctl.security import check_join_security
+from fedctl.wire.constants import MAX_ID_CHARS
 from fedctl.worker.client import Worker, WorkerConfig
 from fedctl.worker.frameworks import create_trainer
 from fedctl.worker.threads import worker_threads
@@ -54,6 +56,9 @@ def join_cmd(connect: str, data: str, data_dir: Path | None, backend: str, devic
     curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
     if state_dir is not None:
         check_writable_dir(state_dir, "--state-dir")
+    if len(worker_id or f"{data}@{socket.gethostname()}") > MAX_ID_CHARS:  # the broker would refuse the join
+        raise ConfigError(f"the worker id ({'--worker-id' if worker_id else 'DATA@HOSTNAME'}) is longer than the "
+                          f"{MAX_ID_CHARS} characters the protocol allows", "pass a shorter --worker-id")
     shard = load_data(data, data_dir)
     backend = resolve_backend(backend)
     config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
