@@ -43,7 +43,7 @@ from fedctl.strategies.base import Strategy, Update
 from fedctl.wire import check_against_spec, chunks, decode, encode, make, payload_bytes, peek_id, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
-from fedctl.wire.messages import Message
+from fedctl.wire.messages import Message, peek
 from fedctl.wire.tensors import Tensor
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,19 @@ class BrokerCore:
         try:
             msg = decode(frames, C.WORKER_TO_BROKER)
         except ProtocolError as err:
-            return self._refuse(identity, err, peek_id(frames[0]) if frames else None, now)
+            return self._refuse_undecoded(identity, frames, err, now)
         return self.dispatch(identity, msg, frames, now)
+
+    def _refuse_undecoded(self, identity: bytes, frames: list[bytes], err: ProtocolError,
+                          now: float) -> list[Effect]:
+        """Refuse a message that failed validation. A bad chunk of an open push transfer (e.g. a NaN slice) answers
+        the push and closes the transfer, like any refused chunk (docs/protocol.md §6.1)."""
+        header = peek(frames[0]) if frames else None
+        xfer = header.get("xfer") if header is not None and header.get("type") == C.CHUNK else None
+        inbound = self.inbound.pop((identity, xfer), None) if isinstance(xfer, int) else None
+        if inbound is not None:
+            return [CloseTransfer(inbound.spool, delete=True), *self._refuse(identity, err, inbound.header.id, now)]
+        return self._refuse(identity, err, peek_id(frames[0]) if frames else None, now)
 
     def dispatch(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         """Act on a decoded message (``frames`` are the message as received: a push is stored as it came)."""

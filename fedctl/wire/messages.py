@@ -178,15 +178,20 @@ def peek_id(frame: bytes | memoryview) -> int | None:
     return msg_id if isinstance(msg_id, int) and not isinstance(msg_id, bool) and 0 <= msg_id < 2**63 else None
 
 
-def peek_type(frame: bytes | memoryview) -> str | None:
-    """Best-effort message type of a header frame (for scheduling only: the message is validated when handled)."""
+def peek(frame: bytes | memoryview) -> dict[str, Any] | None:
+    """Best-effort header map of a header frame, unvalidated (for scheduling and for routing a refusal only)."""
     if len(frame) > C.MAX_HEADER_BYTES:
         return None
     try:
         header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0)
     except MSGPACK_ERRORS:
         return None
-    mtype = header.get("type") if isinstance(header, dict) else None
+    return header if isinstance(header, dict) else None
+
+
+def peek_type(frame: bytes | memoryview) -> str | None:
+    """Best-effort message type of a header frame (for scheduling only: the message is validated when handled)."""
+    mtype = (peek(frame) or {}).get("type")
     return mtype if isinstance(mtype, str) else None
 
 

@@ -186,6 +186,21 @@ def test_a_bad_chunk_answers_the_push_and_drops_its_spool() -> None:
     assert sim.core.inbound == {} and sim.disk.spools == {} and sim.core.rejected == {"BAD_FIELD": 1}
 
 
+def test_a_chunk_that_fails_validation_answers_the_push_and_closes_it() -> None:
+    sim, a = chunked_sim()
+    pieces = list(chunks.split(sim.store.weights, sim.core.shapes, 16384))
+    a.push({}, 1, chunks=len(pieces))
+    header_id = a.ids
+    a.send(C.CHUNK, slices=pieces[0], xfer=header_id, index=0)
+    frames = encode(make(C.CHUNK, 70, slices=pieces[1], xfer=header_id, index=1))
+    frames[1] = frames[1][:-4]  # a slice frame whose data is short: the decoder refuses it (BAD_TENSOR)
+    [err] = sim.feed(a.identity, frames)
+    assert err.type == C.ERROR and err["code"] == ErrorCode.BAD_TENSOR and err.re == header_id
+    assert sim.core.inbound == {} and sim.disk.spools == {}
+    [unknown] = a.send(C.CHUNK, slices=pieces[2], xfer=header_id, index=2)
+    assert unknown["code"] == ErrorCode.UNKNOWN_TRANSFER and unknown.re == a.ids
+
+
 def test_a_push_whose_last_chunk_comes_after_its_round_closed_is_refused_and_counted() -> None:
     sim, a = chunked_sim()
     pieces = list(chunks.split(sim.store.weights, sim.core.shapes, 16384))
