@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedctl.data.partition import MANIFEST_NAME
@@ -59,6 +60,15 @@ def source_dir_fix(err: DatasetNotFound, has_download: bool) -> DatasetNotFound:
         fix += f", or download them once with `fedctl partition --dataset {err.dataset} --download --iid --out DIR`"
     err.fix = fix
     return err
+
+
+@contextmanager
+def missing_dataset_fix(has_download: bool) -> Iterator[None]:
+    """Around the work of a command that has ``--source-dir``: a missing dataset's fix names that option."""
+    try:
+        yield
+    except DatasetNotFound as err:
+        raise source_dir_fix(err, has_download) from None
 
 
 TRANSPORTS = ("tcp", "ipc", "inproc")

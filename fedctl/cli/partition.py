@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from fedctl.cli.common import source_dir_fix
+from fedctl.cli.common import missing_dataset_fix
 from fedctl.data.datasets import DATASETS
 from fedctl.data.partition import write_partition
-from fedctl.errors import ConfigError, DatasetNotFound
+from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,9 @@ def partition_cmd(dataset: str, source_dir: Path | None, download: bool, clients
                                  "McMahan et al.'s non-IID label shards per client)")
     check_writable_dir(out_dir, "--out")
     scheme = "iid" if iid else "shards"
-    try:
+    with missing_dataset_fix(has_download=True):
         manifest = _run_with_progress(dataset, out_dir, clients, scheme, shards_per_client, seed, source_dir,
                                       download)
-    except DatasetNotFound as err:
-        raise source_dir_fix(err, has_download=True) from None
     sizes = [s["num_examples"] for s in manifest["shards"]]
     per_client = str(sizes[0]) if min(sizes) == max(sizes) else f"{min(sizes)}-{max(sizes)}"
     how = "IID" if iid else f"{shards_per_client} label shards each"

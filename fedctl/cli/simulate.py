@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedctl.broker.config import BrokerConfig
-from fedctl.cli.common import make_evaluator, resolve_backend, source_dir_fix
+from fedctl.cli.common import make_evaluator, missing_dataset_fix, resolve_backend
 from fedctl.cli.options import broker_config, run_options
 from fedctl.data.datasets import DATASETS
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import list_shards, load_shard
-from fedctl.errors import ConfigError, DatasetNotFound
+from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
 from fedctl.sim.runner import SimConfig, simulate
@@ -109,11 +109,9 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     quiet_workers()
     config = broker_config(run, done_linger_s=2.0)
     check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
-    try:
+    with missing_dataset_fix(has_download=False):
         data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
                                 Path(config.state_dir).parent / "partitions")
-    except DatasetNotFound as err:
-        raise source_dir_fix(err, has_download=False) from None
     shards = len(list_shards(data))  # a bad partition fails here, before the progress display starts
     if workers is not None and workers > shards:
         raise ConfigError(f"--workers {workers} is more than the {shards} shards of {data}",

@@ -119,6 +119,8 @@ MISTAKES = [
     m("partition-no-scheme", "partition --dataset mnist-sample --out {tmp}/out", CONFIG,
       "exactly one of --iid and --shards-per-client"),
     m("bench-fl-no-preset", "bench fl --out {tmp}/bench", CONFIG, "no --preset given", "--preset"),
+    m("bench-comm-central-preset", "bench comm --preset central-mlp --no-topk --out {tmp}/bench", CONFIG,
+      "--preset central-mlp is a centralised baseline", "fedctl bench fl"),
     m("simulate-too-many-clients", "simulate --dataset mnist-sample --clients 20000 --state-dir {tmp}/state", CONFIG,
       "cannot cut 10000 examples into 20000"),
     m("simulate-more-workers-than-shards", "simulate --data-dir {part} --workers 99 --state-dir {tmp}/state",
