@@ -44,7 +44,7 @@ from fedctl.broker.registry import WorkerRecord, WorkerRegistry
 from fedctl.broker.store import Checkpointer
 from fedctl.broker.transfers import SpoolFiles
 from fedctl.broker.transport import RouterTransport
-from fedctl.errors import ConfigError
+from fedctl.fsio import check_writable_dir
 from fedctl.models import get_model, init_params
 from fedctl.strategies import Update, get_strategy
 from fedctl.wire import chunks, payload_bytes
@@ -61,18 +61,6 @@ DURABLE_GROUP = 256
 """Most accepted updates the durable writer stores with one sync."""
 Params = dict[str, np.ndarray]
 Evaluator = Callable[[Params], dict[str, float]]
-
-
-def check_writable(directory: Path) -> None:
-    """Refuse at start a state dir the broker could not write (rather than failing after round 1)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-probe-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to the state dir {directory}: {exc.strerror or exc}",
-                          "pass a --state-dir you can write to") from None
 
 
 class Broker:
@@ -102,7 +90,7 @@ class Broker:
         self.evaluator = evaluator
         self.on_round = on_round
         self.now = clock
-        check_writable(config.state_dir)
+        check_writable_dir(config.state_dir, "--state-dir")  # creates nothing: a refused start leaves no dir
         spec = get_model(config.model)
         strategy = get_strategy(config.strategy, config.task)
         self.checkpointer = Checkpointer(config.state_dir)
@@ -137,11 +125,8 @@ class Broker:
     def _load_or_init(self, spec: Any) -> tuple[ParameterStore, dict[str, Any]]:
         config = self.config
         if self.checkpointer.exists():
+            self.checkpointer.check_resumable(config.model, config.strategy)
             store, state = self.checkpointer.load()
-            if state.get("model") != config.model or state.get("strategy") != config.strategy:
-                raise ConfigError(f"{config.state_dir} holds a run of model {state.get('model')!r} with "
-                                  f"strategy {state.get('strategy')!r}",
-                                  "pass a fresh --state-dir, or the same --model and --strategy to resume")
             log.info("resuming run %s from %s at round %d (model version %d)", state["run_id"], config.state_dir,
                      state["round"], store.version)
             return store, state

@@ -96,6 +96,22 @@ class Checkpointer:
     def exists(self) -> bool:
         return (self.dir / STATE_FILE).is_file()
 
+    def check_resumable(self, model: str, strategy: str) -> None:
+        """Refuse to resume a run of another model or strategy (cheap: reads state.json only, so the CLI can ask
+        before it starts anything); a state dir without a checkpoint is a new run."""
+        if not self.exists():
+            return
+        try:
+            state = json.loads((self.dir / STATE_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the checkpoint in {self.dir}: {type(exc).__name__}: {exc}",
+                              "pass a fresh --state-dir or remove the damaged one") from None
+        if not isinstance(state, dict) or state.get("model") != model or state.get("strategy") != strategy:
+            found = state if isinstance(state, dict) else {}
+            raise ConfigError(f"{self.dir} holds a run of model {found.get('model')!r} with strategy "
+                              f"{found.get('strategy')!r}",
+                              "pass a fresh --state-dir, or the same --model and --strategy to resume")
+
     def load(self) -> tuple[ParameterStore, dict[str, Any]]:
         """Load the last checkpoint; ConfigError when it is unreadable."""
         try:
@@ -105,6 +121,8 @@ class Checkpointer:
             model_file = str(state["model_file"])
             if "/" in model_file or "\\" in model_file:
                 raise ValueError(f"state.json names a model file outside the state dir: {model_file!r}")
+            if not zipfile.is_zipfile(self.dir / model_file):
+                raise ValueError(f"{model_file} is not a .npz archive (damaged or cut short)")
             with np.load(self.dir / model_file, allow_pickle=False) as npz:
                 weights = {k: npz[k] for k in npz.files if not k.startswith(STATE_ARRAY_PREFIX)}
                 arrays = {k.removeprefix(STATE_ARRAY_PREFIX): npz[k] for k in npz.files

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fedctl.broker.config import BrokerConfig
+from fedctl.broker.store import Checkpointer
 from fedctl.cli.common import make_evaluator, missing_dataset_fix, resolve_backend
 from fedctl.cli.options import broker_config, run_options
 from fedctl.data.datasets import DATASETS
@@ -109,6 +110,7 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     quiet_workers()
     config = broker_config(run, done_linger_s=2.0)
     check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
+    Checkpointer(config.state_dir).check_resumable(config.model, config.strategy)  # before any display starts
     with missing_dataset_fix(has_download=False):
         data = ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, config.seed,
                                 Path(config.state_dir).parent / "partitions")

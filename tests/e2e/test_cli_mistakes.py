@@ -150,7 +150,24 @@ MISTAKES = [
       CONFIG, "--allowed-keys", "cannot read a key"),
     m("secret-key-is-public", f"{SERVE} --secret-key {{keys}}/broker.key --allowed-keys {{keys}}", CONFIG,
       "holds only a public key", "broker.key_secret"),
+    # State dirs of earlier runs.
+    m("resume-damaged-checkpoint", f"serve --bind {LOOPBACK} --state-dir {{damaged_run}}", CONFIG,
+      "model-3.npz is not a .npz archive", "pass a fresh --state-dir", absent=("pickle",)),
+    m("simulate-resume-another-model", "simulate --data-dir {part} --rounds 1 --state-dir {other_run}", CONFIG,
+      "holds a run of model 'lenet5'", "--model and --strategy"),
 ]
+
+
+@pytest.fixture(scope="module")
+def old_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A state dir whose model file is damaged, and one holding a run of another model."""
+    damaged, other = tmp_path_factory.mktemp("damaged-run"), tmp_path_factory.mktemp("other-run")
+    state = {"run_id": "0123", "model": "mlp", "strategy": "fedavg", "round": 3, "version": 3,
+             "model_file": "model-3.npz", "seed": 0, "strategy_state": {}}
+    (damaged / "state.json").write_text(json.dumps(state))
+    (damaged / "model-3.npz").write_bytes(b"cut short")
+    (other / "state.json").write_text(json.dumps({**state, "model": "lenet5"}))
+    return damaged, other
 
 
 @pytest.fixture(scope="module")
@@ -203,11 +220,11 @@ def output_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
 @pytest.mark.parametrize("mistake", MISTAKES, ids=[c.name for c in MISTAKES])
 def test_mistake_is_one_line_and_writes_nothing(mistake: Mistake, tmp_path: Path, partition_dir: Path,
                                                 damaged_partition: Path, busy_endpoint: str,
-                                                keys: tuple[Path, Path]) -> None:
+                                                keys: tuple[Path, Path], old_runs: tuple[Path, Path]) -> None:
     (tmp_path / "a-file").write_text("a file where a directory is expected\n")
     names = {"tmp": str(tmp_path), "file": str(tmp_path / "a-file"), "part": str(partition_dir),
              "damaged": str(damaged_partition), "busy": busy_endpoint, "keys": str(keys[0]),
-             "badkeys": str(keys[1])}
+             "badkeys": str(keys[1]), "damaged_run": str(old_runs[0]), "other_run": str(old_runs[1])}
     args = [arg.format(**names) for arg in mistake.args]
     before = tree(tmp_path)
     run = subprocess.run([sys.executable, "-m", "fedctl", *args], cwd=tmp_path,
