@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import itertools
 import logging
-import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedctl.broker.chunking import Transfers
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.effects import (
     CloseTransfer,
-    Credited,
     Effect,
-    OpenTransfer,
     Persist,
     Send,
     StartModelTransfer,
     Wake,
-    WriteChunk,
 )
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import Admission, ClockPolicy, OpenRound, SyncRoundPolicy
@@ -56,28 +52,6 @@ SpoolOpener = Callable[[str, bool], Mapping[str, np.ndarray]]
 when the update is dropped; False when the pending store keeps it)."""
 Downlink = tuple[dict[str, Tensor], list[bytes], bool]
 """What a worker holding some model version is sent: tensors, their encoded frames, and whether it is a delta."""
-
-
-@dataclass
-class Inbound:
-    """A chunked push being received: its header, where it stands, and the spool file its tensors go to."""
-
-    header: Message
-    header_frames: list[bytes]
-    cursor: chunks.Cursor
-    spool: str
-    started: float
-    last: float
-
-
-@dataclass
-class Outbound:
-    """A chunked model being sent to one worker: how far its credits reach and how fast they come."""
-
-    worker: str
-    window: chunks.Window
-    received: int = 0
-    last_credit: float = 0.0
 
 
 class BrokerCore:
@@ -113,8 +87,11 @@ class BrokerCore:
         self.open_spool = open_spool
         self.updates: list[Update] = []
         """Accepted updates of the open round (sync) or buffer (ssp/async), until a driver takes them."""
-        self.inbound: dict[tuple[bytes, int], Inbound] = {}
-        self.outbound: dict[tuple[bytes, int], Outbound] = {}
+        self.transfers = Transfers(self.shapes, config.chunk_bytes)
+        self.inbound = self.transfers.inbound
+        """Chunked pushes being received, by (routing identity, push id)."""
+        self.outbound = self.transfers.outbound
+        """Chunked models being sent, by (routing identity, model message id)."""
         self.rejected: dict[str, int] = {}
         """Refused messages by error code name."""
         self.bytes_in_by_type: dict[str, int] = {}
@@ -125,8 +102,6 @@ class BrokerCore:
         """True between :meth:`start_apply` and :meth:`finish_apply`: what is admitted meanwhile is applied on top
         of the version being made, so admission counts one more version of staleness."""
         self._ids = itertools.count(1)
-        self._spools = itertools.count(1)
-        self._spool_token = secrets.token_hex(6)  # a restarted broker never reuses a spool name
         self._last_refusal_log: dict[str, float] = {}
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
@@ -145,11 +120,9 @@ class BrokerCore:
                           now: float) -> list[Effect]:
         """Refuse a message that failed validation. A bad chunk of an open push transfer (e.g. a NaN slice) answers
         the push and closes the transfer, like any refused chunk (docs/protocol.md §6.1)."""
-        header = peek(frames[0]) if frames else None
-        xfer = header.get("xfer") if header is not None and header.get("type") == C.CHUNK else None
-        inbound = self.inbound.pop((identity, xfer), None) if isinstance(xfer, int) else None
-        if inbound is not None:
-            return [CloseTransfer(inbound.spool, delete=True), *self._refuse(identity, err, inbound.header.id, now)]
+        dropped = self.transfers.drop_undecoded(identity, peek(frames[0]) if frames else None)
+        if dropped is not None:
+            return [*dropped.effects, *self._refuse(identity, err, dropped.inbound.header.id, now)]
         return self._refuse(identity, err, peek_id(frames[0]) if frames else None, now)
 
     def dispatch(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
@@ -168,12 +141,7 @@ class BrokerCore:
         effects: list[Effect] = []
         for record in self.registry.expired(now):
             effects += self.drop(record.worker, f"lost (no message for {self.config.liveness_s:g} s)")
-        for key, inbound in list(self.inbound.items()):
-            if now - inbound.last > self.config.liveness_s:
-                log.warning("chunked push %d stalled at chunk %d of %d for %g s; dropped", inbound.header.id,
-                            inbound.cursor.received, inbound.cursor.chunks, self.config.liveness_s)
-                del self.inbound[key]
-                effects.append(CloseTransfer(inbound.spool, delete=True))
+        effects += self.transfers.expire(now, self.config.liveness_s)
         return effects
 
     # ------------------------------------------------------------------ the one refusal path
@@ -288,65 +256,38 @@ class BrokerCore:
 
     # ------------------------------------------------------------------ chunked pushes (docs/protocol.md §7.1)
     def _open_inbound(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
-        effects: list[Effect] = []
-        key = (identity, msg.id)
-        old = self.inbound.pop(key, None)
-        if old is not None:
-            effects.append(CloseTransfer(old.spool, delete=True))
-        cursor = chunks.Cursor(self.shapes, int(msg["chunks"]))
-        spool = f"spool-{self._spool_token}-{next(self._spools):08d}.f4"
-        self.inbound[key] = Inbound(msg, list(frames[:1]), cursor, spool, now, now)
-        effects.append(OpenTransfer(spool, cursor.total * chunks.CHUNK_DTYPE.itemsize))
-        effects.append(self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg.id, received=0)))
-        return effects
+        return [*self.transfers.open_push(identity, msg, frames, now),
+                self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg.id, received=0))]
 
     def _on_chunk(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         """A chunk of a push (written to its spool file), or of nothing this broker is receiving."""
         record = self._joined(identity, msg)
-        key = (identity, msg["xfer"])
-        inbound = self.inbound.get(key)
-        if inbound is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"chunk {msg['index']} of transfer {msg['xfer']}, "
-                                "which is not open (it finished, failed or expired)", "push the update again")
-        header = inbound.header
-        try:
-            pieces = inbound.cursor.accept(msg["index"], msg.slices)
-        except ProtocolError as err:  # answers the push: the worker waits on that
-            del self.inbound[key]
-            return [CloseTransfer(inbound.spool, delete=True), *self._refuse(identity, err, header.id, now)]
-        inbound.last = now
-        effects: list[Effect] = [
-            WriteChunk(inbound.spool, [(at * chunks.CHUNK_DTYPE.itemsize, piece.values) for _, piece, at in pieces]),
-            self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg["xfer"], received=inbound.cursor.received))]
-        if not inbound.cursor.done:
+        got = self.transfers.receive(identity, msg, now)
+        header = got.inbound.header
+        if got.refused is not None:  # answers the push: the worker waits on that
+            return [*got.effects, *self._refuse(identity, got.refused, header.id, now)]
+        effects = [*got.effects, self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg["xfer"],
+                                                           received=got.inbound.cursor.received))]
+        if not got.done:
             return effects
-        del self.inbound[key]
+        spool, cursor = got.inbound.spool, got.inbound.cursor
         admission = self._admit(record, header)
         if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
-            effects.append(CloseTransfer(inbound.spool, delete=True))
+            effects.append(CloseTransfer(spool, delete=True))
             if admission.duplicate:
                 return [*effects, self._reply(identity, header, C.ACK, round=header["round"], seq=header["seq"],
                                               status="duplicate")]
             late = ProtocolError(admission.code or ErrorCode.STALE_UPDATE, admission.reason)
             return [*effects, *self._refuse(identity, late, header.id, now)]
-        effects.append(CloseTransfer(inbound.spool, delete=False))
-        tensors = self.open_spool(inbound.spool, not self.durable)
-        log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker,
-                 inbound.cursor.total * chunks.CHUNK_DTYPE.itemsize / 1e6, inbound.cursor.chunks,
-                 now - inbound.started)
-        update = Update.from_push(record.worker, header, tensors)
-        return [*effects, *self._accept(identity, header, record, update, inbound.header_frames, inbound.spool)]
+        effects.append(CloseTransfer(spool, delete=False))
+        log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker, cursor.total * 4 / 1e6,
+                 cursor.chunks, now - got.inbound.started)
+        update = Update.from_push(record.worker, header, self.open_spool(spool, not self.durable))
+        return [*effects, *self._accept(identity, header, record, update, got.inbound.header_frames, spool)]
 
     def _on_credit(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         self._joined(identity, msg)
-        out = self.outbound.get((identity, msg["xfer"]))
-        if out is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_TRANSFER, f"credit for transfer {msg['xfer']}, which is not open")
-        if msg["received"] <= out.received:
-            return []
-        out.window.credited(msg["received"] - out.received, now - out.last_credit)
-        out.received, out.last_credit = msg["received"], now
-        return [Credited(identity, msg["xfer"])]
+        return self.transfers.credit(identity, msg["xfer"], msg["received"], now)
 
     def _on_heartbeat(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         self._joined(identity, msg)
@@ -365,8 +306,7 @@ class BrokerCore:
         if record is None:
             return []
         self.policy.worker_gone(worker)
-        for key in [k for k, out in self.outbound.items() if out.worker == worker]:
-            del self.outbound[key]
+        self.transfers.forget_worker(worker)
         log.info("worker %s %s; %d connected", worker, why, len(self.registry))
         return [Wake()]
 
@@ -421,8 +361,7 @@ class BrokerCore:
             record.pending_pull = None
             effects.append(self._send(record.identity, msg, None if in_chunks else frames, worker=record.worker))
             if in_chunks:  # the weights follow as chunks, paced by the worker's credits
-                self.outbound[(record.identity, msg.id)] = Outbound(
-                    record.worker, chunks.Window(self.config.chunk_bytes), last_credit=now)
+                self.transfers.open_model(record.identity, msg.id, record.worker, now)
                 effects.append(StartModelTransfer(record.identity, record.worker, msg.id))
         return effects
 

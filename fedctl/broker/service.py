@@ -23,8 +23,9 @@ import zmq
 import zmq.asyncio
 
 from fedctl.broker import clocks, downlink, rounds  # noqa: F401  (the drivers register themselves)
+from fedctl.broker.chunking import Inbound
 from fedctl.broker.config import BrokerConfig
-from fedctl.broker.core import BrokerCore, Inbound
+from fedctl.broker.core import BrokerCore
 from fedctl.broker.drivers import DRIVERS, Counters
 from fedctl.broker.durable import PendingStore
 from fedctl.broker.effects import (

@@ -125,8 +125,8 @@ def test_wire_alone_imports_no_socket_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
-CORE = ("fedctl.broker.core", "fedctl.broker.effects", "fedctl.broker.params", "fedctl.broker.policy",
-        "fedctl.broker.registry", "fedctl.broker.downlink")
+CORE = ("fedctl.broker.core", "fedctl.broker.chunking", "fedctl.broker.effects", "fedctl.broker.params",
+        "fedctl.broker.policy", "fedctl.broker.registry", "fedctl.broker.downlink")
 """The broker's sans-IO core and the pure modules it is made of."""
 IO_MODULES = ("zmq", "asyncio", "os", "io", "pathlib", "shutil", "tempfile", "threading", "socket", "subprocess",
               "fedctl.broker.service", "fedctl.broker.transport", "fedctl.broker.store", "fedctl.broker.durable",
