@@ -11,6 +11,7 @@ import pytest
 import zmq.asyncio
 
 from fedctl.broker.policy import SyncConfig
+from fedctl.models import get_model, init_params
 from fedctl.strategies import TaskConfig
 from fedctl.worker.state import WorkerState
 
@@ -36,7 +37,8 @@ def dgc_run(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path, worker_dirs: li
 def test_dgc_trains_with_sparse_pushes_and_keeps_residuals_across_a_restart(fed: Any, ctx: zmq.asyncio.Context,
                                                                             state_dir: Path, tmp_path: Path) -> None:
     dirs = [tmp_path / "w0", tmp_path / "w1"]
-    start_loss = fed.evaluator()(fed.start_broker(ctx, fed.broker_config(tmp_path / "probe")).store.weights)["loss"]
+    start = init_params(get_model("mlp"), fed.broker_config(tmp_path / "probe").seed)  # the broker's first model
+    start_loss = fed.evaluator()(start)["loss"]
     summary, workers, broker = dgc_run(fed, ctx, state_dir, dirs, rounds=6)
     metrics = fed.read_metrics(state_dir)
     assert [m["round"] for m in metrics] == list(range(1, 7))
