@@ -62,8 +62,11 @@ def main() -> None:
     whats = ["overhead", *(["heartbeat"] if args.heartbeat else [])]
     with tempfile.TemporaryDirectory() as tmp:
         base_tree = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base], cwd=ROOT, check=True,
-                       capture_output=True)
+        added = subprocess.run(["git", "worktree", "add", "--detach", str(base_tree), args.base], cwd=ROOT,
+                               capture_output=True, text=True, check=False)
+        if added.returncode != 0:
+            sys.exit(f"error: cannot check out --base {args.base!r} ({added.stderr.strip().splitlines()[-1]}) — "
+                     "pass a commit, tag or branch of this repository")
         try:
             results: dict[str, dict[str, dict[str, list[float]]]] = {w: {"base": {}, "head": {}} for w in whats}
             for what in whats:
