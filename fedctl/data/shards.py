@@ -2,16 +2,17 @@
 
 Trusts nothing in the directory: the manifest is validated, file names must be plain names, each file's
 SHA-256 must match the manifest, ``.npz`` files are opened with ``allow_pickle=False``, and shapes, dtypes,
-labels and counts are checked before the data is handed out.
+labels and counts are checked before the data is handed out. A registered dataset's shards
+(``fedctl-partition/1``) hold uint8 images that are normalised here; a local dataset's (``fedctl-partition/2``)
+hold float32 features that are handed out as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ import numpy as np
 
 from fedctl.data.datasets import IMAGE_SHAPE, NUM_CLASSES, get_dataset, load_dataset
 from fedctl.data.idx import sha256_file
-from fedctl.data.partition import MANIFEST_FORMAT, MANIFEST_NAME, TEST_NAME
+from fedctl.data.local import LocalData, read_npz_arrays, split_holdout
+from fedctl.data.partition import LOCAL_FORMAT, MANIFEST_FORMAT, MANIFEST_NAME, TEST_NAME
 from fedctl.errors import ChecksumError, DataError
 
 log = logging.getLogger(__name__)
 
+DIGITS = tuple(str(i) for i in range(NUM_CLASSES))
 
 
 def _partition_fix(directory: Path) -> str:
@@ -38,15 +41,21 @@ class Shard:
     Attributes
     ----------
     name:
-        ``"shard3"``, ``"test"``, or ``"<dataset>:<split>"`` for a split loaded directly.
+        ``"shard3"``, ``"test"``, ``"<dataset>:<split>"`` for a split loaded directly, or a local dataset's file
+        or folder name.
     dataset:
-        Registered dataset name.
+        Registered dataset name, or the name of the local dataset a partition was cut from, or its path.
     x:
-        float32 ``[n, 1, 28, 28]``, C-contiguous, normalised as ``(pixel / 255 - mean) / std``.
+        float32 ``[n, ...]``, C-contiguous: a registered dataset's images ``[n, 1, 28, 28]`` normalised as
+        ``(pixel / 255 - mean) / std``; a local dataset's features as they are in its files.
     y:
-        int64 ``[n]`` labels in ``0..9``.
+        int64 ``[n]`` labels in ``0..len(classes)-1``.
     num_examples:
-        ``n``.
+        ``n``, the training examples (the holdout not included).
+    classes:
+        Class names (``"0" .. "9"`` for MNIST).
+    holdout_x, holdout_y:
+        Examples held out of training for evaluation (``fedctl join --holdout``), or None when none are.
     """
 
     name: str
@@ -54,6 +63,14 @@ class Shard:
     x: np.ndarray
     y: np.ndarray
     num_examples: int
+    classes: tuple[str, ...] = DIGITS
+    holdout_x: np.ndarray | None = None
+    holdout_y: np.ndarray | None = None
+
+    @property
+    def num_holdout(self) -> int:
+        """Examples held out for evaluation (0 when none)."""
+        return 0 if self.holdout_y is None else len(self.holdout_y)
 
 
 def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
@@ -98,10 +115,10 @@ def read_manifest(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
 def _check_manifest(path: Path, manifest: Any) -> None:
     fix = "the manifest is damaged or from another tool; partition again with `fedctl partition`"
     try:
-        ok = manifest["format"] == MANIFEST_FORMAT
+        ok = manifest["format"] in (MANIFEST_FORMAT, LOCAL_FORMAT) and isinstance(manifest["dataset"], str)
         entries = [*manifest["shards"], manifest["test"]]
-        norm = manifest["normalization"]
-        ok = ok and float(norm["std"]) > 0 and isinstance(manifest["dataset"], str)
+        ok = ok and (_local_ok(manifest) if manifest["format"] == LOCAL_FORMAT
+                     else float(manifest["normalization"]["std"]) > 0)
         for e in entries:
             ok = ok and isinstance(e["name"], str) and isinstance(e["sha256"], str)
             ok = ok and isinstance(e["file"], str) and e["file"] == Path(e["file"]).name
@@ -109,7 +126,15 @@ def _check_manifest(path: Path, manifest: Any) -> None:
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise DataError(f"{path} is not a valid {MANIFEST_FORMAT} manifest", fix=fix)
+        raise DataError(f"{path} is not a valid {MANIFEST_FORMAT} or {LOCAL_FORMAT} manifest", fix=fix)
+
+
+def _local_ok(manifest: dict[str, Any]) -> bool:
+    """A local dataset's partition: class names, their count and the feature shape are stated and consistent."""
+    classes, shape = manifest["classes"], manifest["feature_shape"]
+    return (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) >= 1
+            and manifest["num_classes"] == len(classes) and isinstance(shape, list)
+            and all(isinstance(d, int) and d > 0 for d in shape))
 
 
 def list_shards(data_dir: str | os.PathLike[str], include_test: bool = False) -> list[str]:
@@ -168,35 +193,29 @@ def load_shard(data_dir: str | os.PathLike[str], name: str | int) -> Shard:
     if actual != entry["sha256"]:
         raise ChecksumError(f"{path}: SHA-256 is {actual}, the manifest expects {entry['sha256']}",
                             fix="the file is corrupt or was modified; partition again with `fedctl partition`")
-    images, labels = _read_npz(path)
+    local = manifest["format"] == LOCAL_FORMAT
+    x, labels = _read_local_npz(path, manifest) if local else _read_npz(path)
     if len(labels) != entry["num_examples"]:
         raise DataError(f"{path} holds {len(labels)} examples, the manifest says {entry['num_examples']}",
                         fix="partition again with `fedctl partition`")
-    norm = manifest["normalization"]
     log.debug("loaded %s (%d examples) from %s", entry["name"], len(labels), directory)
-    return _make_shard(entry["name"], manifest["dataset"], images, labels, float(norm["mean"]),
-                       float(norm["std"]))
+    if local:
+        return Shard(entry["name"], manifest["dataset"], x, labels.astype(np.int64), len(labels),
+                     tuple(manifest["classes"]))
+    norm = manifest["normalization"]
+    return _make_shard(entry["name"], manifest["dataset"], x, labels, float(norm["mean"]), float(norm["std"]))
+
+
+_SHARD_FIX = "the file is not a fedctl shard; partition again with `fedctl partition`"
+
+
+def _shard_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return read_npz_arrays(path, _SHARD_FIX, what="a shard's x and y")
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    fix = "the file is not a fedctl shard; partition again with `fedctl partition`"
-    # np.load takes anything that is not a zip or .npy file for a pickle and says so; check the format first.
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path} is not a .npz archive (not a zip file, or cut short)", fix=fix)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            held = sorted(npz.files)
-            arrays = [npz[key] for key in ("x", "y") if key in held]
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            raise DataError(f"{path} holds an object array, which only unpickling could load (never done)",
-                            fix=fix) from None
-        raise DataError(f"{path} is a damaged .npz archive ({_reason(err)})", fix=fix) from err
-    except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{path} is a damaged .npz archive ({_reason(err)})", fix=fix) from err
-    if len(arrays) != 2:
-        raise DataError(f"{path} holds the arrays {', '.join(held) or '(none)'}, not a shard's x and y", fix=fix)
-    images, labels = arrays
+    fix = _SHARD_FIX
+    images, labels = _shard_arrays(path)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{path}: x is {images.dtype} {images.shape}, expected uint8 [n, 28, 28]", fix=fix)
     if labels.dtype != np.uint8 or labels.shape != (len(images),):
@@ -206,10 +225,38 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _reason(err: BaseException) -> str:
-    """The first line of an exception's text: numpy's errors run over several lines."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+def _read_local_npz(path: Path, manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A local dataset's shard: float32 ``[n, *feature_shape]`` features and int64 labels below num_classes."""
+    x, y = _shard_arrays(path)
+    shape, num_classes = tuple(manifest["feature_shape"]), manifest["num_classes"]
+    if x.dtype != np.float32 or x.shape[1:] != shape:
+        raise DataError(f"{path}: x is {x.dtype} {x.shape}, expected float32 [n, {', '.join(map(str, shape))}]",
+                        fix=_SHARD_FIX)
+    if y.dtype != np.int64 or y.shape != (len(x),):
+        raise DataError(f"{path}: y is {y.dtype} {y.shape}, expected int64 [{len(x)}]", fix=_SHARD_FIX)
+    if y.size and not 0 <= int(y.min()) <= int(y.max()) < num_classes:
+        raise DataError(f"{path}: labels outside 0..{num_classes - 1}", fix=_SHARD_FIX)
+    return np.ascontiguousarray(x), y
+
+
+def shard_from_local(data: LocalData, name: str) -> Shard:
+    """A local dataset as a Shard (features as they are), named ``name``; no holdout yet (see with_holdout)."""
+    return Shard(name, data.source, data.x, data.y, data.num_examples, data.classes)
+
+
+def with_holdout(shard: Shard, fraction: float, seed: int, option: str = "--holdout") -> Shard:
+    """``shard`` with a seeded, stratified ``fraction`` of its examples moved into ``holdout_x``/``holdout_y``.
+
+    ``fraction == 0`` returns the shard unchanged (no holdout). See
+    :func:`fedctl.data.local.split_holdout`, which raises ConfigError for a fraction that leaves no training
+    example.
+    """
+    if fraction == 0:
+        return shard
+    whole = LocalData(shard.x, shard.y, shard.classes, shard.name)
+    train, held = split_holdout(whole, fraction, seed, option=option)
+    return dataclasses.replace(shard, x=train.x, y=train.y, num_examples=train.num_examples, holdout_x=held.x,
+                               holdout_y=held.y)
 
 
 def load_split_as_shard(dataset: str, split: str, source_dir: str | os.PathLike[str] | None = None,

@@ -120,7 +120,8 @@ def test_rewrite_with_fewer_clients_removes_stale_shards(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(("scheme", "spc", "needle"), [
-    ("iid", 2, "shards per client"), ("shards", None, "--shards-per-client"), ("dirichlet", None, "iid, shards"),
+    ("iid", 2, "shards per client"), ("shards", None, "--shards-per-client"), ("dirichlet", None, "--dirichlet"),
+    ("quantity", None, "--quantity-skew"), ("bogus", None, "iid, shards, dirichlet, quantity"),
 ])
 def test_write_partition_bad_scheme(tmp_path: Path, scheme: str, spc: int | None, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
