@@ -28,6 +28,11 @@ class BrokerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     eval_every: int = 1
     """Evaluate the global model every this many rounds (and after the last one)."""
+    fed_eval_every: int = 0
+    """Federated evaluation (docs/protocol.md §7.2) every this many rounds and after the last: sampled workers
+    evaluate the global model on their held-out data (0: never). Sync policy only."""
+    fed_eval_fraction: float = 1.0
+    """Each federated evaluation asks max(⌈C·K⌉, 1) of the K connected workers (among those waiting)."""
     target_accuracy: float | None = None
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
@@ -59,6 +64,13 @@ class BrokerConfig:
                               "e.g. --heartbeat-interval 1 --liveness 10")
         if self.eval_every < 1:
             raise ConfigError(f"--eval-every must be at least 1, got {self.eval_every}")
+        if self.fed_eval_every < 0:
+            raise ConfigError(f"--fed-eval-every must be >= 0, got {self.fed_eval_every}", "use 0 to turn it off")
+        if not 0 < self.fed_eval_fraction <= 1:
+            raise ConfigError(f"--fed-eval-fraction must be in (0, 1], got {self.fed_eval_fraction}")
+        if self.fed_eval_every and parse_policy(self.policy) is not None:
+            raise ConfigError(f"--fed-eval-every needs --policy sync (federated evaluation runs between rounds, "
+                              f"and {self.policy} has none)", "drop --fed-eval-every, or use --policy sync")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
         parse_policy(self.policy)

@@ -30,6 +30,7 @@ from fedctl.broker.effects import (
     StartModelTransfer,
     Wake,
 )
+from fedctl.broker.evaluation import Evaluations
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import Admission, ClockPolicy, OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
@@ -101,11 +102,14 @@ class BrokerCore:
         self.applying = False
         """True between :meth:`start_apply` and :meth:`finish_apply`: what is admitted meanwhile is applied on top
         of the version being made, so admission counts one more version of staleness."""
+        self.evaluations = Evaluations(config.fed_eval_fraction, config.sync.round_timeout_s)
+        """Federated evaluation (docs/protocol.md §7.2): the open one, if any."""
         self._ids = itertools.count(1)
         self._last_refusal_log: dict[str, float] = {}
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
-            C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave}
+            C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
+            C.EVALUATION: self._on_evaluation}
 
     # ------------------------------------------------------------------ inputs
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> list[Effect]:
@@ -200,8 +204,10 @@ class BrokerCore:
         record = self._joined(identity, msg)
         if self.finished:
             return [self._done(record, re=msg.id)]
-        # A worker that pulls again before pushing (it restarted) will not push the work it was given.
+        # A worker that pulls again before pushing (it restarted) will not push the work it was given, nor answer
+        # an evaluation it was asked for.
         self.policy.pulled(record.worker)
+        self.evaluations.gone(record.worker)
         record.pending_pull = msg.id
         record.holds_version = msg.get("version")
         return [Wake()]
@@ -293,6 +299,12 @@ class BrokerCore:
         self._joined(identity, msg)
         return [self._reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))]
 
+    def _on_evaluation(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """A worker's metrics on its held-out data (never answered unless refused; a repeat is ignored)."""
+        record = self._joined(identity, msg)
+        taken = self.evaluations.admit(record.worker, msg["version"], msg["num_examples"], msg.get("metrics", {}))
+        return [Wake()] if taken else []
+
     def _on_leave(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         record = self.registry.by_identity(identity)
         if record is None:
@@ -306,6 +318,7 @@ class BrokerCore:
         if record is None:
             return []
         self.policy.worker_gone(worker)
+        self.evaluations.gone(worker)
         self.transfers.forget_worker(worker)
         log.info("worker %s %s; %d connected", worker, why, len(self.registry))
         return [Wake()]
@@ -350,19 +363,37 @@ class BrokerCore:
         """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: ``downlinks`` has
         what to send a worker holding each version (see :func:`fedctl.broker.downlink.build`)."""
         effects: list[Effect] = []
-        chunked = self.chunked_model()
         for record, number in jobs:
             task = self.strategy.task_for_round(number, int(self.rng.integers(2**31)))
-            tensors, frames, is_delta = downlinks[record.holds_version]
-            in_chunks = chunked if not is_delta else 0
-            msg = make(C.MODEL, self.next_id(), re=record.pending_pull, tensors=None if in_chunks else tensors,
-                       round=number, version=self.store.version, task=task,
-                       base=record.holds_version if is_delta else None, chunks=in_chunks or None)
-            record.pending_pull = None
-            effects.append(self._send(record.identity, msg, None if in_chunks else frames, worker=record.worker))
-            if in_chunks:  # the weights follow as chunks, paced by the worker's credits
-                self.transfers.open_model(record.identity, msg.id, record.worker, now)
-                effects.append(StartModelTransfer(record.identity, record.worker, msg.id))
+            effects += self._answer_with_weights(record, downlinks, now, C.MODEL, round=number,
+                                                 version=self.store.version, task=task)
+        return effects
+
+    def open_evaluation(self, number: int, records: Sequence[WorkerRecord],
+                        downlinks: Mapping[int | None, Downlink], now: float) -> list[Effect]:
+        """Open the federated evaluation of the current model after round ``number``: each of ``records`` (see
+        :meth:`Evaluations.sample`) whose pull still waits is answered with ``evaluate`` (docs/protocol.md §7.2)."""
+        asked = [r for r in records if self.registry.get(r.worker) is r and r.pending_pull is not None]
+        self.evaluations.open(number, self.store.version, [r.worker for r in asked], now)
+        effects: list[Effect] = []
+        for record in asked:
+            effects += self._answer_with_weights(record, downlinks, now, C.EVALUATE, round=number,
+                                                 version=self.store.version)
+        return effects
+
+    def _answer_with_weights(self, record: WorkerRecord, downlinks: Mapping[int | None, Downlink], now: float,
+                             mtype: str, **fields: Any) -> list[Effect]:
+        """Answer ``record``'s pull with ``mtype`` carrying the weights: the delta on its version, or the dense model
+        (in chunks, paced by the worker's credits, when large)."""
+        tensors, frames, is_delta = downlinks[record.holds_version]
+        in_chunks = self.chunked_model() if not is_delta else 0
+        msg = make(mtype, self.next_id(), re=record.pending_pull, tensors=None if in_chunks else tensors, **fields,
+                   base=record.holds_version if is_delta else None, chunks=in_chunks or None)
+        record.pending_pull = None
+        effects: list[Effect] = [self._send(record.identity, msg, None if in_chunks else frames, record.worker)]
+        if in_chunks:
+            self.transfers.open_model(record.identity, msg.id, record.worker, now)
+            effects.append(StartModelTransfer(record.identity, record.worker, msg.id))
         return effects
 
     def chunk_message(self, xfer: int, index: int, piece: Mapping[str, Any]) -> list[bytes]:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.core import BrokerCore
 from fedctl.broker.durable import PendingStore
+from fedctl.broker.effects import Effect
 from fedctl.broker.params import Params
 from fedctl.broker.registry import WorkerRecord
 from fedctl.broker.store import Checkpointer
@@ -59,6 +60,8 @@ class Host(Protocol):
     async def wait_until(self, condition: Callable[[], bool], timeout_s: float | None = None) -> bool: ...
 
     async def hand_out(self, jobs: list[tuple[WorkerRecord, int]]) -> None: ...
+
+    async def execute(self, effects: list[Effect]) -> None: ...
 
 
 class Driver(ABC):

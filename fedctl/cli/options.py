@@ -16,6 +16,15 @@ from fedctl.strategies import TaskConfig, get_strategy, strategy_names
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+FED_EVAL_OPTIONS = [
+    click.option("--fed-eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="Federated evaluation every N rounds (and after the last): sampled workers evaluate the global "
+                      "model on their held-out data; fed_eval_* in metrics.jsonl (0: off; sync policy only)."),
+    click.option("--fed-eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                 help="Federated evaluation asks max(⌈C·K⌉, 1) of the K connected workers."),
+]
+FED_EVAL_KEYS = ("fed_eval_every", "fed_eval_fraction")
+"""The options above, named as the BrokerConfig fields they set."""
 RUN_OPTIONS = [
     click.option("--model", type=click.Choice(sorted(MODELS)), default="mlp", show_default=True,
                  help="The model every worker trains (canonical parameter names, any framework)."),
@@ -61,6 +70,7 @@ RUN_OPTIONS = [
                  help="Evaluate every N rounds (and after the last)."),
     click.option("--target-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="End the run once the evaluated test accuracy reaches this."),
+    *FED_EVAL_OPTIONS,
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
             "lr_decay", "strategy_options", "policy", "max_staleness",
@@ -71,6 +81,13 @@ RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_tim
 def run_options(f: F) -> F:
     """Decorate a click command with the options of a federated run."""
     for option in reversed(RUN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def fed_eval_options(f: F) -> F:
+    """Decorate a click command with the federated-evaluation options alone (``fedctl demo``)."""
+    for option in reversed(FED_EVAL_OPTIONS):
         f = option(f)
     return f
 
@@ -89,6 +106,7 @@ def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
 def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
     """Build the BrokerConfig from the run options (popped from ``options``) plus ``extra`` fields."""
     o = {k: options.pop(k) for k in RUN_KEYS}
+    extra = {**{k: options.pop(k) for k in FED_EVAL_KEYS}, **extra}
     config = BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
                           task=TaskConfig(o["epochs"], o["batch_size"], o["lr"], o["lr_decay"],
                                           parse_options(o["strategy_options"])),

@@ -20,9 +20,13 @@ LEAVE = "leave"
 DONE = "done"
 CHUNK = "chunk"
 CREDIT = "credit"
+EVALUATE = "evaluate"
+"""Federated evaluation (docs/protocol.md §7.2): the broker answers a pull with the model to evaluate ..."""
+EVALUATION = "evaluation"
+"""... and the worker sends back its metrics on its held-out data, weighted by its example count."""
 
-WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT})
-BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT})
+WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION})
+BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT, EVALUATE})
 MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 
 # Limits.

@@ -6,6 +6,7 @@ the type, every header field against :data:`SCHEMA` and every tensor frame befor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,11 @@ def _metrics(v: Any) -> bool:
                                                                     for k, x in v.items())
 
 
+def _finite_metrics(v: Any) -> bool:
+    """An evaluation's metrics: as a push's, and finite (they are averaged into metrics.jsonl)."""
+    return _metrics(v) and all(math.isfinite(x) for x in v.values())
+
+
 def _chunks(v: Any) -> bool:
     return _int(1)(v) and v <= C.MAX_CHUNKS
 
@@ -70,8 +76,12 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.HEARTBEAT: {"t": (_num, False)},
     C.LEAVE: {"reason": (_str(C.MAX_REASON_CHARS), False)},
     C.DONE: {"round": (_int(0), True), "version": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), False)},
+    C.EVALUATE: {"round": (_int(0), True), "version": (_int(0), True), "base": (_int(0), False),
+                 "chunks": (_chunks, False)},
+    C.EVALUATION: {"version": (_int(0), True), "num_examples": (_int(0), True),
+                   "metrics": (_finite_metrics, False)},
 }
-CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK})
+CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK, C.EVALUATE})
 COMMON = frozenset({"v", "type", "id", "re", "tensors"})
 
 

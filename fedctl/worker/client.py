@@ -13,7 +13,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,21 @@ from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
 log = logging.getLogger(__name__)
 TrainerFactory = Callable[[ModelSpec], Trainer]
+Evaluate = Callable[[Params], tuple[Mapping[str, float], int]]
+"""Federated evaluation on the worker's held-out data: ``weights -> (metrics, examples)``, in a thread."""
+EvaluatorFactory = Callable[[ModelSpec], Evaluate]
+"""Builds the worker's :data:`Evaluate` for the run's model, the first time the broker asks for an evaluation."""
+
+
+def trainer_evaluator(make_trainer: TrainerFactory, num_examples: int) -> EvaluatorFactory:
+    """Federated evaluation by a framework trainer bound to held-out data (``make_trainer`` builds it on first use):
+    its ``evaluate`` metrics (accuracy, loss) on ``num_examples`` examples."""
+
+    def build(spec: ModelSpec) -> Evaluate:
+        trainer = make_trainer(spec)
+        return lambda weights: (trainer.evaluate(weights), num_examples)
+
+    return build
 
 
 @dataclass
@@ -99,9 +114,14 @@ class Worker:
     """One federated participant bound to one shard and one framework adapter."""
 
     def __init__(self, config: WorkerConfig, make_trainer: TrainerFactory,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 ctx: zmq.asyncio.Context | None = None, evaluator: EvaluatorFactory | None = None) -> None:
         self.config = config
         self.make_trainer = make_trainer
+        self.make_evaluator = evaluator
+        """Federated evaluation on held-out data (docs/protocol.md §7.2); None: the worker has none and answers
+        ``evaluate`` with 0 examples."""
+        self._evaluate: Evaluate | None = None
+        self.evaluations = 0
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.trainer: Trainer | None = None
         """Built on the first round the worker is sampled for, so idle workers hold no framework model."""
@@ -229,6 +249,39 @@ class Worker:
         self.unacked = push  # resent after a reconnect if no answer comes (the broker may have kept it)
         return await self._push(push)
 
+    def _run_evaluation(self, weights: Params) -> tuple[dict[str, float], int]:
+        """Runs in a worker thread: the evaluation on held-out data (built on first use), finite metrics only."""
+        if self.make_evaluator is None:
+            return {}, 0
+        if self._evaluate is None:
+            assert self.spec is not None
+            self._evaluate = self.make_evaluator(self.spec)
+        metrics, n = self._evaluate(weights)
+        finite = {k: float(v) for k, v in metrics.items() if k != "num_examples" and isinstance(v, (int, float))
+                  and not isinstance(v, bool) and np.isfinite(v)}
+        return dict(sorted(finite.items())[:C.MAX_METRICS]), max(int(n), 0) if finite else 0
+
+    async def _evaluate_model(self, msg: Message) -> None:
+        """Evaluate the model the broker sent (``evaluate``) on the held-out data and send the ``evaluation``."""
+        assert self.conn is not None
+        version = int(msg["version"])
+        try:
+            if msg.get("chunks"):
+                weights = await receive_model(self.conn, msg, self._shapes(), self._liveness_s)
+            else:
+                weights = self._weights_of(msg)
+        except ProtocolError as err:  # e.g. changes on a version this worker does not hold: evaluate nothing
+            log.warning("could not apply the model version %d to evaluate: %s", version, err)
+            metrics: dict[str, float] = {}
+            n = 0
+        else:
+            self.state.model, self.state.version = weights, version
+            metrics, n = await asyncio.to_thread(self._run_evaluation, weights)
+        await self.conn.send(C.EVALUATION, version=version, num_examples=n, metrics=metrics)
+        self.evaluations += 1
+        log.info("round %d: evaluated model version %d on %d held-out examples%s", msg["round"], version, n,
+                 "".join(f", {k} {v:.4f}" for k, v in metrics.items() if k in ("accuracy", "loss")))
+
     async def _push(self, push: Push) -> Message:
         """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
         assert self.conn is not None
@@ -274,6 +327,8 @@ class Worker:
                 answer = await self._round(reply)
                 if answer.type == C.DONE:
                     return answer
+            elif reply.type == C.EVALUATE:
+                await self._evaluate_model(reply)
 
     async def _attend(self) -> Message:
         """One connection: join on it, then take part until done, then leave; raises BrokerLost or Rejoin.

@@ -217,7 +217,7 @@ class Connection:
                 else:
                     queue.put_nowait(msg)
                 continue
-            if msg.type == C.MODEL and msg.get("chunks") is not None:
+            if msg.type in (C.MODEL, C.EVALUATE) and msg.get("chunks") is not None:
                 self.transfers[msg.id] = asyncio.Queue()  # before its chunks, which follow on this connection
             future = self._pending.pop(msg.re, None) if msg.re is not None else None
             if future is not None and not future.done():

@@ -142,6 +142,17 @@ class CoreSim:
         self.run(self.core.hand_out(jobs, downlink.build(self.core, [r.holds_version for r in records]),
                                     self.clock()))
 
+    def open_evaluation(self, number: int) -> list[str]:
+        """What the round driver does for a federated evaluation: sample the waiting workers, answer their pulls
+        with ``evaluate``; returns who was asked."""
+        waiting = {r.worker: r for r in self.core.registry.waiting()}
+        sample = self.core.evaluations.sample(list(waiting), len(self.core.registry), self.core.rng)
+        records = [waiting[w] for w in sample]
+        self.run(self.core.open_evaluation(number, records, downlink.build(self.core, [r.holds_version
+                                                                                       for r in records]),
+                                           self.clock()))
+        return sample
+
     def aggregate_round(self) -> list[Update]:
         updates = sorted(self.core.take_updates(), key=lambda u: u.worker)
         result = self.core.strategy.aggregate(self.store.weights, updates, self.state["strategy_state"],
@@ -178,6 +189,9 @@ class Peer:
              seq: int = 1, **fields: Any) -> list[Message]:
         return self.send(C.PUSH, tensors=tensors, round=round_no, base_version=base, seq=seq, kind=kind,
                          num_examples=self.num_examples, **fields)
+
+    def evaluation(self, version: int, num_examples: int, **metrics: float) -> list[Message]:
+        return self.send(C.EVALUATION, version=version, num_examples=num_examples, metrics=metrics)
 
     def inbox(self) -> list[Message]:
         return self.sim.outbox.get(self.identity, [])

@@ -110,6 +110,10 @@ MESSAGES = [
     make(C.PUSH, 16, round=2, base_version=1, seq=2, kind="weights", num_examples=5, chunks=3),
     make(C.CHUNK, 17, slices={"f32": TensorSlice((2, 3), 1, np.array([1.5, -2.0], np.float32))}, xfer=16, index=0),
     make(C.CREDIT, 18, xfer=16, received=1),
+    make(C.EVALUATE, 19, re=3, tensors=DENSE, round=2, version=2),
+    make(C.EVALUATE, 20, re=3, round=2, version=2, base=1, chunks=4),
+    make(C.EVALUATION, 21, version=2, num_examples=150, metrics={"accuracy": 0.75, "loss": 0.5}),
+    make(C.EVALUATION, 22, version=2, num_examples=0),
 ]
 
 
