@@ -35,7 +35,7 @@ from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import Admission, ClockPolicy, OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
 from fedctl.errors import ProtocolError
-from fedctl.models import ModelSpec
+from fedctl.models import ModelSpec, first_difference
 from fedctl.strategies.base import Strategy, Update
 from fedctl.wire import check_against_spec, chunks, decode, encode, make, payload_bytes, peek_id, unpack_sparse
 from fedctl.wire import constants as C
@@ -193,6 +193,11 @@ class BrokerCore:
             raise ProtocolError(ErrorCode.MODEL_MISMATCH,
                                 f"this run trains model {self.config.model!r}, the worker asked for {model!r}",
                                 f"join without --model or with --model {self.config.model}")
+        params = msg.get("params")
+        diff = None if params is None else first_difference(self.spec.signature(), params, "broker", "worker")
+        if diff is not None:
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"the worker's model differs from this run's "
+                                f"{self.spec.name!r}: {diff}", "join with the task the broker was started with")
         record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], now)
         again = self.registry.add(record)
         self.policy.join(record.worker)

@@ -46,7 +46,7 @@ from fedctl.broker.store import Checkpointer
 from fedctl.broker.transfers import SpoolFiles
 from fedctl.broker.transport import RouterTransport
 from fedctl.fsio import check_writable_dir
-from fedctl.models import get_model, init_params
+from fedctl.models import ModelSpec, get_model, init_params
 from fedctl.strategies import Update, get_strategy
 from fedctl.wire import chunks, payload_bytes
 from fedctl.wire import constants as C
@@ -86,16 +86,16 @@ class Broker:
     def __init__(self, config: BrokerConfig, evaluator: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  ctx: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
-                 transport: Any = None) -> None:
+                 transport: Any = None, model: tuple[ModelSpec, Params] | None = None) -> None:
         self.config = config
         self.evaluator = evaluator
         self.on_round = on_round
         self.now = clock
         check_writable_dir(config.state_dir, "--state-dir")  # creates nothing: a refused start leaves no dir
-        spec = get_model(config.model)
+        spec = model[0] if model is not None else get_model(config.model)
         strategy = get_strategy(config.strategy, config.task)
         self.checkpointer = Checkpointer(config.state_dir)
-        store, state = self._load_or_init(spec)
+        store, state = self._load_or_init(spec, None if model is None else model[1])
         store.history_bytes = int(config.history_mb * 2**20)
         policy: Policy = make_policy(config.policy, config.sync, config.clock, state)
         shapes = {p.name: p.shape for p in spec.params}
@@ -123,17 +123,20 @@ class Broker:
         self.endpoint: str = self.transport.endpoint
 
     # ------------------------------------------------------------------ state, start and restore
-    def _load_or_init(self, spec: Any) -> tuple[ParameterStore, dict[str, Any]]:
+    def _load_or_init(self, spec: ModelSpec, initial: Params | None) -> tuple[ParameterStore, dict[str, Any]]:
+        """The checkpoint in the state dir, or a new run from ``initial`` weights (a task's own initialisation) or
+        the zoo's seeded initialisation."""
         config = self.config
         if self.checkpointer.exists():
-            self.checkpointer.check_resumable(config.model, config.strategy)
+            self.checkpointer.check_resumable(config.model, config.strategy, spec.signature())
             store, state = self.checkpointer.load()
             log.info("resuming run %s from %s at round %d (model version %d)", state["run_id"], config.state_dir,
                      state["round"], store.version)
             return store, state
-        store = ParameterStore(init_params(spec, config.seed))
+        store = ParameterStore(initial if initial is not None else init_params(spec, config.seed))
         state = {"run_id": secrets.token_hex(8), "model": config.model, "strategy": config.strategy,
-                 "round": 0, "rounds": config.rounds, "seed": config.seed, "strategy_state": {}}
+                 "round": 0, "rounds": config.rounds, "seed": config.seed, "strategy_state": {},
+                 "spec": spec.to_wire()}
         return store, state
 
     def _restore_pending(self) -> list[Update]:

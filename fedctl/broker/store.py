@@ -21,6 +21,7 @@ import numpy as np
 from fedctl.broker.params import ParameterStore
 from fedctl.errors import ConfigError
 from fedctl.fsio import atomic_write
+from fedctl.models import first_difference
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -96,9 +97,10 @@ class Checkpointer:
     def exists(self) -> bool:
         return (self.dir / STATE_FILE).is_file()
 
-    def check_resumable(self, model: str, strategy: str) -> None:
-        """Refuse to resume a run of another model or strategy (cheap: reads state.json only, so the CLI can ask
-        before it starts anything); a state dir without a checkpoint is a new run."""
+    def check_resumable(self, model: str, strategy: str, signature: list[list[Any]] | None = None) -> None:
+        """Refuse to resume a run of another model or strategy, or of a model whose tensors (``signature``,
+        ``ModelSpec.signature``) differ (cheap: reads state.json only, so the CLI can ask before it starts
+        anything); a state dir without a checkpoint is a new run."""
         if not self.exists():
             return
         try:
@@ -111,6 +113,14 @@ class Checkpointer:
             raise ConfigError(f"{self.dir} holds a run of model {found.get('model')!r} with strategy "
                               f"{found.get('strategy')!r}",
                               "pass a fresh --state-dir, or the same --model and --strategy to resume")
+        saved = state.get("spec")
+        if signature is not None and isinstance(saved, dict) and isinstance(saved.get("params"), list):
+            theirs = [[p.get("name"), list(p.get("shape", [])), p.get("dtype", "float32")] for p in saved["params"]
+                      if isinstance(p, dict)]
+            diff = first_difference(signature, theirs, "task", "checkpoint")
+            if diff is not None:
+                raise ConfigError(f"{self.dir} holds a run of another version of model {model!r}: {diff}",
+                                  "pass a fresh --state-dir, or the task the run was started with")
 
     def load(self) -> tuple[ParameterStore, dict[str, Any]]:
         """Load the last checkpoint; ConfigError when it is unreadable."""

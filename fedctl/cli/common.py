@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from fedctl.data.partition import MANIFEST_NAME
 from fedctl.data.shards import Shard, load_shard, load_split_as_shard
@@ -123,7 +124,7 @@ def trainer_factory(backend: str, shard: Shard, device: str, threads: int | None
 
 
 def make_evaluator(backend: str, spec: ModelSpec, shard: Shard, device: str = "cpu",
-                   threads: int | None = None) -> Callable[[Params], dict[str, float]]:
+                   threads: int | None = None, task: Any = None) -> Callable[[Params], dict[str, float]]:
     """Centralised evaluation on ``shard``; the framework is imported here, only when evaluation is asked for."""
-    trainer = create_trainer(backend, spec, shard.x, shard.y, device=device, threads=threads)
+    trainer = create_trainer(backend, spec, shard.x, shard.y, device=device, threads=threads, task=task)
     return lambda weights: trainer.evaluate(weights)

@@ -19,18 +19,21 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
 from fedctl.cli.common import make_evaluator
+from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import load_shard
 from fedctl.errors import BackendUnavailable, ConfigError, FedctlError
 from fedctl.fsio import check_writable_dir
 from fedctl.models import get_model
 from fedctl.strategies import TaskConfig, strategy_names
+from fedctl.tasks import Task
 from fedctl.worker.frameworks import BACKENDS, available_backends
 
 console = Console(stderr=False)
 
 
-def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[str]) -> list[subprocess.Popen]:
+def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[str],
+                   task: Task) -> list[subprocess.Popen]:
     procs = []
     shards = sorted(p.stem for p in data_dir.glob("shard*.npz"))
     for i, shard in enumerate(sorted(shards, key=lambda s: int(s[5:]))):
@@ -38,7 +41,8 @@ def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[
         log = open(log_dir / f"worker{i}-{backend}.log", "w")  # noqa: SIM115 - lives as long as the process
         cmd = [sys.executable, "-m", "fedctl", "join", "--connect", endpoint, "--data", shard, "--data-dir",
                str(data_dir), "--backend", backend, "--worker-id", f"demo-{i}-{backend}",
-               "--connect-timeout", "30"]
+               "--connect-timeout", "30", *([] if task.is_builtin else ["--task", str(Path(task.ref).resolve())
+                                                                           if task.ref.endswith(".py") else task.ref])]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
     return procs
 
@@ -51,20 +55,21 @@ def _env() -> dict[str, str]:
 
 
 async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_dir: Path,
-                      backends: list[str]) -> tuple[dict[str, Any], list[subprocess.Popen]]:
+                      backends: list[str], task: Task,
+                      model: tuple[Any, Any] | None) -> tuple[dict[str, Any], list[subprocess.Popen]]:
     with Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("rounds", total=config.rounds, status="waiting for workers")
+        bar = progress.add_task("rounds", total=config.rounds, status="waiting for workers")
 
         def on_round(rec: dict[str, Any]) -> None:
             progress.console.print(
                 f"round {rec['round']:>3}  accuracy {rec['test_accuracy']:.4f}  loss {rec['test_loss']:.4f}  "
                 f"{rec['participants']} workers  up {rec['bytes_in'] / 1e6:.1f} MB  "
                 f"down {rec['bytes_out'] / 1e6:.1f} MB  {rec['duration_s']:.2f} s")
-            progress.update(task, advance=1, status=f"accuracy {rec['test_accuracy']:.4f}")
+            progress.update(bar, advance=1, status=f"accuracy {rec['test_accuracy']:.4f}")
 
-        broker = Broker(config, evaluator, on_round=on_round)
-        procs = _spawn_workers(broker.endpoint, data_dir, log_dir, backends)
+        broker = Broker(config, evaluator, on_round=on_round, model=model)
+        procs = _spawn_workers(broker.endpoint, data_dir, log_dir, backends, task)
         return await broker.run(), procs
 
 
@@ -85,13 +90,19 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
               help="Comma-separated backends the workers cycle through; auto = every installed framework.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where data, logs and the run state go [default: runs/demo-TIMESTAMP].")
+@task_option
 def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, batch_size: int, lr: float,
-             backends: str, out: Path | None) -> None:
+             backends: str, out: Path | None, task_ref: str | None) -> None:
     """Run a complete federation on this machine: partition the bundled MNIST sample, start a broker and
     WORKERS worker processes over TCP loopback, train, and print accuracy per round and a summary."""
     if logging.getLogger().level > logging.DEBUG:  # the progress display replaces the broker's round log
         logging.getLogger("fedctl.broker").setLevel(logging.WARNING)
-    chosen = _backends(backends)
+    task = resolve_task(task_ref, model, model_given(click.get_current_context()))
+    model = task.name
+    chosen = _backends(backends) if task.is_builtin else ["torch"]  # a user task is a PyTorch task
+    if not task.is_builtin and backends not in ("auto", "torch"):
+        raise ConfigError(f"task {task.name} is a PyTorch task; --backends {backends} cannot train it",
+                          "pass --backends torch")
     out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     # Every input is checked before the first file is written.
     config = BrokerConfig(bind="tcp://127.0.0.1:*", model=model, strategy=strategy, rounds=rounds,
@@ -103,9 +114,11 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
     console.print(f"[bold]fedctl demo[/]: {workers} workers ({', '.join(chosen)}), model {model}, {strategy}, "
                   f"{rounds} rounds, E={epochs} B={batch_size} η={lr}; files in {out}")
     write_partition("mnist-sample", data_dir, clients=workers, scheme="iid", seed=0)
-    evaluator = make_evaluator(chosen[0], get_model(model), load_shard(data_dir, "test"), threads=1)
+    built = broker_model(task, config.seed)
+    evaluator = make_evaluator(chosen[0], get_model(model) if built is None else built[0],
+                               load_shard(data_dir, "test"), threads=1, task=task)
     started = time.perf_counter()
-    summary, procs = asyncio.run(_run_broker(config, evaluator, data_dir, log_dir, chosen))
+    summary, procs = asyncio.run(_run_broker(config, evaluator, data_dir, log_dir, chosen, task, built))
     codes = [p.wait(timeout=30) for p in procs]
     _summary(summary, codes, time.perf_counter() - started, out)
     if any(codes):

@@ -13,6 +13,7 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.service import Broker
 from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
 from fedctl.cli.options import broker_config, run_options
+from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
 from fedctl.errors import ConfigError
 from fedctl.fsio import check_readable_dir, check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
               help="ZeroMQ endpoint to listen on: tcp://HOST:PORT (tcp://127.0.0.1:* for any free port on this "
                    "machine only; other addresses need CURVE keys or --insecure), ipc://PATH or inproc://NAME.")
 @run_options
+@task_option
 @click.option("--eval-data", default=None,
               help="Evaluate the global model after every round on this shard of --data-dir (e.g. test), "
                    "or on a dataset split such as mnist:test.")
@@ -54,7 +56,7 @@ log = logging.getLogger(__name__)
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int,
               secret_key: Path | None, allowed_keys: Path | None,
-              insecure: bool, **run: Any) -> None:
+              insecure: bool, task_ref: str | None, **run: Any) -> None:
     """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
     (synchronous rounds, stale-synchronous ssp:S or async) and checkpoint to --state-dir.
 
@@ -62,6 +64,8 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
     """
     check_endpoint(bind, "--bind", bind=True)
     check_serve_security(bind, secret_key, allowed_keys, insecure)
+    task = resolve_task(task_ref, run["model"], model_given(click.get_current_context()))
+    run["model"] = task.name
     max_message_bytes = int(max_message_mb * 2**20)
     if chunk_kb * 1024 > max_message_bytes // 2:
         raise ConfigError(f"--chunk-kb {chunk_kb} is more than half of --max-message-mb {max_message_mb:g}",
@@ -78,14 +82,17 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
     elif insecure and not is_local_bind(bind):
         log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
                     "travel unencrypted", bind)
+    model = broker_model(task, config.seed)  # a user task's spec and initial weights (imports its framework)
     evaluator = None
     if eval_data:
         shard = load_data(eval_data, data_dir, "--eval-data")
-        evaluator = make_evaluator(resolve_backend(eval_backend), get_model(config.model), shard)
+        spec = get_model(config.model) if model is None else model[0]
+        evaluator = make_evaluator("torch" if model is not None else resolve_backend(eval_backend), spec, shard,
+                                   task=task)
         log.info("evaluating on %s (%d examples) every %d round(s)", shard.name, shard.num_examples,
                  config.eval_every)
     with removed_if_empty_on_error(config.state_dir):  # e.g. --bind in use: no empty run directory stays
-        summary = asyncio.run(_serve(config, evaluator))
+        summary = asyncio.run(_serve(config, evaluator, model))
     last = summary["last"]
     acc = last.get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"
@@ -93,6 +100,6 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
                + f"; metrics in {config.state_dir}/metrics.jsonl")
 
 
-async def _serve(config: BrokerConfig, evaluator) -> dict:  # type: ignore[no-untyped-def]
-    broker = Broker(config, evaluator)
+async def _serve(config: BrokerConfig, evaluator: Any, model: Any) -> dict[str, Any]:
+    broker = Broker(config, evaluator, model=model)
     return await broker.run()

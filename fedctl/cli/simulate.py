@@ -18,6 +18,7 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.store import Checkpointer
 from fedctl.cli.common import make_evaluator, missing_dataset_fix, resolve_backend
 from fedctl.cli.options import broker_config, run_options
+from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
 from fedctl.data.datasets import DATASETS
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import list_shards, load_shard
@@ -25,6 +26,7 @@ from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
 from fedctl.sim.runner import SimConfig, simulate
+from fedctl.tasks import Task
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -57,27 +59,35 @@ def quiet_workers() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, title: str) -> tuple[dict, float]:
-    """Simulate with a progress bar (round, accuracy, ETA); returns the summary and wall seconds."""
-    evaluator = make_evaluator(resolve_backend(eval_backend), get_model(config.model),
-                               load_shard(sim.data_dir, "test"), threads=1)
+def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, title: str,
+                      task: Task | None = None) -> tuple[dict, float]:
+    """Simulate with a progress bar (round, accuracy, ETA); returns the summary and wall seconds. A user ``task``
+    is evaluated on the partition's test shard when it has one."""
+    model = broker_model(task, config.seed) if task is not None else None
+    evaluator = None
+    if model is None:
+        evaluator = make_evaluator(resolve_backend(eval_backend), get_model(config.model),
+                                   load_shard(sim.data_dir, "test"), threads=1)
+    elif "test" in list_shards(sim.data_dir, include_test=True):
+        evaluator = make_evaluator("torch", model[0], load_shard(sim.data_dir, "test"), threads=1, task=task)
     with Progress(TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[acc]}"),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
                   transient=False) as progress:
-        task = progress.add_task("rounds", total=config.rounds, acc="starting")
+        bar = progress.add_task("rounds", total=config.rounds, acc="starting")
 
         def on_round(rec: dict[str, Any]) -> None:
             acc = rec.get("test_accuracy")
-            progress.update(task, completed=rec["round"],
-                            acc=progress.tasks[task].fields["acc"] if acc is None else f"accuracy {acc:.4f}")
+            progress.update(bar, completed=rec["round"],
+                            acc=progress.tasks[bar].fields["acc"] if acc is None else f"accuracy {acc:.4f}")
 
         started = time.perf_counter()
-        summary = asyncio.run(simulate(config, sim, evaluator, on_round=on_round))
+        summary = asyncio.run(simulate(config, sim, evaluator, on_round=on_round, task=task, model=model))
     return summary, time.perf_counter() - started
 
 
 @click.command("simulate")
 @run_options
+@task_option
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="A partition from `fedctl partition`; otherwise one is made from --dataset and cached.")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist", show_default=True,
@@ -104,10 +114,15 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
               help="Emulated device seconds added to every update (before the slowdown factor).")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
                  shards_per_client: int | None, workers: int | None, backend: str, parallel: int, transport: str,
-                 slow_fraction: float, slowdown: float, delay_s: float, **run: Any) -> None:
+                 slow_fraction: float, slowdown: float, delay_s: float, task_ref: str | None, **run: Any) -> None:
     """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
     `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
     quiet_workers()
+    task = resolve_task(task_ref, run["model"], model_given(click.get_current_context()))
+    run["model"] = task.name
+    if not task.is_builtin and backend not in ("auto", "torch"):
+        raise ConfigError(f"task {task.name} is a PyTorch task; --backend {backend} cannot train it",
+                          "pass --backend torch")
     config = broker_config(run, done_linger_s=2.0)
     check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
     Checkpointer(config.state_dir).check_resumable(config.model, config.strategy)  # before any display starts
@@ -122,7 +137,8 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
                     slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay_s)
     try:
         with removed_if_empty_on_error(config.state_dir):
-            summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}")
+            summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}",
+                                              None if task.is_builtin else task)
     except KeyboardInterrupt:
         click.echo(f"interrupted; the completed rounds are saved in {config.state_dir} — run the same command "
                    "again to resume", err=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,12 +21,19 @@ Params = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter tensor: canonical name, shape, dtype and fan-in used by the initialiser."""
+    """One federated tensor: canonical name, shape, dtype, fan-in used by the initialiser, and its kind.
+
+    ``dtype`` is the tensor's type in the model (``float32``, ``float16``, ``bfloat16``); on the wire and in the
+    broker every federated tensor is float32, and a worker casts it back. ``kind`` is ``param`` (a parameter,
+    trainable or frozen) or ``buffer`` (a float buffer such as BatchNorm's running statistics, averaged like
+    weights unless the task keeps buffers local).
+    """
 
     name: str
     shape: tuple[int, ...]
     fan_in: int
     dtype: str = "float32"
+    kind: str = "param"
 
     @property
     def numel(self) -> int:
@@ -48,7 +56,8 @@ class ModelSpec:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel * np.dtype(p.dtype).itemsize for p in self.params)
+        """Bytes of the model as it travels and as the broker holds it (float32)."""
+        return 4 * self.num_params
 
     def names(self) -> list[str]:
         return [p.name for p in self.params]
@@ -59,8 +68,41 @@ class ModelSpec:
             "name": self.name,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
-            "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype} for p in self.params],
+            "params": [{"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "kind": p.kind}
+                       for p in self.params],
         }
+
+    def signature(self) -> list[list[Any]]:
+        """``[name, shape, dtype]`` of every federated tensor, in order: what a worker's ``join`` carries so that the
+        broker can name the first difference from its own model."""
+        return [[p.name, list(p.shape), p.dtype] for p in self.params]
+
+
+def first_difference(ours: list[list[Any]], theirs: list[list[Any]], here: str = "here",
+                     there: str = "there") -> str | None:
+    """The first difference between two model signatures (``ModelSpec.signature``), in words; None if equal."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if list(a) != list(b):
+            return (f"tensor {i} is {a[0]} {tuple(a[1])} {a[2]} on the {here}, "
+                    f"{b[0]} {tuple(b[1])} {b[2]} on the {there}")
+    if len(ours) != len(theirs):
+        longer, which = (ours, here) if len(ours) > len(theirs) else (theirs, there)
+        extra = longer[min(len(ours), len(theirs))]
+        return (f"the {here} has {len(ours)} tensors, the {there} {len(theirs)}: the first extra one (on the "
+                f"{which}) is {extra[0]} {tuple(extra[1])} {extra[2]}")
+    return None
+
+
+def spec_from_wire(data: dict[str, Any]) -> ModelSpec:
+    """A ModelSpec from the ``run.model`` map of a welcome (or a state dir's ``spec``); ConfigError when malformed."""
+    try:
+        params = tuple(ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), 1, str(p.get("dtype", "float32")),
+                                 str(p.get("kind", "param"))) for p in data["params"])
+        return ModelSpec(str(data["name"]), tuple(int(d) for d in data.get("input_shape") or ()),
+                         int(data.get("num_classes") or 0), params, str(data.get("description") or ""))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed model spec ({type(exc).__name__}: {exc})",
+                          "use the same fedctl version on the broker and the workers") from None
 
 
 def _dense(name: str, n_in: int, n_out: int) -> tuple[ParamSpec, ParamSpec]:

@@ -25,9 +25,10 @@ from fedctl.broker.service import Broker, Evaluator
 from fedctl.data.shards import Shard, list_shards, load_shard
 from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
+from fedctl.tasks import Task
 from fedctl.worker.client import Worker, WorkerConfig
 from fedctl.worker.frameworks import create_trainer
-from fedctl.worker.frameworks.base import Trainer
+from fedctl.worker.frameworks.base import Params, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _trainer_factory(shard: Shard, backend: str, device: str) -> Callable[[ModelSpec], Trainer]:
-    return lambda spec: create_trainer(backend, spec, shard.x, shard.y, device=device, threads=1)
+def _trainer_factory(shard: Shard, backend: str, device: str, task: Task | None) -> Callable[[ModelSpec], Trainer]:
+    return lambda spec: create_trainer(backend, spec, shard.x, shard.y, device=device, threads=1, task=task)
 
 
 def load_shards(sim: SimConfig) -> list[Shard]:
@@ -83,8 +84,12 @@ def load_shards(sim: SimConfig) -> list[Shard]:
 
 async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evaluator | None = None,
                    on_round: Callable[[dict[str, Any]], None] | None = None,
-                   shards: list[Shard] | None = None) -> dict[str, Any]:
-    """Run a whole federated run with virtual workers; returns the broker's summary plus host figures."""
+                   shards: list[Shard] | None = None, task: Task | None = None,
+                   model: tuple[ModelSpec, Params] | None = None) -> dict[str, Any]:
+    """Run a whole federated run with virtual workers; returns the broker's summary plus host figures.
+
+    ``task`` and ``model`` (its spec and initial weights, ``fedctl.cli.tasking.broker_model``) run a user task
+    instead of the built-in model ``broker_config.model``."""
     shards = shards if shards is not None else load_shards(sim)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train"))
@@ -93,14 +98,14 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
     bind = "inproc://fedctl-sim" if sim.transport == "inproc" else "tcp://127.0.0.1:*"
     config = dataclasses.replace(broker_config, bind=bind)
     try:
-        broker = Broker(config, evaluator, on_round=on_round, ctx=ctx)
+        broker = Broker(config, evaluator, on_round=on_round, ctx=ctx, model=model)
         if broker.is_complete():  # resumed a finished run: nothing to train, no worker to start
             return {**await broker.run(), "workers": 0, "workers_that_trained": 0, "peak_rss_mb": peak_rss_mb()}
         slow = round(sim.slow_fraction * len(shards))
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
                                        connect_timeout_s=120.0, slowdown=sim.slowdown if i < slow else 1.0,
-                                       delay_s=sim.delay_s),
-                          _trainer_factory(shard, sim.backend, sim.device), ctx=ctx)
+                                       delay_s=sim.delay_s, spec=None if model is None else model[0]),
+                          _trainer_factory(shard, sim.backend, sim.device, task), ctx=ctx)
                    for i, shard in enumerate(shards)]
         log.info("simulating %d workers (%s) against %s", len(workers), sim.backend, broker.endpoint)
         async with asyncio.TaskGroup() as tg:

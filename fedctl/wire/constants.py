@@ -42,6 +42,8 @@ MAX_BACKEND_CHARS = 32
 MAX_MODEL_NAME_CHARS = 64
 """Longest ``model`` name a ``join`` may ask for."""
 MAX_HOST_CHARS = 255
+MAX_MODEL_TENSORS = 4096
+"""Most entries of a join's model signature (``params``); the 64 KiB header bounds it further."""
 MAX_REASON_CHARS = 1024
 """Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
 MAX_METRICS = 64

@@ -52,6 +52,13 @@ def _chunks(v: Any) -> bool:
     return _int(1)(v) and v <= C.MAX_CHUNKS
 
 
+def _signature(v: Any) -> bool:
+    """A model signature: a list of [name, shape, dtype] (docs/protocol.md §5, join)."""
+    return isinstance(v, list) and 0 < len(v) <= C.MAX_MODEL_TENSORS and all(
+        isinstance(e, list) and len(e) == 3 and _str(C.MAX_NAME_CHARS)(e[0]) and isinstance(e[1], list)
+        and len(e[1]) <= C.MAX_NDIM and all(_int(0)(d) for d in e[1]) and _str(16)(e[2]) for e in v)
+
+
 def _map(v: Any) -> bool:
     return isinstance(v, dict)
 
@@ -60,7 +67,7 @@ def _map(v: Any) -> bool:
 SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(C.MAX_BACKEND_CHARS), True),
              "num_examples": (_int(0), True), "model": (_str(C.MAX_MODEL_NAME_CHARS), False),
-             "host": (_str(C.MAX_HOST_CHARS), False)},
+             "host": (_str(C.MAX_HOST_CHARS), False), "params": (_signature, False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),

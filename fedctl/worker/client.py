@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError, TransportError
-from fedctl.models import ModelSpec, get_model
+from fedctl.models import ModelSpec, first_difference, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
 from fedctl.wire import SparseTensor, check_against_spec, densify, pack_sparse, unpack_sparse
@@ -72,6 +72,9 @@ class WorkerConfig:
     backend: str
     num_examples: int
     model: str | None = None
+    spec: ModelSpec | None = None
+    """The model of this worker's task (``fedctl join --task``): sent with ``join`` so the broker names the first
+    difference from its own, and checked against the broker's. None: a built-in model, looked up by name."""
     connect_timeout_s: float = 60.0
     max_backoff_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -98,15 +101,17 @@ class WorkerConfig:
             check_z85_key(self.server_key, "--server-key")
 
 
-def check_spec(announced: dict[str, Any]) -> ModelSpec:
-    """The local spec of the model the broker announced; ModelMismatch when they disagree."""
-    spec = get_model(str(announced.get("name")))
-    local = {p.name: list(p.shape) for p in spec.params}
-    remote = {p["name"]: list(p["shape"]) for p in announced.get("params", [])}
-    if local != remote:
-        diff = sorted(n for n in set(local) | set(remote) if local.get(n) != remote.get(n))
-        raise ModelMismatch(f"the broker's model {spec.name!r} differs from this worker's at {diff[:3]}",
-                            "run the same fedctl version on the broker and the workers")
+def check_spec(announced: dict[str, Any], local: ModelSpec | None = None) -> ModelSpec:
+    """This worker's spec of the model the broker announced (``local``: its task's; else the built-in model of
+    that name); ModelMismatch naming the first difference when they disagree."""
+    spec = local if local is not None else get_model(str(announced.get("name")))
+    theirs = [[p.get("name"), list(p.get("shape", [])), p.get("dtype", "float32")]
+              for p in announced.get("params", []) if isinstance(p, dict)]
+    diff = first_difference(spec.signature(), theirs, "worker", "broker")
+    if diff is not None:
+        raise ModelMismatch(f"the broker's model {announced.get('name')!r} differs from this worker's "
+                            f"{spec.name!r}: {diff}",
+                            "run the same task (or built-in model) and fedctl version on the broker and the workers")
     return spec
 
 
@@ -141,7 +146,8 @@ class Worker:
     async def _send_join(self, conn: Connection) -> asyncio.Future[Message]:
         return await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
                                   num_examples=self.config.num_examples, model=self.config.model,
-                                  host=socket.gethostname())
+                                  host=socket.gethostname(),
+                                  params=None if self.config.spec is None else self.config.spec.signature())
 
     async def _join(self, conn: Connection) -> None:
         """Join with capped, jittered exponential backoff until welcomed or ``connect_timeout_s`` passes.
@@ -174,7 +180,7 @@ class Worker:
         if reply.type == C.ERROR:
             raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
         self.run = dict(reply["run"])
-        spec = self.spec = check_spec(self.run["model"])
+        spec = self.spec = check_spec(self.run["model"], self.config.spec)
         self.state = self.state.for_run(str(self.run["run_id"]))
         log.info("joined run %s as %s: model %s, strategy %s, %d rounds", self.run["run_id"], reply["worker"],
                  spec.name, self.run["strategy"], self.run["rounds"])

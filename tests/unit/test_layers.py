@@ -86,13 +86,15 @@ def test_the_walk_sees_the_packages() -> None:
     ("fedctl.models", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
     ("fedctl.worker", ("fedctl.broker", "fedctl.cli")),
     ("fedctl.testing", ("zmq", "torch", "mxnet", "fedctl.broker", "fedctl.cli")),
+    ("fedctl.tasks", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
 ])
 def test_layer_imports(package: str, banned: tuple[str, ...]) -> None:
     assert violations(package, banned) == {}
 
 
 def test_only_the_adapters_import_a_framework() -> None:
-    allowed = {"fedctl.worker.frameworks.torch", "fedctl.worker.frameworks.mxnet"}
+    allowed = {"fedctl.worker.frameworks.torch", "fedctl.worker.frameworks.torch_task",
+               "fedctl.worker.frameworks.mxnet"}
     offenders = {m: hits(i, ("torch", "mxnet")) for m, i in all_imports().items() if m not in allowed}
     assert {m: b for m, b in offenders.items() if b} == {}
 

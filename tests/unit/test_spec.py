@@ -114,6 +114,12 @@ def probes(rule: str) -> tuple[list[Any], list[Any]]:
     if m := re.match(r"int (\d+)\.\.2\^(\d+)", rule):
         lo, hi = int(m.group(1)), 2 ** int(m.group(2))
         return [lo, hi], [lo - 1, hi + 1, True]
+    if m := re.match(r"list of ≤ (\d+) \[name, shape, dtype\]", rule):
+        n = int(m.group(1))
+        entry = ["fc.weight", [2, 3], "float32"]
+        return [[entry], [entry] * n, [["b", [], "bfloat16"]]], [
+            [], [entry] * (n + 1), [["a", [2], "float32", 1]], [["a", [-1], "float32"]], [[1, [2], "float32"]],
+            [["a", [2] * 9, "float32"]], [["a", [2], "x" * 17]], "x", [("a", [2], "float32")]]
     if rule.startswith("map of ≤"):
         n = int(re.match(r"map of ≤ (\d+)", rule).group(1))  # type: ignore[union-attr]
         return [{}, {f"m{i}": 0.5 for i in range(n)}, {"a": 1}], [{f"m{i}": 0.5 for i in range(n + 1)},

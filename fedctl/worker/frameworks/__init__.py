@@ -51,12 +51,15 @@ BACKENDS: dict[str, Backend] = {
         "fedctl.worker.frameworks.mxnet:MXNetTrainer", "mxnet", "pip install 'fedctl[mxnet]' (needs numpy<1.24)"
     ),
 }
+_TASK_ADAPTERS = {"torch_task": Backend("fedctl.worker.frameworks.torch_task:TorchTaskTrainer", "torch",
+                                        "pip install 'fedctl[torch]'")}
+"""Adapters for user tasks (docs/tasks.md), looked up like backends but not chosen with --backend."""
 _PREFERENCE = ("torch", "mxnet")
 
 
 def _lookup(backend: str) -> Backend:
     try:
-        return BACKENDS[backend]
+        return BACKENDS[backend] if backend in BACKENDS else _TASK_ADAPTERS[backend]
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
         raise ConfigError(f"unknown backend {backend!r}", f"choose one of: {known}") from None
@@ -112,6 +115,7 @@ def create_trainer(
     y: np.ndarray,
     device: str = "cpu",
     threads: int | ThreadBudget | None = None,
+    task: Any = None,
 ) -> Trainer:
     """Build the trainer of ``backend`` for one model and one local dataset.
 
@@ -138,8 +142,15 @@ def create_trainer(
     BackendUnavailable
         The framework is not installed or the requested GPU does not exist.
     """
-    cls = load_trainer_class(backend)
-    trainer: Trainer = cls(spec, x, y, device=device, threads=threads)
+    if task is not None and not task.is_builtin:  # a user task (fedctl.tasks.Task): its own module and loss
+        if backend != "torch":
+            raise ConfigError(f"task {task.name} is a PyTorch task; --backend {backend} cannot train it",
+                              "pass --backend torch (MXNet Gluon tasks are not supported yet)")
+        cls = load_trainer_class("torch_task")
+        trainer: Trainer = cls(spec, x, y, device=device, threads=threads, task=task)
+    else:
+        cls = load_trainer_class(backend)
+        trainer = cls(spec, x, y, device=device, threads=threads)
     logger.debug("created %s trainer for %s on %s (%d examples)", backend, spec.name, device, len(y))
     return trainer
 
