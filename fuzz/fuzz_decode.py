@@ -204,6 +204,9 @@ def _messages(tensors: dict[str, Any]) -> Iterator[tuple[int, list[bytes]]]:
     yield b2w, encode(make(C.MODEL, 15, re=2, round=1, version=0, task={"epochs": 1}, chunks=4))
     yield b2w, encode(make(C.CHUNK, 16, slices=piece, xfer=15, index=1))
     yield b2w, encode(make(C.CREDIT, 17, xfer=12, received=0))
+    # Federated evaluation (§7.2).
+    yield b2w, encode(make(C.EVALUATE, 18, re=2, tensors=small, round=2, version=2, base=1))
+    yield w2b, encode(make(C.EVALUATION, 19, version=2, num_examples=50, metrics={"accuracy": 0.75, "loss": 0.5}))
 
 
 def _zlib_frames() -> Iterator[bytes]:
