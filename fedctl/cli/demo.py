@@ -19,6 +19,7 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
 from fedctl.cli.common import make_evaluator
+from fedctl.cli.options import fed_eval_options
 from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import load_shard
@@ -30,10 +31,12 @@ from fedctl.tasks import Task
 from fedctl.worker.frameworks import BACKENDS, available_backends
 
 console = Console(stderr=False)
+DEMO_HOLDOUT = 0.1
+"""With --fed-eval-every, each worker keeps this fraction of its shard for federated evaluation (join --holdout)."""
 
 
 def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[str],
-                   task: Task) -> list[subprocess.Popen]:
+                   task: Task, holdout: float = 0.0) -> list[subprocess.Popen]:
     procs = []
     shards = sorted(p.stem for p in data_dir.glob("shard*.npz"))
     for i, shard in enumerate(sorted(shards, key=lambda s: int(s[5:]))):
@@ -42,7 +45,8 @@ def _spawn_workers(endpoint: str, data_dir: Path, log_dir: Path, backends: list[
         cmd = [sys.executable, "-m", "fedctl", "join", "--connect", endpoint, "--data", shard, "--data-dir",
                str(data_dir), "--backend", backend, "--worker-id", f"demo-{i}-{backend}",
                "--connect-timeout", "30", *([] if task.is_builtin else ["--task", str(Path(task.ref).resolve())
-                                                                           if task.ref.endswith(".py") else task.ref])]
+                                                                           if task.ref.endswith(".py") else task.ref]),
+               *(["--holdout", f"{holdout:g}"] if holdout else [])]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
     return procs
 
@@ -65,11 +69,14 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
             progress.console.print(
                 f"round {rec['round']:>3}  accuracy {rec['test_accuracy']:.4f}  loss {rec['test_loss']:.4f}  "
                 f"{rec['participants']} workers  up {rec['bytes_in'] / 1e6:.1f} MB  "
-                f"down {rec['bytes_out'] / 1e6:.1f} MB  {rec['duration_s']:.2f} s")
+                f"down {rec['bytes_out'] / 1e6:.1f} MB  {rec['duration_s']:.2f} s"
+                + (f"  fed-eval accuracy {rec['fed_eval_accuracy']:.4f} on {rec['fed_eval_examples']} held out"
+                   if rec.get("fed_eval_accuracy") is not None else ""))
             progress.update(bar, advance=1, status=f"accuracy {rec['test_accuracy']:.4f}")
 
         broker = Broker(config, evaluator, on_round=on_round, model=model)
-        procs = _spawn_workers(broker.endpoint, data_dir, log_dir, backends, task)
+        procs = _spawn_workers(broker.endpoint, data_dir, log_dir, backends, task,
+                               DEMO_HOLDOUT if config.fed_eval_every else 0.0)
         return await broker.run(), procs
 
 
@@ -91,8 +98,10 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where data, logs and the run state go [default: runs/demo-TIMESTAMP].")
 @task_option
+@fed_eval_options
 def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, batch_size: int, lr: float,
-             backends: str, out: Path | None, task_ref: str | None) -> None:
+             backends: str, out: Path | None, task_ref: str | None, fed_eval_every: int = 0,
+             fed_eval_fraction: float = 1.0) -> None:
     """Run a complete federation on this machine: partition the bundled MNIST sample, start a broker and
     WORKERS worker processes over TCP loopback, train, and print accuracy per round and a summary."""
     if logging.getLogger().level > logging.DEBUG:  # the progress display replaces the broker's round log
@@ -107,7 +116,8 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
     # Every input is checked before the first file is written.
     config = BrokerConfig(bind="tcp://127.0.0.1:*", model=model, strategy=strategy, rounds=rounds,
                           task=TaskConfig(epochs, batch_size, lr), sync=SyncConfig(1.0, workers, 60.0),
-                          state_dir=out / "state", done_linger_s=5.0)
+                          state_dir=out / "state", done_linger_s=5.0, fed_eval_every=fed_eval_every,
+                          fed_eval_fraction=fed_eval_fraction)
     check_writable_dir(out, "--out")
     data_dir, log_dir = out / "data", out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -112,9 +112,13 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
               help="How many times slower the --slow-fraction workers are.")
 @click.option("--delay", "delay_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Emulated device seconds added to every update (before the slowdown factor).")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Fraction of each shard kept out of training, on which the workers evaluate the model for "
+                   "--fed-eval-every [default: 0.1 with --fed-eval-every, else 0].")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
                  shards_per_client: int | None, workers: int | None, backend: str, parallel: int, transport: str,
-                 slow_fraction: float, slowdown: float, delay_s: float, task_ref: str | None, **run: Any) -> None:
+                 slow_fraction: float, slowdown: float, delay_s: float, holdout: float | None, task_ref: str | None,
+                 **run: Any) -> None:
     """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
     `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
     quiet_workers()
@@ -134,7 +138,8 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
         raise ConfigError(f"--workers {workers} is more than the {shards} shards of {data}",
                           f"pass --workers {shards} or fewer, or a partition with more clients")
     sim = SimConfig(data, workers, resolve_backend(backend), parallel=parallel, transport=transport,
-                    slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay_s)
+                    slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay_s,
+                    holdout=holdout if holdout is not None else (0.1 if config.fed_eval_every else 0.0))
     try:
         with removed_if_empty_on_error(config.state_dir):
             summary, wall = run_with_progress(config, sim, backend, f"{config.model} {config.strategy}",

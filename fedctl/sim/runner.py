@@ -22,11 +22,11 @@ import zmq.asyncio
 
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.service import Broker, Evaluator
-from fedctl.data.shards import Shard, list_shards, load_shard
+from fedctl.data.shards import Shard, list_shards, load_shard, with_holdout
 from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
 from fedctl.tasks import Task
-from fedctl.worker.client import Worker, WorkerConfig
+from fedctl.worker.client import EvaluatorFactory, Worker, WorkerConfig, trainer_evaluator
 from fedctl.worker.frameworks import create_trainer
 from fedctl.worker.frameworks.base import Params, Trainer
 
@@ -51,6 +51,9 @@ class SimConfig:
     slowdown: float = 1.0
     delay_s: float = 0.0
     """Emulated device time added to every update of every worker (seconds, before the slowdown factor)."""
+    holdout: float = 0.0
+    """Fraction of each shard held out of training, on which the worker evaluates the model when the broker asks
+    (federated evaluation, ``--fed-eval-every``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.slow_fraction <= 1.0:
@@ -59,6 +62,8 @@ class SimConfig:
             raise ConfigError("--slowdown must be >= 1 and --delay >= 0")
         if self.parallel < 1:
             raise ConfigError(f"--parallel must be at least 1, got {self.parallel}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.transport not in ("tcp", "inproc"):
             raise ConfigError(f"unknown transport {self.transport!r}", "use tcp or inproc")
 
@@ -72,6 +77,15 @@ def _trainer_factory(shard: Shard, backend: str, device: str, task: Task | None)
     return lambda spec: create_trainer(backend, spec, shard.x, shard.y, device=device, threads=1, task=task)
 
 
+def _evaluator_factory(shard: Shard, backend: str, device: str, task: Task | None) -> EvaluatorFactory | None:
+    """Federated evaluation on the shard's held-out examples, if it has any."""
+    if shard.holdout_x is None or shard.holdout_y is None or not len(shard.holdout_y):
+        return None
+    hx, hy = shard.holdout_x, shard.holdout_y
+    return trainer_evaluator(lambda spec: create_trainer(backend, spec, hx, hy, device=device, threads=1, task=task),
+                             len(hy))
+
+
 def load_shards(sim: SimConfig) -> list[Shard]:
     names = list_shards(sim.data_dir)
     if sim.workers is not None:
@@ -79,7 +93,7 @@ def load_shards(sim: SimConfig) -> list[Shard]:
             raise ConfigError(f"{sim.data_dir} holds {len(names)} shards, {sim.workers} workers were asked for",
                               "partition into more clients or ask for fewer workers")
         names = names[: sim.workers]
-    return [load_shard(sim.data_dir, name) for name in names]
+    return [with_holdout(load_shard(sim.data_dir, name), sim.holdout, seed=0) for name in names]
 
 
 async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evaluator | None = None,
@@ -105,7 +119,8 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
                                        connect_timeout_s=120.0, slowdown=sim.slowdown if i < slow else 1.0,
                                        delay_s=sim.delay_s, spec=None if model is None else model[0]),
-                          _trainer_factory(shard, sim.backend, sim.device, task), ctx=ctx)
+                          _trainer_factory(shard, sim.backend, sim.device, task), ctx=ctx,
+                          evaluator=_evaluator_factory(shard, sim.backend, sim.device, task))
                    for i, shard in enumerate(shards)]
         log.info("simulating %d workers (%s) against %s", len(workers), sim.backend, broker.endpoint)
         async with asyncio.TaskGroup() as tg:
