@@ -87,8 +87,9 @@ def _first_bad_cell(name: str, values: Sequence[str]) -> str:
 def _check_label_column(path: Path, header: list[str], label_column: str) -> None:
     if label_column not in header:
         shown = ", ".join(header[:12]) + (f", … ({len(header)} in all)" if len(header) > 12 else "")
-        raise DataError(f"{path} has no label column {label_column!r} (its columns: {shown})",
-                        fix="name the label column with --label-column NAME")
+        fix = ("rename the label column to 'label', or name it with `fedctl partition --label-column NAME`"
+               if label_column == "label" else "pass --label-column one of its columns")
+        raise DataError(f"{path} has no label column {label_column!r} (its columns: {shown})", fix=fix)
 
 
 def _read_parquet(path: Path, label_column: str) -> tuple[list[str], list[Any], dict[str, np.ndarray]]:
@@ -140,8 +141,8 @@ def encode_labels(values: Sequence[Any], column: str, source: str) -> tuple[np.n
     fractional = next((v for v in numbers if not (math.isfinite(v) and v == int(v))), None)
     if fractional is not None:
         raise DataError(f"{source}: the label column {column!r} holds numbers that are not class ids (e.g. "
-                        f"{fractional:g}); fedctl trains classifiers", fix="pass the column of class ids or names "
-                        "with --label-column NAME")
+                        f"{fractional:g}); fedctl trains classifiers", fix="label the rows with class ids or names "
+                        "(a column of whole numbers or of words)")
     ids = np.array([int(v) for v in numbers], dtype=np.int64)
     if ids.size and int(ids.min()) < 0:
         return _map_sorted([int(v) for v in ids], column, source)

@@ -155,6 +155,38 @@ MISTAKES = [
       "model-3.npz is not a .npz archive", "pass a fresh --state-dir", absent=("pickle",)),
     m("simulate-resume-another-model", "simulate --data-dir {part} --rounds 1 --state-dir {other_run}", CONFIG,
       "holds a run of model 'lenet5'", "--model and --strategy"),
+    # A data holder's own dataset ({bad}: see the bad_inputs fixture) and the partition schemes.
+    m("partition-input-no-label-column", "partition --input {bad}/no-label.csv --iid --clients 2 --out {tmp}/out",
+      DATA, "has no label column 'label' (its columns: age, weight, target)", "--label-column NAME"),
+    m("partition-input-empty", "partition --input {bad}/empty.csv --iid --clients 2 --out {tmp}/out", DATA,
+      "{bad}/empty.csv holds no examples"),
+    m("partition-input-not-numeric", "partition --input {bad}/words.csv --iid --clients 2 --out {tmp}/out", DATA,
+      "feature columns are not numeric: city ('Paris' in row 1)"),
+    m("partition-input-unreadable-images", "partition --input {bad}/images --iid --clients 2 --out {tmp}/out", DATA,
+      "none of the 2 image files under {bad}/images could be read", "PNG or JPEG"),
+    m("partition-input-unknown-format", "partition --input {bad}/data.xlsx --iid --clients 2 --out {tmp}/out", DATA,
+      "unknown dataset format '.xlsx'", "CSV or Parquet"),
+    m("partition-input-missing", "partition --input {tmp}/nowhere.csv --iid --clients 2 --out {tmp}/out", DATA,
+      "{tmp}/nowhere.csv does not exist"),
+    m("partition-input-with-source-dir", "partition --input {bad}/empty.csv --source-dir {tmp} --iid --out {tmp}/out",
+      CONFIG, "--source-dir, which is for a registered dataset", "drop --source-dir"),
+    m("partition-test-fraction-without-input", "partition --dataset mnist-sample --iid --test-fraction 0.2 "
+      "--out {tmp}/out", CONFIG, "--test-fraction only applies to --input", "--input PATH"),
+    m("partition-dirichlet-zero", "partition --dataset mnist-sample --dirichlet 0 --out {tmp}/out", USAGE,
+      "--dirichlet", "0.0 is not in the range x>0"),
+    m("partition-dirichlet-not-a-number", "partition --dataset mnist-sample --dirichlet half --out {tmp}/out", USAGE,
+      "--dirichlet", "'half' is not a valid float"),
+    m("partition-two-skews", "partition --dataset mnist-sample --dirichlet 0.5 --quantity-skew 0.5 --out {tmp}/out",
+      CONFIG, "both --dirichlet and --quantity-skew were given", "--quantity-skew BETA"),
+    m("partition-image-size-bad", "partition --input {bad}/images --image-size 32 --iid --out {tmp}/out", USAGE,
+      "--image-size", "'32' is not HEIGHTxWIDTH"),
+    m("join-input-no-label-column", "join --data {bad}/no-label.csv", DATA, "has no label column 'label'",
+      "rename the label column to 'label'"),
+    m("join-input-empty", "join --data {bad}/empty.csv", DATA, "holds no examples"),
+    m("join-input-missing", "join --data {tmp}/nowhere.csv", CONFIG, "no such file or folder",
+      "pass the path of an existing dataset"),
+    m("join-holdout-one", "join --data shard0 --data-dir {part} --holdout 1", USAGE, "--holdout",
+      "1.0 is not in the range 0<=x<1"),
 ]
 
 
@@ -185,6 +217,21 @@ def damaged_partition(partition_dir: Path, tmp_path_factory: pytest.TempPathFact
             entry["sha256"] = hashlib.sha256(contents[entry["name"]]).hexdigest()
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Datasets a data holder may pass by mistake: a CSV without the label column, one with only a header, one
+    with words among the features, an image folder whose images cannot be decoded, a spreadsheet."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "no-label.csv").write_text("age,weight,target\n30,70,0\n40,80,1\n")
+    (root / "empty.csv").write_text("age,label\n")
+    (root / "words.csv").write_text("age,city,label\n30,Paris,0\n")
+    (root / "images" / "cat").mkdir(parents=True)
+    for k in range(2):
+        (root / "images" / "cat" / f"{k}.png").write_bytes(b"not a png")
+    (root / "data.xlsx").write_bytes(b"PK\x03\x04")
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -220,11 +267,13 @@ def output_lines(run: subprocess.CompletedProcess[str]) -> list[str]:
 @pytest.mark.parametrize("mistake", MISTAKES, ids=[c.name for c in MISTAKES])
 def test_mistake_is_one_line_and_writes_nothing(mistake: Mistake, tmp_path: Path, partition_dir: Path,
                                                 damaged_partition: Path, busy_endpoint: str,
-                                                keys: tuple[Path, Path], old_runs: tuple[Path, Path]) -> None:
+                                                keys: tuple[Path, Path], old_runs: tuple[Path, Path],
+                                                bad_inputs: Path) -> None:
     (tmp_path / "a-file").write_text("a file where a directory is expected\n")
     names = {"tmp": str(tmp_path), "file": str(tmp_path / "a-file"), "part": str(partition_dir),
              "damaged": str(damaged_partition), "busy": busy_endpoint, "keys": str(keys[0]),
-             "badkeys": str(keys[1]), "damaged_run": str(old_runs[0]), "other_run": str(old_runs[1])}
+             "badkeys": str(keys[1]), "damaged_run": str(old_runs[0]), "other_run": str(old_runs[1]),
+             "bad": str(bad_inputs)}
     args = [arg.format(**names) for arg in mistake.args]
     before = tree(tmp_path)
     run = subprocess.run([sys.executable, "-m", "fedctl", *args], cwd=tmp_path,

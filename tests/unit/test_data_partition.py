@@ -1,15 +1,17 @@
-"""Partitioners (IID, label shards) as pure functions, and write_partition's output directory."""
+"""Partitioners (IID, label shards, Dirichlet label skew, quantity skew) as pure functions, and write_partition's
+output directory."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedctl.data.datasets import load_dataset
-from fedctl.data.partition import by_label_shards, iid, write_partition
+from fedctl.data.partition import by_label_shards, dirichlet_label_skew, iid, quantity_skew, write_partition
 from fedctl.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,3 +143,97 @@ def test_full_mnist_is_fast(tmp_path: Path) -> None:
     assert {s["num_examples"] for s in manifest["shards"]} == {600}
     assert sum(sum(1 for n in s["label_histogram"] if n) <= 2 for s in manifest["shards"]) >= 75
     assert elapsed < 15, f"partitioning full MNIST took {elapsed:.1f} s"
+
+
+def _label_distance(labels: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label distribution and the whole dataset's."""
+    classes = int(labels.max()) + 1
+    overall = np.bincount(labels, minlength=classes) / len(labels)
+    return float(np.mean([0.5 * np.abs(np.bincount(labels[p], minlength=classes) / len(p) - overall).sum()
+                          for p in parts]))
+
+
+BALANCED = np.repeat(np.arange(10), 1000)  # 10 classes x 1000 examples
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.1, 0.5, 1.0, 100.0])
+@pytest.mark.parametrize("clients", [10, 100])
+def test_dirichlet_covers_every_example_once_and_no_client_is_empty(alpha: float, clients: int) -> None:
+    parts = dirichlet_label_skew(BALANCED, clients, alpha, np.random.default_rng(0))
+    assert len(parts) == clients and min(len(p) for p in parts) >= 1
+    _assert_disjoint_cover(parts, len(BALANCED))
+    assert all(p.dtype == np.int64 and np.all(np.diff(p) > 0) for p in parts)
+
+
+def test_dirichlet_skew_shrinks_as_alpha_grows() -> None:
+    iid_distance = _label_distance(BALANCED, iid(len(BALANCED), 10, np.random.default_rng(0)))
+    distance = {alpha: np.mean([_label_distance(BALANCED, dirichlet_label_skew(BALANCED, 10, alpha,
+                                                                              np.random.default_rng(seed)))
+                                for seed in range(5)])
+                for alpha in (0.1, 1.0, 1000.0)}
+    assert distance[0.1] > 0.6  # most clients see a few classes
+    assert distance[0.1] > distance[1.0] > distance[1000.0]
+    assert iid_distance < 0.05 and distance[1000.0] < 0.05  # large alpha: as IID as an IID split
+    sizes = [len(p) for p in dirichlet_label_skew(BALANCED, 10, 1000.0, np.random.default_rng(0))]
+    assert 900 < min(sizes) and max(sizes) < 1100
+
+
+def test_dirichlet_tiny_alpha_many_clients_fills_empty_ones(caplog: pytest.LogCaptureFixture) -> None:
+    labels = np.repeat(np.arange(3), 10)  # 30 examples, 3 classes, 25 clients: most draw nothing
+    parts = dirichlet_label_skew(labels, 25, 0.01, np.random.default_rng(2))
+    assert min(len(p) for p in parts) == 1
+    _assert_disjoint_cover(parts, 30)
+    assert "clients drew no example" in caplog.text
+
+
+def test_dirichlet_seeded_and_on_unsorted_labels() -> None:
+    labels = np.random.default_rng(5).integers(0, 7, 2001)
+    a = dirichlet_label_skew(labels, 13, 0.3, np.random.default_rng(9))
+    b = dirichlet_label_skew(labels, 13, 0.3, np.random.default_rng(9))
+    c = dirichlet_label_skew(labels, 13, 0.3, np.random.default_rng(10))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    _assert_disjoint_cover(a, 2001)
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda: dirichlet_label_skew(BALANCED, 10, 0.0, np.random.default_rng(0)), "--dirichlet must be a positive"),
+    (lambda: dirichlet_label_skew(BALANCED, 10, float("nan"), np.random.default_rng(0)), "--dirichlet"),
+    (lambda: quantity_skew(100, 10, -1.0, np.random.default_rng(0)), "--quantity-skew must be a positive"),
+    (lambda: dirichlet_label_skew(np.zeros(5, np.int64), 6, 1.0, np.random.default_rng(0)), "non-empty"),
+    (lambda: quantity_skew(5, 6, 1.0, np.random.default_rng(0)), "non-empty"),
+])
+def test_skew_refusals(call: Callable[[], object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        call()
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.5, 1000.0])
+def test_quantity_skew_covers_and_no_client_is_empty(beta: float) -> None:
+    parts = quantity_skew(10_000, 100, beta, np.random.default_rng(0))
+    assert len(parts) == 100 and min(len(p) for p in parts) >= 1
+    _assert_disjoint_cover(parts, 10_000)
+
+
+def test_quantity_skew_sizes_skewed_labels_iid() -> None:
+    skewed = [len(p) for p in quantity_skew(len(BALANCED), 10, 0.5, np.random.default_rng(0))]
+    even = [len(p) for p in quantity_skew(len(BALANCED), 10, 1000.0, np.random.default_rng(0))]
+    assert np.std(skewed) / np.mean(skewed) > 0.5 and max(skewed) > 10 * min(skewed)
+    assert np.std(even) / np.mean(even) < 0.05
+    parts = quantity_skew(len(BALANCED), 10, 0.5, np.random.default_rng(0))
+    large = [p for p in parts if len(p) >= 1000]
+    assert large and _label_distance(BALANCED, large) < 0.06  # labels follow the dataset's
+
+
+def test_write_partition_dirichlet_records_alpha(tmp_path: Path) -> None:
+    manifest = write_partition("mnist-sample", tmp_path, 10, "dirichlet", seed=0, alpha=0.1)
+    assert manifest["scheme"] == "dirichlet" and manifest["alpha"] == 0.1 and "beta" not in manifest
+    assert manifest["format"] == "fedctl-partition/1"
+    assert sum(s["num_examples"] for s in manifest["shards"]) == 10_000
+    assert all(s["num_examples"] >= 1 for s in manifest["shards"])
+    histograms = np.array([s["label_histogram"] for s in manifest["shards"]])
+    assert np.median((histograms > 0).sum(axis=1)) < 8  # most clients lack some digits
+    with pytest.raises(ConfigError, match="the iid scheme takes no Dirichlet alpha"):
+        write_partition("mnist-sample", tmp_path / "x", 10, "iid", alpha=0.5)
+    with pytest.raises(ConfigError, match="the quantity scheme takes no shards per client"):
+        write_partition("mnist-sample", tmp_path / "x", 10, "quantity", 2, beta=0.5)
