@@ -159,6 +159,7 @@ class ClockDriver(Driver):
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", core.store.version,
                      host.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)
+        await self.keep_best(record)
         if host.on_round is not None:
             host.on_round(record)
         return record

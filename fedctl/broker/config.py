@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,8 @@ from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
 from fedctl.strategies.base import TaskConfig
 from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+
+_METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,13 @@ class BrokerConfig:
     or 3/4 of the largest message (room for framing), whichever is smaller."""
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Tensor bytes per chunk message."""
+    best_metric: str | None = None
+    """Metrics-record field the best model (``model-best.npz``) is chosen by, dotted for a nested one; None: by
+    ``test_accuracy`` when the broker evaluates, else ``fed_eval_accuracy``; ``none``: keep no best model."""
+    best_mode: str | None = None
+    """``max`` or ``min``; None: ``min`` for a metric named like a loss, else ``max``."""
+    keep_models: int | None = 1
+    """How many of the newest checkpointed models stay in the state dir (None: all), for ``fedctl export --round``."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -86,5 +96,13 @@ class BrokerConfig:
         if not 0 < self.chunk_above <= self.max_message_bytes * 3 // 4:
             raise ConfigError(f"--chunk-above-mb ({self.chunk_above} bytes) must be positive and at most 3/4 of "
                               f"--max-message-mb ({self.max_message_bytes} bytes)", "lower --chunk-above-mb")
+        if self.best_metric is not None and not _METRIC_NAME.match(self.best_metric):
+            raise ConfigError(f"--best-metric {self.best_metric!r} is not a metrics field name",
+                              "pass a field of metrics.jsonl such as test_accuracy or fed_eval_loss, or none")
+        if self.best_mode not in (None, "max", "min"):
+            raise ConfigError(f"--best-mode {self.best_mode!r} is neither max nor min", "pass --best-mode max or min")
+        if self.keep_models is not None and self.keep_models < 1:
+            raise ConfigError(f"--keep-models must be at least 1 or all, got {self.keep_models}",
+                              "pass --keep-models 1 to keep only the current model")
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")

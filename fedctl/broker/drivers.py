@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Driver(ABC):
         self.host = host
         self.core = host.core
         self.started = host.now() - float(self.core.state.get("elapsed_s", 0.0))
+        self._warned_best = False
 
     @abstractmethod
     async def run(self) -> dict[str, Any]: ...
@@ -90,6 +92,46 @@ class Driver(ABC):
             self.core.state["target_reached_at"] = number
             log.info("target accuracy %.4f reached %s; ending the run", config.target_accuracy, where)
         return evaluation
+
+    def best_rule(self) -> tuple[str, str] | None:
+        """``(metric, mode)`` the best model is chosen by: ``--best-metric`` (``none``: no best model), or by default
+        ``test_accuracy`` when the broker evaluates, else ``fed_eval_accuracy`` (federated evaluation); ``--best-mode``,
+        by default ``min`` for a loss and ``max`` for anything else."""
+        config = self.host.config
+        if config.best_metric == "none":
+            return None
+        metric = config.best_metric or ("test_accuracy" if self.host.evaluator is not None else "fed_eval_accuracy")
+        return metric, config.best_mode or ("min" if "loss" in metric.rsplit(".", 1)[-1] else "max")
+
+    async def keep_best(self, record: dict[str, Any]) -> None:
+        """Save the current model as ``model-best.npz`` when ``record`` (this round's complete metrics line, for the
+        current model) improves on the best one by :meth:`best_rule`; rounds without the metric are skipped."""
+        rule = self.best_rule()
+        if rule is None:
+            return
+        metric, mode = rule
+        try:
+            value = metric_value(record, metric)
+        except KeyError:
+            if self.host.config.best_metric and not self._warned_best:  # a typo'd name, not a round left out
+                self._warned_best = True
+                log.warning("--best-metric %s is in no metrics record (they hold e.g. %s); no best model is kept",
+                            metric, ", ".join(k for k in record if k.endswith(("accuracy", "loss"))))
+            return
+        if value is None:
+            return
+        checkpointer = self.host.checkpointer
+        if not checkpointer.improves(metric, mode, value):
+            return
+        weights = self.core.store.at(record["version"])
+        if weights is None:  # never save another version's weights under this record's value
+            log.warning("the model of version %d is gone; it cannot be kept as the best", record["version"])
+            return
+        meta = {"round": record["round"], "version": record["version"], "metric": metric, "mode": mode,
+                "value": value, "run_id": self.core.state.get("run_id")}
+        # Versions are immutable (an aggregation installs new arrays), so the thread reads a stable snapshot.
+        await asyncio.to_thread(checkpointer.save_best, weights, meta)
+        log.info("best model so far: %s %s %.6g at round %d (model-best.npz)", metric, mode, value, record["round"])
 
     def record(self, updates: Sequence[Update], before: Counters, eval_started: float, evaluation: dict[str, float],
                result: AggregateResult, **extra: Any) -> dict[str, Any]:
@@ -121,6 +163,19 @@ def mean_metrics(updates: Sequence[Update]) -> dict[str, float]:
     """Mean over the updates of each metric the workers reported (loss, kept elements, time...)."""
     keys = sorted({k for u in updates for k in u.metrics})
     return {k: round(sum(float(u.metrics.get(k, 0.0)) for u in updates) / max(len(updates), 1), 6) for k in keys}
+
+
+def metric_value(record: dict[str, Any], name: str) -> float | None:
+    """The number ``name`` names in a metrics record (a dotted name reaches into a nested map, e.g.
+    ``update_metrics.train_accuracy``): None when it is null or not a finite number; KeyError when it is absent."""
+    value: Any = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(name)
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def applied_entry(u: Update) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class RoundDriver(Driver):
         log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
                  host.config.rounds, acc, len(updates), len(closed.selected), _mb(record["bytes_in"]),
                  _mb(record["bytes_out"]), record["duration_s"])
+        await self.keep_best(record)
         if host.on_round is not None:
             host.on_round(record)
         return record

@@ -94,7 +94,7 @@ class Broker:
         check_writable_dir(config.state_dir, "--state-dir")  # creates nothing: a refused start leaves no dir
         spec = model[0] if model is not None else get_model(config.model)
         strategy = get_strategy(config.strategy, config.task)
-        self.checkpointer = Checkpointer(config.state_dir)
+        self.checkpointer = Checkpointer(config.state_dir, config.keep_models)
         store, state = self._load_or_init(spec, None if model is None else model[1])
         store.history_bytes = int(config.history_mb * 2**20)
         policy: Policy = make_policy(config.policy, config.sync, config.clock, state)

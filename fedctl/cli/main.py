@@ -13,6 +13,7 @@ from fedctl import __version__
 from fedctl.cli.bench import bench_group
 from fedctl.cli.common import setup_logging
 from fedctl.cli.demo import demo_cmd
+from fedctl.cli.export import export_cmd
 from fedctl.cli.join import join_cmd
 from fedctl.cli.keygen import keygen_cmd
 from fedctl.cli.partition import partition_cmd
@@ -33,6 +34,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 for command in (serve_cmd, join_cmd, keygen_cmd, partition_cmd, demo_cmd, simulate_cmd, strategies_cmd, bench_group):
     cli.add_command(command)
+cli.add_command(export_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

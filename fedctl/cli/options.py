@@ -71,11 +71,28 @@ RUN_OPTIONS = [
     click.option("--target-accuracy", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="End the run once the evaluated test accuracy reaches this."),
     *FED_EVAL_OPTIONS,
+    click.option("--best-metric", default=None, metavar="NAME|none",
+                 help="Keep the best model (model-best.npz, `fedctl export --best`) by this metrics.jsonl field "
+                      "[default: test_accuracy when the broker evaluates, else fed_eval_accuracy]."),
+    click.option("--best-mode", type=click.Choice(["max", "min"]), default=None,
+                 help="Whether a larger or a smaller --best-metric is better [default: min for a loss, else max]."),
+    click.option("--keep-models", default="1", show_default=True, metavar="N|all",
+                 callback=lambda ctx, param, value: _count_or_all(value),
+                 help="Keep the models of the last N checkpoints (or all) for `fedctl export --round`."),
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
             "lr_decay", "strategy_options", "policy", "max_staleness",
             "staleness_exponent", "buffer", "server_lr", "history_mb", "seed", "state_dir", "eval_every",
-            "target_accuracy")
+            "target_accuracy", "best_metric", "best_mode", "keep_models")
+
+
+def _count_or_all(value: str) -> int | None:
+    """``--keep-models``: a count >= 1, or None for ``all``."""
+    if value.strip().lower() == "all":
+        return None
+    if value.strip().isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is neither a count >= 1 nor all")
 
 
 def run_options(f: F) -> F:
@@ -116,6 +133,7 @@ def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
                           clock=ClockConfig(max_staleness=o["max_staleness"],
                                             staleness_exponent=o["staleness_exponent"], buffer=o["buffer"],
                                             server_lr=o["server_lr"]),
+                          best_metric=o["best_metric"], best_mode=o["best_mode"], keep_models=o["keep_models"],
                           **extra)
     get_strategy(config.strategy, config.task)  # checks the --opt values now, before any file or socket is made
     return config

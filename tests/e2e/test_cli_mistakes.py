@@ -187,6 +187,22 @@ MISTAKES = [
       "pass the path of an existing dataset"),
     m("join-holdout-one", "join --data shard0 --data-dir {part} --holdout 1", USAGE, "--holdout",
       "1.0 is not in the range 0<=x<1"),
+    # Getting the model out: every refusal comes before the model is read, so no output file is started.
+    m("export-no-checkpoint", "export --state-dir {tmp}/nowhere --format npz", CONFIG,
+      "{tmp}/nowhere holds no checkpoint", "pass the --state-dir of a run"),
+    m("export-round-not-kept", "export --state-dir {damaged_run} --round 1 --format npz", CONFIG,
+      "round 1 is not kept", "round(s) 3", "--keep-models"),
+    m("export-no-best-model", "export --state-dir {damaged_run} --best --format npz", CONFIG,
+      "holds no best model", "--best-metric", "without --best"),
+    m("export-round-and-best", "export --state-dir {damaged_run} --round 3 --best", CONFIG,
+      "both --round 3 and --best", "pass one of them"),
+    m("export-unknown-format", "export --state-dir {damaged_run} --format onnx", USAGE, "--format", "'onnx'"),
+    m("export-out-suffix-of-another-format", "export --state-dir {damaged_run} --format pt --out {tmp}/m.npz",
+      CONFIG, "--out {tmp}/m.npz has the suffix of --format npz", "--format npz"),
+    m("export-out-unwritable", "export --state-dir {damaged_run} --format npz --out {file}/m.npz", CONFIG,
+      "--out {file}/m.npz cannot be written", "not a directory"),
+    m("export-damaged-model", "export --state-dir {damaged_run} --format npz --out {tmp}/m.npz", CONFIG,
+      "model-3.npz is not a .npz archive", absent=("pickle",)),
 ]
 
 

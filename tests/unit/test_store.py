@@ -147,3 +147,101 @@ def test_the_journal_lists_each_applied_update_once(tmp_path: Path) -> None:
         cp.save(store, {"round": r}, applied=[{"round": r, "worker": w, "seq": r - 1} for w in ("a", "b")])
     entries = Checkpointer(tmp_path).read_journal()
     assert [(e["version"], e["worker"]) for e in entries] == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
+
+
+# ---------------------------------------------------------------------------------------------- kept and best models
+def _rounds(cp: Checkpointer, n: int) -> ParameterStore:
+    store = ParameterStore({"w": np.zeros(2, np.float32)})
+    for r in range(1, n + 1):
+        store.replace({"w": np.full(2, float(r))})
+        cp.save(store, {"round": r})
+    return store
+
+
+def _model_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.glob("model-*.npz"))
+
+
+@pytest.mark.parametrize("keep, files", [(1, ["model-5.npz"]), (2, ["model-4.npz", "model-5.npz"]),
+                                         (None, [f"model-{v}.npz" for v in range(1, 6)])])
+def test_keep_models_keeps_the_newest_checkpoints(tmp_path: Path, keep: int | None, files: list[str]) -> None:
+    cp = Checkpointer(tmp_path, keep_models=keep)
+    _rounds(cp, 5)
+    assert _model_files(tmp_path) == files
+    assert cp.kept_versions() == [int(f[6:-4]) for f in files]
+    assert cp.load_version(5)["w"].tolist() == [5.0, 5.0]
+    if keep is None:
+        assert cp.load_version(2)["w"].tolist() == [2.0, 2.0]
+
+
+def test_pruning_leaves_the_best_model_and_drops_uncommitted_versions(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path, keep_models=None)
+    store = _rounds(cp, 2)
+    cp.save_best(store.weights, {"round": 2, "version": 2, "metric": "test_accuracy", "mode": "max", "value": 0.5})
+    # Version 4 was written just before a crash; the resumed run commits version 3.
+    atomic_write(tmp_path / "model-4.npz", lambda fh: np.savez(fh, w=np.zeros(2)))
+    store.replace({"w": np.full(2, 3.0)})
+    cp.save(store, {"round": 3})
+    assert _model_files(tmp_path) == ["model-1.npz", "model-2.npz", "model-3.npz", "model-best.npz"]
+    assert cp.kept_versions() == [1, 2, 3]
+
+
+def test_kept_versions_ignore_a_model_file_beyond_the_commit(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    _rounds(cp, 1)
+    atomic_write(tmp_path / "model-2.npz", lambda fh: np.savez(fh, w=np.zeros(2)))  # not committed
+    assert cp.kept_versions() == [1]
+
+
+def test_keep_models_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Checkpointer(tmp_path, keep_models=0)
+
+
+BEST = {"round": 3, "version": 3, "metric": "test_accuracy", "mode": "max", "value": 0.75, "run_id": "r"}
+
+
+def test_best_model_round_trip_and_mirror(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    assert cp.best() is None
+    w = weights()
+    cp.save_best(w, BEST)
+    assert cp.best() == BEST
+    assert json.loads((tmp_path / "best.json").read_text()) == BEST
+    got, meta = Checkpointer(tmp_path).load_best()
+    assert meta == BEST and list(got) == list(w)
+    assert all(got[k].tobytes() == w[k].tobytes() for k in w)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "model-best.npz"]
+
+
+def test_improves_compares_with_the_kept_best(tmp_path: Path) -> None:
+    cp = Checkpointer(tmp_path)
+    assert cp.improves("test_accuracy", "max", 0.1)  # nothing kept yet
+    cp.save_best({"w": np.zeros(1, np.float32)}, BEST)
+    again = Checkpointer(tmp_path)  # a restarted broker reads the kept best once
+    assert again.improves("test_accuracy", "max", 0.76)
+    assert not again.improves("test_accuracy", "max", 0.75)  # a tie keeps the earlier round
+    assert not again.improves("test_accuracy", "max", 0.5)
+    assert again.improves("test_loss", "min", 9.0)  # another metric's value is not comparable: replaced
+    again.save_best({"w": np.zeros(1, np.float32)}, {**BEST, "metric": "test_loss", "mode": "min", "value": 0.3})
+    assert again.improves("test_loss", "min", 0.2) and not again.improves("test_loss", "min", 0.4)
+
+
+def test_a_damaged_best_model_is_replaced_and_refused_for_export(tmp_path: Path) -> None:
+    (tmp_path / "model-best.npz").write_bytes(b"cut short")
+    cp = Checkpointer(tmp_path)
+    assert cp.improves("test_accuracy", "max", 0.0)
+    with pytest.raises(ConfigError) as e:
+        cp.load_best()
+    assert "model-best.npz is not a .npz archive" in e.value.message
+
+
+def test_read_state_names_a_missing_checkpoint_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        Checkpointer(tmp_path / "none").read_state()
+    assert "holds no checkpoint" in e.value.message and "--state-dir" in (e.value.fix or "")
+    cp = _saved(tmp_path)
+    with open(tmp_path / METRICS_FILE, "a") as fh:
+        fh.write('{"round": 3, "version": 3}\n')  # after the commit: load() would trim it, read_state() must not
+    assert cp.read_state()["version"] == 2
+    assert len((tmp_path / METRICS_FILE).read_text().splitlines()) == 1

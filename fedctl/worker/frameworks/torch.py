@@ -220,3 +220,18 @@ class TorchTrainer(SGDLoop):
         self.set_weights(weights)
         with torch.no_grad():
             return self._net(self._x).cpu().numpy()
+
+
+_STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64}
+
+
+def save_state_dict(fh: Any, arrays: Params, dtypes: dict[str, str]) -> None:
+    """Write ``arrays`` as a PyTorch state dict (``torch.save`` of an ordered dict of tensors by canonical name), so
+    that ``module.load_state_dict(torch.load(f))`` takes it: each tensor cast from float32 to its model dtype in
+    ``dtypes`` (``float32``, ``float16``, ``bfloat16``, ``float64``; rounded to nearest even)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, array in arrays.items():
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+        state[name] = tensor.to(_STATE_DTYPES[dtypes.get(name, "float32")])
+    torch.save(state, fh)
