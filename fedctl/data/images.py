@@ -95,7 +95,9 @@ def _report_failures(root: Path, failures: list[tuple[Path, str]], total: int, n
 
 def _stack(root: Path, images: list[np.ndarray], names: list[Path]) -> np.ndarray:
     """``[n, C, H, W]`` float32 in [0, 1]; grayscale images repeat into three channels when others are colour."""
-    sizes = {image.shape[:2]: name for image, name in zip(images, names)}
+    sizes: dict[tuple[int, ...], Path] = {}
+    for image, name in zip(images, names):
+        sizes.setdefault(image.shape[:2], name)  # the first file of each size
     if len(sizes) > 1:
         (first, a), (second, b) = list(sizes.items())[:2]
         raise DataError(f"{root}: images differ in size ({first[1]}x{first[0]} as {a}, {second[1]}x{second[0]} "

@@ -376,7 +376,7 @@ def _write_directory(out: Path, header: dict[str, Any], train: tuple[np.ndarray,
     for file in stale - {s["file"] for s in shards} - {"test.npz"}:
         (out / file).unlink(missing_ok=True)
     write_bytes_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
-    log.info("wrote %d %s shards of %s to %s", len(parts), header["scheme"], header["dataset"], out)
+    log.info("wrote %d shards (%s) of %s to %s", len(parts), header["scheme"], header["dataset"], out)
     return manifest
 
 
