@@ -282,7 +282,13 @@ class Worker:
             n = 0
         else:
             self.state.model, self.state.version = weights, version
-            metrics, n = await asyncio.to_thread(self._run_evaluation, weights)
+            try:
+                metrics, n = await asyncio.to_thread(self._run_evaluation, weights)
+            except Exception as exc:  # noqa: BLE001 - the task's own evaluation code may raise anything
+                log.warning("round %d: evaluation failed (%s: %s); answering with 0 examples", msg["round"],
+                            type(exc).__name__, exc)
+                log.debug("evaluation failed", exc_info=exc)
+                metrics, n = {}, 0
         await self.conn.send(C.EVALUATION, version=version, num_examples=n, metrics=metrics)
         self.evaluations += 1
         log.info("round %d: evaluated model version %d on %d held-out examples%s", msg["round"], version, n,

@@ -100,3 +100,27 @@ def test_a_sample_evaluates_and_centralised_evaluation_stays(fed: Any, ctx: zmq.
         assert line["test_accuracy"] is not None and line["fed_eval_accuracy"] is not None
         assert (line["fed_eval_asked"], line["fed_eval_workers"], line["fed_eval_examples"]) == (2, 2, 160)
     assert sum(len(r.seen) for r in recorders) == 4, "two workers per round"
+
+
+@pytest.mark.timeout(60)
+def test_an_evaluation_that_raises_is_answered_with_no_examples(fed: Any, ctx: zmq.asyncio.Context,
+                                                                state_dir: Path) -> None:
+    good = Recorder(100, 60)
+
+    def broken(spec: ModelSpec) -> Evaluate:
+        def evaluate(weights: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
+            raise RuntimeError("the task's metric is broken")
+        return evaluate
+
+    config = fed.broker_config(state_dir, rounds=1, sync=SyncConfig(1.0, 2, 20.0), fed_eval_every=1)
+
+    async def scenario() -> None:
+        broker = fed.start_broker(ctx, config, evaluator=None)
+        crew = [make_worker(ctx, broker.endpoint, 0, good), make_worker(ctx, broker.endpoint, 1, None)]
+        crew[1].make_evaluator = broken
+        await fed.run_federation(broker, crew)
+
+    fed.run_async(scenario())
+    [line] = fed.read_metrics(state_dir)
+    assert (line["fed_eval_asked"], line["fed_eval_workers"], line["fed_eval_examples"]) == (2, 1, 60)
+    assert line["fed_eval_accuracy"] == pytest.approx(good.seen[0][0]["accuracy"])
