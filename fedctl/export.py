@@ -119,8 +119,9 @@ def _torch_adapter() -> Any:
                                  "pip install 'fedctl[torch]', or pass --format safetensors or npz") from None
 
 
-def _write_pt(fh: BinaryIO, arrays: Params, dtypes: dict[str, str], meta: dict[str, str]) -> None:
-    _torch_adapter().save_state_dict(fh, arrays, dtypes)
+def _write_pt(fh: BinaryIO, arrays: Params, dtypes: dict[str, str], meta: dict[str, str],
+              template: Any = None) -> None:
+    _torch_adapter().save_state_dict(fh, arrays, dtypes, template)
 
 
 def _torch_ready() -> None:
@@ -206,18 +207,33 @@ def default_out(model: str, where: dict[str, Any], fmt: Format) -> Path:
     return Path(f"{model}-{tag}{where['round']}{fmt.suffix}")
 
 
+def task_template(task_ref: str, state: dict[str, Any], state_dir: Path, fmt: Format) -> Any:
+    """``--task``: check that ``state_dir`` holds a run of that task; for a user task and ``pt``, a fresh
+    ``model()``'s state dict, whose tensors the federation does not average fill in the file (else None)."""
+    task = importlib.import_module("fedctl.tasks").load_task(task_ref)
+    if task.name != state.get("model"):
+        raise ConfigError(f"{state_dir} holds a run of model {state.get('model')!r}, not of task {task.name!r}",
+                          "pass the --task (or --model) the run was started with, or no --task")
+    if task.is_builtin or fmt.name != "pt":
+        return None
+    _torch_adapter()
+    return importlib.import_module("fedctl.worker.frameworks.torch_task").build_task_module(task).state_dict()
+
+
 def export(state_dir: Path, fmt_name: str, out: Path | str | None = None,
-           choice: Choice | None = None) -> dict[str, Any]:
+           choice: Choice | None = None, task: str | None = None) -> dict[str, Any]:
     """Write the chosen model of ``state_dir`` as ``fmt_name`` to ``out`` (an existing directory, or a name ending
     in ``/``: the default name in it); returns what was written.
 
     Every check (format, its library, checkpoint, round, output directory) comes before the model is read, and
     the file is written to a temp file and renamed: a failure leaves nothing behind.
 
+    ``task``: the run's ``--task`` (see :func:`task_template`).
+
     Raises
     ------
     ConfigError
-        No checkpoint, an unknown format, a round not kept, no best model, an unwritable output.
+        No checkpoint, an unknown format, a round not kept, no best model, an unwritable output, another task.
     BackendUnavailable
         The format's library (PyTorch for ``pt``, safetensors) is not installed.
     """
@@ -235,6 +251,7 @@ def export(state_dir: Path, fmt_name: str, out: Path | str | None = None,
         path = path / default_out(model, where, fmt)
     _check_out(path)
     fmt.ready()
+    template = None if task is None else task_template(task, state, state_dir, fmt)
     if where["best"] is not None:
         arrays = ckpt.load_best()[0]
     elif choice.round is None:
@@ -245,7 +262,10 @@ def export(state_dir: Path, fmt_name: str, out: Path | str | None = None,
     meta = {"format": "pt", "fedctl.model": model, "fedctl.round": str(where["round"]),
             "fedctl.version": str(where["version"]), "fedctl.run_id": str(state.get("run_id"))}
     with removed_if_empty_on_error(path.parent):
-        atomic_write(path, lambda fh: fmt.write(fh, arrays, dtypes, meta))
+        if template is None:
+            atomic_write(path, lambda fh: fmt.write(fh, arrays, dtypes, meta))
+        else:
+            atomic_write(path, lambda fh: _write_pt(fh, arrays, dtypes, meta, template))
     return {"path": path, "format": fmt.name, "model": model, "tensors": len(arrays),
             "parameters": sum(int(a.size) for a in arrays.values()), "dtypes": sorted(set(dtypes.values())),
             "loads_with": fmt.loads_with, **where}

@@ -23,7 +23,12 @@ from fedctl.export import FORMATS, SUFFIXES, Choice, export
                    "[default: from the --out suffix, else pt].")
 @click.option("--out", type=click.Path(), default=None,
               help="The file to write (a directory: the default name in it) [default: MODEL-roundN.FORMAT here].")
-def export_cmd(state_dir: Path, round_no: int | None, best: bool, fmt: str | None, out: str | None) -> None:
+@click.option("--task", "task_ref", default=None, metavar="FILE.py|MODULE|NAME",
+              help="The run's task: checked against the state dir; with --format pt, the tensors the federation "
+                   "does not average (local buffers, num_batches_tracked) come from a fresh model(), so a strict "
+                   "load_state_dict takes the file.")
+def export_cmd(state_dir: Path, round_no: int | None, best: bool, fmt: str | None, out: str | None,
+               task_ref: str | None) -> None:
     """Write a model of a run's --state-dir as a file a framework loads as it is: the tensors keyed by the model's
     parameter names, each in its model dtype.
 
@@ -38,7 +43,7 @@ def export_cmd(state_dir: Path, round_no: int | None, best: bool, fmt: str | Non
     if suffix in SUFFIXES and SUFFIXES[suffix] != fmt:
         raise ConfigError(f"--out {out} has the suffix of --format {SUFFIXES[suffix]}, not of --format {fmt}",
                           f"pass --out with {FORMATS[fmt].suffix}, or --format {SUFFIXES[suffix]}")
-    done = export(state_dir, fmt, out, Choice(round_no, best))
+    done = export(state_dir, fmt, out, Choice(round_no, best), task_ref)
     which = (f"best model ({done['best']['metric']} {done['best']['value']:.6g})" if done["best"]
              else "model")
     click.echo(f"exported the {which} of round {done['round']} of {done['model']} ({done['tensors']} tensors, "

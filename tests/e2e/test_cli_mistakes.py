@@ -203,6 +203,8 @@ MISTAKES = [
       "--out {file}/m.npz cannot be written", "not a directory"),
     m("export-damaged-model", "export --state-dir {damaged_run} --format npz --out {tmp}/m.npz", CONFIG,
       "model-3.npz is not a .npz archive", absent=("pickle",)),
+    m("export-another-task", "export --state-dir {damaged_run} --task lenet5 --format npz --out {tmp}/m.npz", CONFIG,
+      "holds a run of model 'mlp', not of task 'lenet5'", "the --task (or --model) the run was started with"),
 ]
 
 

@@ -328,3 +328,41 @@ def test_metric_value() -> None:
 def test_config_refuses_bad_best_and_keep_settings(field: str, value: Any, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         BrokerConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------------------------------- --task
+BN_TASK = '''
+from torch import nn
+
+name = "bnnet"
+local_buffers = True  # FedBN: BatchNorm's statistics stay with each worker, so the run does not hold them
+
+
+def model():
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+'''
+
+
+def test_task_fills_in_what_the_federation_does_not_average(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from fedctl.tasks import load_task
+    from fedctl.worker.frameworks.torch_task import build_task_module, task_spec
+
+    (tmp_path / "bn.py").write_text(BN_TASK)
+    task = load_task(str(tmp_path / "bn.py"))
+    spec, initial = task_spec(task)
+    assert [p.kind for p in spec.params] == ["param"] * 6  # weights and biases only: the buffers stay local
+    store = ParameterStore({k: v + 1 for k, v in initial.items()}, version=2)
+    Checkpointer(tmp_path / "state").save(store, {"model": "bnnet", "round": 2, "spec": spec.to_wire()})
+
+    ex.export(tmp_path / "state", "pt", tmp_path / "plain.pt")
+    with pytest.raises(RuntimeError, match="running_mean"):
+        build_task_module(task).load_state_dict(torch.load(tmp_path / "plain.pt"))  # strict: buffers missing
+    ex.export(tmp_path / "state", "pt", tmp_path / "full.pt", task=str(tmp_path / "bn.py"))
+    module = build_task_module(task)
+    module.load_state_dict(torch.load(tmp_path / "full.pt"))  # strict
+    assert all(torch.equal(module.state_dict()[k], torch.from_numpy(v + 1)) for k, v in initial.items())
+
+    with pytest.raises(ConfigError, match="holds a run of model 'bnnet', not of task 'mlp'"):
+        ex.export(tmp_path / "state", "pt", tmp_path / "x.pt", task="mlp")
+    assert not (tmp_path / "x.pt").exists()

@@ -226,12 +226,25 @@ _STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
                  "float64": torch.float64}
 
 
-def save_state_dict(fh: Any, arrays: Params, dtypes: dict[str, str]) -> None:
+def save_state_dict(fh: Any, arrays: Params, dtypes: dict[str, str],
+                    template: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``arrays`` as a PyTorch state dict (``torch.save`` of an ordered dict of tensors by canonical name), so
     that ``module.load_state_dict(torch.load(f))`` takes it: each tensor cast from float32 to its model dtype in
-    ``dtypes`` (``float32``, ``float16``, ``bfloat16``, ``float64``; rounded to nearest even)."""
+    ``dtypes`` (``float32``, ``float16``, ``bfloat16``, ``float64``; rounded to nearest even).
+
+    ``template``: a fresh module's ``state_dict()``; the file then has its every entry, in its order — the federated
+    tensors from ``arrays``, the others (local buffers, ``num_batches_tracked``) as the template holds them — so
+    that a strict ``load_state_dict`` takes it. ModelMismatch when a federated tensor is not in it, or of another
+    shape."""
     state: dict[str, torch.Tensor] = {}
     for name, array in arrays.items():
         tensor = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
         state[name] = tensor.to(_STATE_DTYPES[dtypes.get(name, "float32")])
+    if template is not None:
+        for name, tensor in state.items():
+            if name not in template or tuple(template[name].shape) != tuple(tensor.shape):
+                found = tuple(template[name].shape) if name in template else "absent"
+                raise ModelMismatch(f"tensor {name} {tuple(tensor.shape)} of the run is {found} in the task's model",
+                                    "pass the --task the run was started with")
+        state = {name: state.get(name, tensor.detach().cpu().clone()) for name, tensor in template.items()}
     torch.save(state, fh)
