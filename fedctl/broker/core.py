@@ -109,7 +109,7 @@ class BrokerCore:
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
             C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
-            C.EVALUATION: self._on_evaluation}
+            C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed}
 
     # ------------------------------------------------------------------ inputs
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> list[Effect]:
@@ -309,6 +309,15 @@ class BrokerCore:
         record = self._joined(identity, msg)
         taken = self.evaluations.admit(record.worker, msg["version"], msg["num_examples"], msg.get("metrics", {}))
         return [Wake()] if taken else []
+
+    def _on_failed(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """The worker could not train on the model it was handed: logged, and the round goes on without it (never
+        answered; the worker pulls again)."""
+        record = self._joined(identity, msg)
+        counted = self.policy.failed(record.worker, msg["round"])
+        log.warning("worker %s could not train round %d%s: %s", record.worker, msg["round"],
+                    "" if counted else " (no open work of it; ignored)", msg["reason"])
+        return [Wake()] if counted else []
 
     def _on_leave(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         record = self.registry.by_identity(identity)

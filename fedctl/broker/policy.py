@@ -63,6 +63,8 @@ class OpenRound:
     gone: set[str] = field(default_factory=set)
     handed: set[str] = field(default_factory=set)
     """Selected workers holding this round's model; one that asks again (it restarted) is handed it again."""
+    failed: set[str] = field(default_factory=set)
+    """Selected workers that reported they could not train (``failed``): not waited for, not handed it again."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class SyncRoundPolicy:
         """Is ``worker`` selected for the open round, without an answer, and without the model?"""
         cur = self.current
         return (cur is not None and worker in cur.selected and worker not in cur.received
-                and worker not in cur.handed and worker not in cur.gone)
+                and worker not in cur.handed and worker not in cur.gone and worker not in cur.failed)
 
     def join(self, worker: str) -> None:
         """A worker joined or rejoined (nothing to do: rounds sample whoever waits, and one selected for the open
@@ -152,6 +154,15 @@ class SyncRoundPolicy:
         if self.current is not None:
             self.current.received.append(worker)
 
+    def failed(self, worker: str, round_no: int) -> bool:
+        """``worker`` could not train round ``round_no``: the round goes on without it. False when that report
+        concerns no work of the open round (a late or stray report changes nothing)."""
+        cur = self.current
+        if cur is None or cur.number != round_no or worker not in cur.selected or worker in cur.received:
+            return False
+        cur.failed.add(worker)
+        return True
+
     def worker_gone(self, worker: str) -> None:
         """A sampled worker left or stopped heartbeating: stop waiting for it."""
         if self.current is not None and worker in self.current.selected and worker not in self.current.received:
@@ -162,7 +173,7 @@ class SyncRoundPolicy:
         cur = self.current
         if cur is None:
             return False
-        outstanding = set(cur.selected) - set(cur.received) - cur.gone
+        outstanding = set(cur.selected) - set(cur.received) - cur.gone - cur.failed
         return not outstanding or now >= cur.deadline
 
     def close(self) -> tuple[OpenRound, bool]:
@@ -285,6 +296,15 @@ class ClockPolicy:
     def pulled(self, worker: str) -> None:
         """A pull while a model is out means the worker dropped that work (it restarted): forget it."""
         self.assigned.pop(worker, None)
+
+    def failed(self, worker: str, round_no: int) -> bool:
+        """``worker`` could not compute its update ``round_no``: it no longer counts as computing (its clock stays;
+        it pulls again). False when no such work was handed to it."""
+        job = self.assigned.get(worker)
+        if job is None or job.tick != round_no:
+            return False
+        del self.assigned[worker]
+        return True
 
     def min_clock(self) -> int | None:
         return min((self.clocks[w] for w in self.live), default=None)

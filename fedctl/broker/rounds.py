@@ -143,7 +143,7 @@ class RoundDriver(Driver):
         scores = await self.evaluate(closed.number, f"in round {closed.number}")
         fed = await self._fed_evaluate(closed.number)
         record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
-                             update_metrics=mean_metrics(updates), **fed)
+                             failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed)
         await asyncio.to_thread(host.checkpointer.save, core.store, core.state, [applied_entry(u) for u in updates])
         if host.pending is not None:
             await asyncio.to_thread(host.pending.clear, closed.number)

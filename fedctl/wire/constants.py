@@ -24,8 +24,10 @@ EVALUATE = "evaluate"
 """Federated evaluation (docs/protocol.md §7.2): the broker answers a pull with the model to evaluate ..."""
 EVALUATION = "evaluation"
 """... and the worker sends back its metrics on its held-out data, weighted by its example count."""
+FAILED = "failed"
+"""The worker could not train on the model it was handed (its task raised); the round goes on without it."""
 
-WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION})
+WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION, FAILED})
 BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT, EVALUATE})
 MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 

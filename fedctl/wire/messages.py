@@ -82,6 +82,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
               "fix": (_str(C.MAX_REASON_CHARS), False)},
     C.HEARTBEAT: {"t": (_num, False)},
     C.LEAVE: {"reason": (_str(C.MAX_REASON_CHARS), False)},
+    C.FAILED: {"round": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True)},
     C.DONE: {"round": (_int(0), True), "version": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), False)},
     C.EVALUATE: {"round": (_int(0), True), "version": (_int(0), True), "base": (_int(0), False),
                  "chunks": (_chunks, False)},

@@ -37,6 +37,8 @@ from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
 log = logging.getLogger(__name__)
 TrainerFactory = Callable[[ModelSpec], Trainer]
+MAX_FAILURES = 3
+"""A worker whose training raises in this many rounds in a row stops (exit non-zero) rather than fail forever."""
 Evaluate = Callable[[Params], tuple[Mapping[str, float], int]]
 """Federated evaluation on the worker's held-out data: ``weights -> (metrics, examples)``, in a thread."""
 EvaluatorFactory = Callable[[ModelSpec], Evaluate]
@@ -126,6 +128,8 @@ class Worker:
         """Federated evaluation on held-out data (docs/protocol.md §7.2); None: the worker has none and answers
         ``evaluate`` with 0 examples."""
         self._evaluate: Evaluate | None = None
+        self.failures = 0
+        """Rounds in a row whose training raised (reported with ``failed``)."""
         self.evaluations = 0
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.trainer: Trainer | None = None
@@ -229,8 +233,22 @@ class Worker:
                 weights[name] = np.array(tensor, dtype=np.float32)
         return weights
 
-    async def _round(self, model: Message) -> Message:
-        """Train on the model the broker handed out and push the update; returns the broker's answer."""
+    async def _report_failure(self, round_no: int, exc: Exception) -> None:
+        """Training raised: tell the broker (the round goes on without this worker) and pull again; after
+        ``MAX_FAILURES`` rounds in a row, stop with the error."""
+        assert self.conn is not None
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:1000]
+        log.warning("round %d: training failed (%s); the broker goes on without this update", round_no, reason)
+        log.debug("training failed", exc_info=exc)
+        await self.conn.send(C.FAILED, round=round_no, reason=reason)
+        self.failures += 1
+        if self.failures >= MAX_FAILURES:
+            raise ConfigError(f"training failed in {self.failures} rounds in a row: {reason}",
+                              "fix the task (run `fedctl join -v` for the traceback)")
+
+    async def _round(self, model: Message) -> Message | None:
+        """Train on the model the broker handed out and push the update; returns the broker's answer, or None when
+        training failed (reported to the broker; the worker pulls again)."""
         assert self.conn is not None
         task = dict(model["task"])
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
@@ -242,7 +260,12 @@ class Worker:
             weights = self._weights_of(model)
         self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
-        result = await asyncio.to_thread(self._train, strategy, weights, task)
+        try:
+            result = await asyncio.to_thread(self._train, strategy, weights, task)
+        except Exception as exc:  # noqa: BLE001 - the task's own code (model, loss, optimiser) may raise anything
+            await self._report_failure(int(model["round"]), exc)
+            return None
+        self.failures = 0
         trained_s = time.perf_counter() - started
         emulated = self.config.slowdown * (trained_s + self.config.delay_s)
         if emulated > trained_s:  # an emulated slower device (heartbeats keep flowing meanwhile)
@@ -336,9 +359,9 @@ class Worker:
                 return reply
             self._check_error(reply)
             if reply.type == C.MODEL:
-                answer = await self._round(reply)
-                if answer.type == C.DONE:
-                    return answer
+                outcome = await self._round(reply)
+                if outcome is not None and outcome.type == C.DONE:
+                    return outcome
             elif reply.type == C.EVALUATE:
                 await self._evaluate_model(reply)
 
@@ -357,7 +380,12 @@ class Worker:
                 await self._join(conn)
                 tasks.start(conn.heartbeat(float(self.run.get("heartbeat_interval_s", 1.0)), self._liveness_s),
                             name="heartbeat")
-                done = await self._session(conn)
+                try:
+                    done = await self._session(conn)
+                except ConfigError as err:  # this worker gives up (its task keeps failing): the broker hears why
+                    await conn.send(C.LEAVE, reason=str(err.message)[:1000])
+                    await asyncio.sleep(0.05)
+                    raise
                 await conn.send(C.LEAVE, reason="run complete")
                 await asyncio.sleep(0.05)  # let the socket take the leave out before it closes (linger 0)
             return done

@@ -135,3 +135,56 @@ def test_task_mistakes_are_one_line(tmp_path: Path, body: str, args: tuple[str, 
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
     assert len(out) == 1 and out[0].startswith("error: ") and words in out[0], run.stderr
     assert not (tmp_path / "state").exists()
+
+
+FAILING_TASK = """
+    import numpy as np
+    from torch import nn
+
+    FAIL = False
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            if FAIL and self.training:
+                raise RuntimeError("simulated failure in the task")
+            return self.fc(x)
+
+    def model():
+        return Net()
+
+    def load_data(path):
+        global FAIL
+        FAIL = "broken" in path
+        arrays = np.load(path)
+        return arrays["x"], arrays["y"]
+"""
+
+
+def test_a_worker_whose_task_raises_reports_it_and_the_rounds_go_on(spawn: Launcher, tmp_path: Path) -> None:
+    """The broken worker is alone first: it reports each failure, its round fails and is retried, and after three
+    failures in a row it gives up with one line; a good worker then runs the rounds."""
+    task = tmp_path / "task.py"
+    task.write_text(textwrap.dedent(FAILING_TASK))
+    data = write_data(tmp_path, 3)
+    broken = tmp_path / "broken.npz"
+    data[2].rename(broken)
+    state = tmp_path / "state"
+    broker = spawn("serve", "serve", "--task", str(task), "--bind", LOOPBACK_ANY, "--state-dir", str(state),
+                   "--rounds", "2", "--min-workers", "1", "--round-timeout", "30")
+    endpoint = broker.wait_endpoint()
+    bad = spawn("join-broken", "join", "--task", str(task), "--data", str(broken), "--connect", endpoint,
+                "--threads", "1")
+    assert bad.wait(60) != 0 and "Traceback" not in bad.stderr, bad.describe()
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: training failed in 3 rounds in a row: RuntimeError: simulated failure in the task "
+                      "— fix the task (run `fedctl join -v` for the traceback)"], bad.stderr
+    good = [spawn("join-0", "join", "--task", str(task), "--data", str(data[0]), "--connect", endpoint,
+                  "--threads", "1")]
+    assert_all_exit_0([broker, *good], wait_all([broker, *good]))
+    assert [m["round"] for m in read_metrics(state)] == [1, 2]
+    assert broker.stderr.count("could not train round 1: RuntimeError: simulated failure in the task") == 3
+    assert "left (training failed in 3 rounds in a row" in broker.stderr

@@ -467,3 +467,36 @@ def test_messages_are_fully_validated_before_the_core_acts() -> None:
 
 def test_sync_config_in_coresim_is_a_real_policy() -> None:
     assert CoreSim(config(sync=SyncConfig(0.5, 1, 5.0))).core.policy.name == "sync"
+
+
+def test_a_worker_that_cannot_train_is_not_waited_for() -> None:
+    sim = CoreSim()
+    a, b = joined(sim, "a", "b")
+    a.pull(), b.pull()
+    sim.core.try_open_round(1, sim.clock())
+    sim.hand_out(1)
+    a.push(sim.store.weights, 1)
+    assert not sim.core.policy.should_close(sim.clock())
+    assert b.send(C.FAILED, round=1, reason="ZeroDivisionError: division by zero") == [], "never answered"
+    assert sim.core.policy.should_close(sim.clock()), "the round goes on without b"
+    b.pull()
+    assert not sim.core.policy.needs_model("b"), "b is not handed the round's model again"
+    assert a.send(C.FAILED, round=1, reason="late") == [] and sim.core.policy.current is not None
+    assert sim.core.policy.current.failed == {"b"}, "a report after a push changes nothing"
+    [err] = Peer(sim, "stranger").send(C.FAILED, round=1, reason="x")
+    assert err["code"] == ErrorCode.NOT_JOINED
+
+
+def test_a_failed_clock_update_ends_the_assignment() -> None:
+    sim = CoreSim(config(policy="async"))
+    [w] = joined(sim, "w")
+    w.pull()
+    record = sim.core.registry.get("w")
+    assert record is not None
+    policy: Any = sim.core.policy
+    sim.run(sim.core.hand_out([(record, policy.assign("w", 0))], _downlinks(sim, None), sim.clock()))
+    assert policy.busy() == 1
+    w.send(C.FAILED, round=2, reason="wrong tick")
+    assert policy.busy() == 1
+    w.send(C.FAILED, round=1, reason="boom")
+    assert policy.busy() == 0 and policy.clocks == {"w": 0}

@@ -114,6 +114,7 @@ MESSAGES = [
     make(C.EVALUATE, 20, re=3, round=2, version=2, base=1, chunks=4),
     make(C.EVALUATION, 21, version=2, num_examples=150, metrics={"accuracy": 0.75, "loss": 0.5}),
     make(C.EVALUATION, 22, version=2, num_examples=0),
+    make(C.FAILED, 23, round=4, reason="ZeroDivisionError: division by zero"),
 ]
 
 
