@@ -127,8 +127,9 @@ def test_wire_alone_imports_no_socket_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
-CORE = ("fedctl.broker.core", "fedctl.broker.chunking", "fedctl.broker.effects", "fedctl.broker.params",
-        "fedctl.broker.policy", "fedctl.broker.registry", "fedctl.broker.downlink", "fedctl.broker.evaluation")
+CORE = ("fedctl.broker.core", "fedctl.broker.intake", "fedctl.broker.chunking", "fedctl.broker.effects",
+        "fedctl.broker.params", "fedctl.broker.policy", "fedctl.broker.registry", "fedctl.broker.downlink",
+        "fedctl.broker.evaluation")
 """The broker's sans-IO core and the pure modules it is made of."""
 IO_MODULES = ("zmq", "asyncio", "os", "io", "pathlib", "shutil", "tempfile", "threading", "socket", "subprocess",
               "fedctl.broker.service", "fedctl.broker.transport", "fedctl.broker.store", "fedctl.broker.durable",

@@ -1,0 +1,133 @@
+"""The core's intake of updates: ``push`` (whole, or the header of a chunked one), its ``chunk``s and the ``credit``s
+of models going out — admission by the policy, acceptance, acknowledgement once durable.
+
+A part of :class:`fedctl.broker.core.BrokerCore` (a mixin it inherits), split out along the update path so that
+each module stays small; sans-IO like the rest of the core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fedctl.broker.chunking import Transfers
+from fedctl.broker.config import BrokerConfig
+from fedctl.broker.effects import CloseTransfer, Effect, Persist, Send, Wake
+from fedctl.broker.params import ParameterStore
+from fedctl.broker.policy import Admission, ClockPolicy, SyncRoundPolicy
+from fedctl.broker.registry import WorkerRecord
+from fedctl.errors import ProtocolError
+from fedctl.strategies.base import Strategy, Update
+from fedctl.wire import check_against_spec, make, unpack_sparse
+from fedctl.wire import constants as C
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.messages import Message
+
+log = logging.getLogger(__name__)
+UPDATE_DTYPES = frozenset({"<f4", "<f2"})
+"""Value dtypes an update may carry: float32, or float16 to halve the bytes of kept values (e.g. DGC)."""
+
+
+class PushIntake:
+    """Handlers of the update path; the attributes and helpers below are the core's."""
+
+    config: BrokerConfig
+    strategy: Strategy
+    policy: SyncRoundPolicy | ClockPolicy
+    store: ParameterStore
+    shapes: dict[str, tuple[int, ...]]
+    transfers: Transfers
+    updates: list[Update]
+    durable: bool
+    finished: bool
+    applying: bool
+    open_spool: Callable[[str, bool], Any]
+    _joined: Callable[[bytes, Message], WorkerRecord]
+    _reply: Callable[..., Send]
+    _send: Callable[..., Send]
+    _refuse: Callable[[bytes, ProtocolError, int | None, float], list[Effect]]
+    next_id: Callable[[], int]
+
+    def _on_push(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        record = self._joined(identity, msg)
+        if self.finished:
+            raise ProtocolError(ErrorCode.RUN_FINISHED, "the run has finished; the update was not used")
+        # What the update is (kind, tensor names and shapes) is checked before where it fits (round, selection),
+        # so a malformed update is refused as such whatever the round's state.
+        if msg["kind"] != self.strategy.update_kind:
+            raise ProtocolError(ErrorCode.WRONG_KIND, f"strategy {self.strategy.name} needs "
+                                f"{self.strategy.update_kind!r} updates, got {msg['kind']!r}")
+        chunked = msg.get("chunks") is not None
+        if chunked and msg.tensors:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "a push with 'chunks' carries its tensors in chunk messages",
+                                "send the push header alone, then the chunks")
+        tensors = unpack_sparse(msg.tensors, self.shapes)  # a packed sparse frame, split per tensor
+        if not chunked:  # (a chunked push's slices are checked as they come: wire.chunks.Cursor)
+            # a gradient or delta may leave out tensors it does not change (zero); weights carry every tensor
+            check_against_spec(tensors, self.shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
+        admission = self._admit(record, msg)
+        if admission.duplicate:
+            return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")]
+        if admission.code is not None:
+            raise ProtocolError(admission.code, admission.reason)
+        if msg["kind"] == C.KIND_WEIGHTS and self.store.at(msg["base_version"]) is None:
+            # Applied out of round, a weights update becomes the change from its base, which must still be kept.
+            self.policy.pulled(record.worker)
+            raise ProtocolError(ErrorCode.STALE_UPDATE, f"update is based on model version {msg['base_version']}, "
+                                "which this broker no longer keeps", "raise --history-mb or lower --max-staleness")
+        if chunked:
+            return self._open_inbound(identity, msg, frames, now)
+        # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
+        return self._accept(identity, msg, record, Update.from_push(record.worker, msg, tensors), frames, None)
+
+    def _admit(self, record: WorkerRecord, header: Message) -> Admission:
+        """The policy's decision on a push (header) from ``record``."""
+        version = self.store.version + (1 if self.applying else 0)
+        return self.policy.admit(record.worker, header["round"], header["base_version"], version)
+
+    def _accept(self, identity: bytes, msg: Message, record: WorkerRecord, update: Update, frames: list[bytes],
+                spool: str | None) -> list[Effect]:
+        """Count an admitted update and acknowledge it — once durable, when the broker keeps updates on disk (the
+        shell's writer stores queued updates in groups, one sync per group, then sends their acks)."""
+        self.updates.append(update)
+        self.policy.record(record.worker)
+        ack = self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
+        if not self.durable:
+            return [ack, Wake()]
+        return [Persist(update, list(frames), (ack,), spool), Wake()]
+
+    # ------------------------------------------------------------------ chunked pushes (docs/protocol.md §7.1)
+    def _open_inbound(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        return [*self.transfers.open_push(identity, msg, frames, now),
+                self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg.id, received=0))]
+
+    def _on_chunk(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """A chunk of a push (written to its spool file), or of nothing this broker is receiving."""
+        record = self._joined(identity, msg)
+        got = self.transfers.receive(identity, msg, now)
+        header = got.inbound.header
+        if got.refused is not None:  # answers the push: the worker waits on that
+            return [*got.effects, *self._refuse(identity, got.refused, header.id, now)]
+        effects = [*got.effects, self._send(identity, make(C.CREDIT, self.next_id(), xfer=msg["xfer"],
+                                                           received=got.inbound.cursor.received))]
+        if not got.done:
+            return effects
+        spool, cursor = got.inbound.spool, got.inbound.cursor
+        admission = self._admit(record, header)
+        if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
+            effects.append(CloseTransfer(spool, delete=True))
+            if admission.duplicate:
+                return [*effects, self._reply(identity, header, C.ACK, round=header["round"], seq=header["seq"],
+                                              status="duplicate")]
+            late = ProtocolError(admission.code or ErrorCode.STALE_UPDATE, admission.reason)
+            return [*effects, *self._refuse(identity, late, header.id, now)]
+        effects.append(CloseTransfer(spool, delete=False))
+        log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker, cursor.total * 4 / 1e6,
+                 cursor.chunks, now - got.inbound.started)
+        update = Update.from_push(record.worker, header, self.open_spool(spool, not self.durable))
+        return [*effects, *self._accept(identity, header, record, update, got.inbound.header_frames, spool)]
+
+    def _on_credit(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        self._joined(identity, msg)
+        return self.transfers.credit(identity, msg["xfer"], msg["received"], now)
