@@ -64,9 +64,10 @@ def describe(task: Task) -> dict[str, Any]:
     return {"task": task.name, "ref": task.ref, "builtin": task.is_builtin}
 
 
-def load_task_data(task: Task, path: str) -> Any:
-    """A worker's local data read by the task's own ``load_data(path)``: a shard-like object with x, y."""
-    from fedctl.data.shards import Shard
+def load_task_data(task: Task, path: str, holdout: float | None = None, seed: int = 0) -> Any:
+    """A worker's local data read by the task's own ``load_data(path)``: a shard with x, y and a seeded, stratified
+    held-out split for federated evaluation (``holdout``: its fraction, default 0.1 as for any local dataset)."""
+    from fedctl.data.shards import Shard, with_holdout
 
     assert task.load_data is not None
     try:
@@ -87,4 +88,5 @@ def load_task_data(task: Task, path: str) -> Any:
                           f"{y.shape} ({y.dtype})", "return one integer label per example")
     if len(y) == 0:
         raise ConfigError(f"task {task.name}: load_data({path!r}) found no examples", "pass a non-empty dataset")
-    return Shard(f"{task.name}:{path}", task.name, x, y.astype(np.int64), len(y))
+    shard = Shard(f"{task.name}:{path}", task.name, x, y.astype(np.int64), len(y))
+    return with_holdout(shard, 0.1 if holdout is None else holdout, seed)
