@@ -61,6 +61,7 @@ demo: install
 bench: install
 	$(PY) bench/run.py
 	$(PY) bench/threads.py
+	$(PY) bench/task_overhead.py
 	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
 
 # Coverage-guided fuzzing of the decoder. atheris is a fuzzing-only dependency, installed here and nowhere else;
