@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from fedctl.cli.common import check_endpoint, load_data, resolve_backend
-from fedctl.cli.tasking import load_task_data, task_option, worker_spec
+from fedctl.cli.tasking import load_task_data, task_option, uses_task_loader, worker_spec
 from fedctl.errors import ConfigError
 from fedctl.fsio import check_writable_dir
 from fedctl.security import check_join_security
@@ -69,7 +69,7 @@ def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | Non
         raise ConfigError(f"the worker id ({'--worker-id' if worker_id else 'DATA@HOSTNAME'}) is longer than the "
                           f"{MAX_ID_CHARS} characters the protocol allows", "pass a shorter --worker-id")
     task = load_task(task_ref) if task_ref is not None else None
-    shard = (load_task_data(task, data, holdout) if task is not None and task.load_data is not None
+    shard = (load_task_data(task, data, holdout) if task is not None and uses_task_loader(task, data, data_dir)
              else load_data(data, data_dir, holdout=holdout))
     backend = resolve_backend(backend)
     spec = worker_spec(task) if task is not None else None  # sent with join: the broker checks it too

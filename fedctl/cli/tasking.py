@@ -64,6 +64,20 @@ def describe(task: Task) -> dict[str, Any]:
     return {"task": task.name, "ref": task.ref, "builtin": task.is_builtin}
 
 
+def uses_task_loader(task: Task | None, data: str, data_dir: Any) -> bool:
+    """Whether ``--data`` is read by the task's own ``load_data``: the task defines one and ``--data`` is a file or
+    folder of the data holder's — not a shard of a ``fedctl partition`` directory (those are fedctl's format, read
+    by fedctl), and not named within ``--data-dir``."""
+    from pathlib import Path
+
+    from fedctl.data.partition import MANIFEST_NAME
+
+    if task is None or task.load_data is None or data_dir is not None:
+        return False
+    path = Path(data)
+    return path.exists() and not (path.parent / MANIFEST_NAME).is_file()
+
+
 def load_task_data(task: Task, path: str, holdout: float | None = None, seed: int = 0) -> Any:
     """A worker's local data read by the task's own ``load_data(path)``: a shard with x, y and a seeded, stratified
     held-out split for federated evaluation (``holdout``: its fraction, default 0.1 as for any local dataset)."""
