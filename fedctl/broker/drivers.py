@@ -138,8 +138,10 @@ class Driver(ABC):
         """The metrics line of one round (sync) or model version (ssp/async)."""
         core, now = self.core, self.host.now()
         n = sum(u.num_examples for u in updates)
+        # A task's own metrics (docs/tasks.md) land beside accuracy and loss as test_<name>.
+        others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
         return {"round": core.state["round"], "version": core.store.version,
-                "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
+                "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"), **others,
                 "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
                 "participants": len(updates), "connected": len(core.registry), **extra,
                 **self.host.snapshot().since(before),

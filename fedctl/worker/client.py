@@ -130,6 +130,7 @@ class Worker:
         self._evaluate: Evaluate | None = None
         self.failures = 0
         """Rounds in a row whose training raised (reported with ``failed``)."""
+        self._warned_metrics = False
         self.evaluations = 0
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.trainer: Trainer | None = None
@@ -288,6 +289,11 @@ class Worker:
         metrics, n = self._evaluate(weights)
         finite = {k: float(v) for k, v in metrics.items() if k != "num_examples" and isinstance(v, (int, float))
                   and not isinstance(v, bool) and np.isfinite(v)}
+        if len(finite) > C.MAX_METRICS and not self._warned_metrics:
+            self._warned_metrics = True
+            log.warning("the evaluation reports %d metrics; a message carries at most %d, so only the first %d by "
+                        "name are sent (%s ... left out)", len(finite), C.MAX_METRICS, C.MAX_METRICS,
+                        sorted(finite)[C.MAX_METRICS])
         return dict(sorted(finite.items())[:C.MAX_METRICS]), max(int(n), 0) if finite else 0
 
     async def _evaluate_model(self, msg: Message) -> None:

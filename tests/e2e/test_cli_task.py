@@ -107,12 +107,16 @@ def test_simulate_a_user_task_on_a_partition(tmp_path: Path, partition_dir: Path
         def model():
             return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                  nn.Linear(4 * 14 * 14, 10))
+
+        def metrics(y, scores):
+            return {"recall_0": float((scores.argmax(1)[y == 0] == 0).mean())}
     """))
     run = fedctl(tmp_path, "simulate", "--task", str(task), "--data-dir", str(partition_dir), "--rounds", "2",
                  "--state-dir", str(tmp_path / "state"), "--lr", "0.05")
     assert run.returncode == 0, run.stderr
     metrics = read_metrics(tmp_path / "state")
     assert [m["round"] for m in metrics] == [1, 2] and metrics[-1]["test_accuracy"] > 0.8, metrics
+    assert 0.8 < metrics[-1]["test_recall_0"] <= 1.0, "the task's own metric, from the broker's test evaluation"
 
 
 @pytest.mark.parametrize("body, args, words", [

@@ -203,3 +203,11 @@ def test_first_difference_names_an_extra_tensor() -> None:
     assert first_difference(a, a) is None
     assert "the worker has 2 tensors, the broker 1: the first extra one (on the worker) is y (3,) float16" == \
         first_difference(a + [["y", [3], "float16"]], a, "worker", "broker")
+
+
+def test_a_last_batch_of_one_example_is_skipped_not_fatal_with_batchnorm(tmp_path: Path) -> None:
+    task = load_task(str(task_file(tmp_path, bn())))
+    spec, weights = task_spec(task)
+    x, y = data(121)  # batches of 10: the last holds one example, which BatchNorm cannot train on
+    result = create_trainer("torch", spec, x, y, task=task).fit(weights, 1, 10, 0.1, seed=0)
+    assert result.metrics["steps"] == 13 and np.isfinite(result.metrics["train_loss"])

@@ -153,6 +153,10 @@ class TorchTaskTrainer(TorchTrainer):
 
     # -- training ------------------------------------------------------------------------------------------------
     def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(idx) == 1 and self.num_examples > 1:
+            # A last batch of one example is skipped (BatchNorm cannot normalise a single example in training
+            # mode; PyTorch users set drop_last for the same reason).
+            return torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self._net.train()
         xb, yb = self._batch(idx)
         out = self._net(xb)
