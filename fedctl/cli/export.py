@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from fedctl.errors import ConfigError
-from fedctl.export import FORMATS, SUFFIXES, Choice, export
+from fedctl.api.files import export_model
+from fedctl.export import FORMATS
 
 
 @click.command("export")
@@ -38,14 +38,8 @@ def export_cmd(state_dir: Path, round_no: int | None, best: bool, fmt: str | Non
       npz           numpy.load(...)
       params        net.load_parameters(...)   (MXNet Gluon)
     """
-    suffix = "" if out is None or out.endswith("/") or Path(out).is_dir() else Path(out).suffix
-    fmt = fmt or SUFFIXES.get(suffix, "pt")
-    if suffix in SUFFIXES and SUFFIXES[suffix] != fmt:
-        raise ConfigError(f"--out {out} has the suffix of --format {SUFFIXES[suffix]}, not of --format {fmt}",
-                          f"pass --out with {FORMATS[fmt].suffix}, or --format {SUFFIXES[suffix]}")
-    done = export(state_dir, fmt, out, Choice(round_no, best), task_ref)
-    which = (f"best model ({done['best']['metric']} {done['best']['value']:.6g})" if done["best"]
-             else "model")
-    click.echo(f"exported the {which} of round {done['round']} of {done['model']} ({done['tensors']} tensors, "
-               f"{done['parameters']:,} parameters, {'/'.join(done['dtypes'])}) to {done['path']}; load it with "
-               f"{done['loads_with'].replace('FILE', repr(str(done['path'])))}")
+    done = export_model(state_dir, format=fmt, out=out, round=round_no, best=best, task=task_ref)
+    which = f"best model ({done.best['metric']} {done.best['value']:.6g})" if done.best else "model"
+    click.echo(f"exported the {which} of round {done.round} of {done.model} ({done.tensors} tensors, "
+               f"{done.parameters:,} parameters, {'/'.join(done.dtypes)}) to {done.path}; load it with "
+               f"{done.loads_with.replace('FILE', repr(str(done.path)))}")

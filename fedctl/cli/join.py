@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
-import os
-import socket
 from pathlib import Path
 
 import click
 
-from fedctl.cli.common import check_endpoint, load_data, resolve_backend
-from fedctl.cli.tasking import load_task_data, task_option, uses_task_loader, worker_spec
-from fedctl.errors import ConfigError
-from fedctl.fsio import check_writable_dir
-from fedctl.security import check_join_security
-from fedctl.tasks import load_task
-from fedctl.wire.constants import MAX_ID_CHARS
-from fedctl.worker.client import Worker, WorkerConfig, trainer_evaluator
-from fedctl.worker.frameworks import create_trainer
-from fedctl.worker.threads import worker_threads
-
-log = logging.getLogger(__name__)
+from fedctl.api.joining import join
+from fedctl.cli.tasking import task_option
 
 
 @click.command("join")
@@ -61,39 +46,7 @@ def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | Non
              worker_id: str | None, threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
              server_key: str | None, secret_key: Path | None, holdout: float | None) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
-    check_endpoint(connect, "--connect", bind=False)
-    curve = check_join_security(server_key, secret_key)  # bad keys fail before data and framework load
-    if state_dir is not None:
-        check_writable_dir(state_dir, "--state-dir")
-    if len(worker_id or f"{data}@{socket.gethostname()}") > MAX_ID_CHARS:  # the broker would refuse the join
-        raise ConfigError(f"the worker id ({'--worker-id' if worker_id else 'DATA@HOSTNAME'}) is longer than the "
-                          f"{MAX_ID_CHARS} characters the protocol allows", "pass a shorter --worker-id")
-    task = load_task(task_ref) if task_ref is not None else None
-    shard = (load_task_data(task, data, holdout) if task is not None and uses_task_loader(task, data, data_dir)
-             else load_data(data, data_dir, holdout=holdout))
-    backend = resolve_backend(backend)
-    spec = worker_spec(task) if task is not None else None  # sent with join: the broker checks it too
-    config = WorkerConfig(connect=connect, worker_id=worker_id or f"{data}@{socket.gethostname()}",
-                          backend=backend, num_examples=shard.num_examples, connect_timeout_s=connect_timeout,
-                          state_dir=state_dir, slowdown=slowdown,
-                          server_key=curve[0].decode("ascii") if curve else None, secret_key=secret_key,
-                          spec=spec)
-    budget = worker_threads(threads, os.environ)  # registers this process among the local workers
-    make = functools.partial(create_trainer, backend, x=shard.x, y=shard.y, device=device, threads=budget,
-                             task=task)
-    # Build the framework once up front so a missing backend or GPU, or data that does not fit the task's model,
-    # fails before contacting the broker.
-    from fedctl.models import get_model
-
-    create_trainer(backend, spec or get_model("mlp"), shard.x[:2], shard.y[:2], device=device, threads=budget,
-                   task=task)
-    log.info("worker %s: %d examples from %s, %s on %s", config.worker_id, shard.num_examples, shard.name,
-             backend, device)
-    log.info("%s CPU threads: %s", backend, budget.describe())
-    evaluator = None  # federated evaluation (`fedctl serve --fed-eval-every`) on the held-out examples, if any
-    if shard.holdout_x is not None and shard.holdout_y is not None and len(shard.holdout_y):
-        evaluator = trainer_evaluator(functools.partial(make, x=shard.holdout_x, y=shard.holdout_y),
-                                      len(shard.holdout_y))
-        log.info("%d held-out examples for federated evaluation", len(shard.holdout_y))
-    summary = asyncio.run(Worker(config, make, evaluator=evaluator).serve())
-    click.echo(f"done: trained {summary['rounds_trained']} rounds; run finished at round {summary['final_round']}")
+    done = join(task_ref, data=data, connect=connect, data_dir=data_dir, holdout=holdout, backend=backend,
+                device=device, worker_id=worker_id, threads=threads, connect_timeout=connect_timeout,
+                state_dir=state_dir, slowdown=slowdown, server_key=server_key, secret_key=secret_key)
+    click.echo(f"done: trained {done.rounds_trained} rounds; run finished at round {done.final_round}")

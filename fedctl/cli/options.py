@@ -1,4 +1,5 @@
-"""Options shared by the commands that run a federation (``serve`` and ``simulate``) and the config they build."""
+"""Options shared by the commands that run a federation (``serve`` and ``simulate``); the config they build is
+:func:`fedctl.api.config.run_config`'s."""
 
 from __future__ import annotations
 
@@ -8,11 +9,8 @@ from typing import Any, TypeVar
 
 import click
 
-from fedctl.broker.config import BrokerConfig
-from fedctl.broker.policy import ClockConfig, SyncConfig
-from fedctl.errors import ConfigError
 from fedctl.models import MODELS
-from fedctl.strategies import TaskConfig, get_strategy, strategy_names
+from fedctl.strategies import strategy_names
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,33 +105,3 @@ def fed_eval_options(f: F) -> F:
     for option in reversed(FED_EVAL_OPTIONS):
         f = option(f)
     return f
-
-
-def parse_options(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
-    """``--opt KEY=VALUE`` pairs as a map (the strategy converts and checks the values)."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--opt {pair!r} is not KEY=VALUE", "write e.g. --opt sparsity=0.999")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def broker_config(options: dict[str, Any], **extra: Any) -> BrokerConfig:
-    """Build the BrokerConfig from the run options (popped from ``options``) plus ``extra`` fields."""
-    o = {k: options.pop(k) for k in RUN_KEYS}
-    extra = {**{k: options.pop(k) for k in FED_EVAL_KEYS}, **extra}
-    config = BrokerConfig(model=o["model"], strategy=o["strategy"], rounds=o["rounds"],
-                          task=TaskConfig(o["epochs"], o["batch_size"], o["lr"], o["lr_decay"],
-                                          parse_options(o["strategy_options"])),
-                          sync=SyncConfig(o["fraction"], o["min_workers"], o["round_timeout"]), seed=o["seed"],
-                          state_dir=o["state_dir"], eval_every=o["eval_every"], target_accuracy=o["target_accuracy"],
-                          history_mb=o["history_mb"], policy=o["policy"],
-                          clock=ClockConfig(max_staleness=o["max_staleness"],
-                                            staleness_exponent=o["staleness_exponent"], buffer=o["buffer"],
-                                            server_lr=o["server_lr"]),
-                          best_metric=o["best_metric"], best_mode=o["best_mode"], keep_models=o["keep_models"],
-                          **extra)
-    get_strategy(config.strategy, config.task)  # checks the --opt values now, before any file or socket is made
-    return config

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from pathlib import Path
 from typing import Any
 
 import click
 
-from fedctl.broker.config import BrokerConfig
-from fedctl.broker.service import Broker
-from fedctl.cli.common import check_endpoint, load_data, make_evaluator, resolve_backend
-from fedctl.cli.options import broker_config, run_options
-from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
-from fedctl.errors import ConfigError
-from fedctl.fsio import check_readable_dir, check_writable_dir, removed_if_empty_on_error
-from fedctl.models import get_model
-from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
-
-log = logging.getLogger(__name__)
+from fedctl.api.serving import Server
+from fedctl.cli.options import run_options
+from fedctl.cli.tasking import model_given, task_option
 
 
 @click.command("serve")
@@ -62,44 +52,14 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
 
     Every option is checked, and --state-dir probed for writing, before the broker binds --bind.
     """
-    check_endpoint(bind, "--bind", bind=True)
-    check_serve_security(bind, secret_key, allowed_keys, insecure)
-    task = resolve_task(task_ref, run["model"], model_given(click.get_current_context()))
-    run["model"] = task.name
-    max_message_bytes = int(max_message_mb * 2**20)
-    if chunk_kb * 1024 > max_message_bytes // 2:
-        raise ConfigError(f"--chunk-kb {chunk_kb} is more than half of --max-message-mb {max_message_mb:g}",
-                          f"pass --chunk-kb {max(max_message_bytes // 2048, 1)} or less, or a larger --max-message-mb")
-    config = broker_config(run, bind=bind, heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
-                           max_message_bytes=max_message_bytes,
-                           chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
-                           chunk_bytes=chunk_kb * 1024, curve_secret_key=secret_key, allowed_keys=allowed_keys)
-    check_writable_dir(config.state_dir, "--state-dir")
-    if secret_key is not None and allowed_keys is not None:  # fail on a bad key before loading evaluation data
-        check_readable_dir(allowed_keys, "--allowed-keys")
-        load_key_pair(secret_key)
-        load_allowed_keys(allowed_keys)
-    elif insecure and not is_local_bind(bind):
-        log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
-                    "travel unencrypted", bind)
-    model = broker_model(task, config.seed)  # a user task's spec and initial weights (imports its framework)
-    evaluator = None
-    if eval_data:
-        shard = load_data(eval_data, data_dir, "--eval-data")
-        spec = get_model(config.model) if model is None else model[0]
-        evaluator = make_evaluator("torch" if model is not None else resolve_backend(eval_backend), spec, shard,
-                                   task=task)
-        log.info("evaluating on %s (%d examples) every %d round(s)", shard.name, shard.num_examples,
-                 config.eval_every)
-    with removed_if_empty_on_error(config.state_dir):  # e.g. --bind in use: no empty run directory stays
-        summary = asyncio.run(_serve(config, evaluator, model))
-    last = summary["last"]
-    acc = last.get("test_accuracy")
+    model = run.pop("model")
+    server = Server(task_ref, bind=bind, model=model if model_given(click.get_current_context()) else None,
+                    eval_data=eval_data, data_dir=data_dir, eval_backend=eval_backend,
+                    heartbeat_interval=heartbeat_interval, liveness=liveness, max_message_mb=max_message_mb,
+                    chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, secret_key=secret_key, allowed_keys=allowed_keys,
+                    insecure=insecure, **run)
+    summary = server.run().summary
+    acc = summary["last"].get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"
                + (f", test accuracy {acc:.4f}" if acc is not None else "")
-               + f"; metrics in {config.state_dir}/metrics.jsonl")
-
-
-async def _serve(config: BrokerConfig, evaluator: Any, model: Any) -> dict[str, Any]:
-    broker = Broker(config, evaluator, model=model)
-    return await broker.run()
+               + f"; metrics in {server.config.state_dir}/metrics.jsonl")

@@ -1,0 +1,162 @@
+"""The broker from Python: :class:`Server` checks a run's options and loads what it needs; :func:`serve` runs it to
+the end, :func:`serve_background` runs it in a thread and returns a handle. ``fedctl serve`` calls these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedctl.api.background import BrokerHandle, Started, private_context, run_blocking
+from fedctl.api.config import StrategyOptions, run_config, run_options, takes_parameters_of, task_ref
+from fedctl.api.results import Run
+from fedctl.broker.service import Broker
+from fedctl.errors import ConfigError
+from fedctl.fsio import check_readable_dir, check_writable_dir, removed_if_empty_on_error
+from fedctl.models import get_model
+from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
+
+log = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+
+class Server:
+    """A broker ready to run: every option checked, the task and the evaluation data loaded, nothing bound yet.
+
+    Parameters
+    ----------
+    task:
+        The model to federate: a task file (``"my_task.py"``, docs/tasks.md), an importable module, or a built-in
+        model name (``"mlp"``, ``"lenet5"``). Default: ``model``, else ``"mlp"``.
+    bind:
+        The ZeroMQ endpoint to listen on. ``tcp://127.0.0.1:*`` takes any free port (read it from
+        ``serve_background(...).endpoint``); an address other machines reach needs ``secret_key`` and
+        ``allowed_keys``, or ``insecure=True``.
+    model:
+        A built-in model name (``task`` names one too).
+    strategy, rounds, fraction, min_workers, round_timeout, epochs, batch_size, lr, lr_decay, policy, max_staleness, \
+staleness_exponent, buffer, server_lr, history_mb, seed, state_dir, eval_every, target_accuracy, fed_eval_every, \
+fed_eval_fraction, best_metric, best_mode, keep_models:
+        The run's options, as ``fedctl serve --help`` describes them (``batch_size`` is ``--batch-size``).
+        ``keep_models`` is a count or ``"all"``.
+    strategy_options:
+        The strategy's settings (``--opt``): ``{"sparsity": 0.999}`` or ``["sparsity=0.999"]``.
+    eval_data, data_dir, eval_backend:
+        Evaluate the global model after every ``eval_every`` rounds on this shard of ``data_dir`` (``"test"``) or
+        dataset split (``"mnist:test"``), with this framework (``"auto"``: the first installed).
+    heartbeat_interval, liveness, max_message_mb, chunk_above_mb, chunk_kb, secret_key, allowed_keys, insecure:
+        Transport and security options, as for ``fedctl serve``.
+    on_round:
+        Called with each round's metrics record (a dict), in the broker's thread.
+
+    Raises
+    ------
+    ConfigError, DataError, BackendUnavailable
+        An option or file is wrong; nothing was written.
+    """
+
+    def __init__(self, task: PathLike | None = None, *, bind: str = "tcp://127.0.0.1:5555", model: str | None = None,
+                 strategy: str = "fedavg", rounds: int = 20, fraction: float = 1.0, min_workers: int = 1,
+                 round_timeout: float = 120.0, epochs: int = 1, batch_size: int = 10, lr: float = 0.1,
+                 lr_decay: float = 1.0, strategy_options: StrategyOptions = None, policy: str = "sync",
+                 max_staleness: int = 50, staleness_exponent: float = 0.5, buffer: int = 1, server_lr: float = 1.0,
+                 history_mb: float = 64.0, seed: int = 0, state_dir: PathLike = "runs/default", eval_every: int = 1,
+                 target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
+                 best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
+                 eval_data: str | None = None, data_dir: PathLike | None = None, eval_backend: str = "auto",
+                 heartbeat_interval: float = 1.0, liveness: float = 10.0, max_message_mb: float = 256.0,
+                 chunk_above_mb: float | None = None, chunk_kb: int = 256, secret_key: PathLike | None = None,
+                 allowed_keys: PathLike | None = None, insecure: bool = False,
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
+        from fedctl.cli.common import check_endpoint
+        from fedctl.cli.tasking import resolve_task
+
+        check_endpoint(bind, "--bind", bind=True)
+        keys = (None if secret_key is None else Path(secret_key), None if allowed_keys is None else Path(allowed_keys))
+        check_serve_security(bind, keys[0], keys[1], insecure)
+        self.task = resolve_task(task_ref(task), model or "mlp", model is not None)
+        max_message_bytes = int(max_message_mb * 2**20)
+        if chunk_kb * 1024 > max_message_bytes // 2:
+            raise ConfigError(f"--chunk-kb {chunk_kb} is more than half of --max-message-mb {max_message_mb:g}",
+                              f"pass --chunk-kb {max(max_message_bytes // 2048, 1)} or less, or a larger "
+                              "--max-message-mb")
+        self.config = run_config(model=self.task.name, **run_options(arguments), bind=bind,
+                                 heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
+                                 max_message_bytes=max_message_bytes,
+                                 chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
+                                 chunk_bytes=chunk_kb * 1024, curve_secret_key=keys[0], allowed_keys=keys[1])
+        self.on_round = on_round
+        check_writable_dir(self.config.state_dir, "--state-dir")
+        self._check_keys(keys[0], keys[1], insecure)
+        self._load(eval_data, None if data_dir is None else Path(data_dir), eval_backend)
+
+    def _check_keys(self, secret_key: Path | None, allowed_keys: Path | None, insecure: bool) -> None:
+        """A bad key fails before evaluation data is loaded; plaintext on a reachable bind is logged."""
+        if secret_key is not None and allowed_keys is not None:
+            check_readable_dir(allowed_keys, "--allowed-keys")
+            load_key_pair(secret_key)
+            load_allowed_keys(allowed_keys)
+        elif insecure and not is_local_bind(self.config.bind):
+            log.warning("serving %s in plaintext (--insecure): anyone who reaches it can join, and model updates "
+                        "travel unencrypted", self.config.bind)
+
+    def _load(self, eval_data: str | None, data_dir: Path | None, eval_backend: str) -> None:
+        """A user task's spec and initial weights (imports its framework), and the evaluator if asked for."""
+        from fedctl.cli.common import load_data, make_evaluator, resolve_backend
+        from fedctl.cli.tasking import broker_model
+
+        config, task = self.config, self.task
+        self.model = broker_model(task, config.seed)
+        self.evaluator = None
+        if eval_data:
+            shard = load_data(eval_data, data_dir, "--eval-data")
+            spec = get_model(config.model) if self.model is None else self.model[0]
+            self.evaluator = make_evaluator("torch" if self.model is not None else resolve_backend(eval_backend),
+                                            spec, shard, task=task)
+            log.info("evaluating on %s (%d examples) every %d round(s)", shard.name, shard.num_examples,
+                     config.eval_every)
+
+    async def _main(self, started: Started) -> Run:
+        """Bind, run every round, and describe the run; a start that fails leaves no empty state dir."""
+        begun = time.perf_counter()
+        with removed_if_empty_on_error(self.config.state_dir):  # e.g. bind in use: no empty run directory stays
+            async with private_context() as ctx:
+                broker = Broker(self.config, self.evaluator, on_round=self.on_round, ctx=ctx, model=self.model)
+                started(broker.endpoint)
+                summary = await broker.run()
+        return Run.from_summary(self.config.state_dir, summary, time.perf_counter() - begun)
+
+    def run(self) -> Run:
+        """Run the broker until the run is complete (workers join with :func:`fedctl.join`); a run already in the
+        state dir is resumed. Ctrl-C (or interrupting a notebook cell) stops it; the same call resumes it."""
+        return run_blocking(self._main, "fedctl-broker")
+
+    def start(self) -> BrokerHandle:
+        """Run the broker in a background thread; returns once it listens, with its ``endpoint``."""
+        return BrokerHandle(self._main, "fedctl-broker", self.config.state_dir)
+
+
+@takes_parameters_of(Server)
+def serve(*args: Any, **kwargs: Any) -> Run:
+    """Run a broker until its run is complete and return the :class:`~fedctl.api.results.Run` (parameters: those
+    of :class:`Server`). Workers take part with :func:`fedctl.join` (or ``fedctl join``) from other processes.
+
+    >>> run = fedctl.serve(task="my_task.py", bind="tcp://127.0.0.1:5555", rounds=20, min_workers=5,
+    ...                    state_dir="runs/y")                                       # doctest: +SKIP
+    """
+    return Server(*args, **kwargs).run()
+
+
+@takes_parameters_of(Server)
+def serve_background(*args: Any, **kwargs: Any) -> BrokerHandle:
+    """Start a broker in a background thread and return its handle once it listens (parameters: those of
+    :class:`Server`): ``handle.endpoint``, ``handle.wait(timeout)`` → :class:`~fedctl.api.results.Run`,
+    ``handle.stop()``, ``handle.metrics``; ``with fedctl.serve_background(...) as broker:`` stops it on leaving."""
+    return Server(*args, **kwargs).start()
+
+
+__all__ = ["Server", "serve", "serve_background"]
