@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -39,16 +40,16 @@ def model_given(ctx: click.Context) -> bool:
 
 
 def broker_model(task: Task, seed: int) -> tuple[ModelSpec, Params] | None:
-    """The spec and initial weights of a user task (built once with its framework, seeded), or None for a built-in
-    model, which the broker initialises with numpy alone."""
+    """The spec and initial weights of a user task (built once with its framework, seeded: PyTorch's ``model()``, or
+    for a task with only ``gluon_model()`` MXNet's), or None for a built-in model, which the broker initialises with
+    numpy alone."""
     if task.is_builtin:
         return None
     from fedctl.worker.frameworks import load_trainer_class  # the framework is imported for this one step
 
-    load_trainer_class("torch_task")
-    from fedctl.worker.frameworks.torch_task import task_spec
-
-    spec, weights = task_spec(task, seed)
+    adapter = "torch_task" if task.model is not None else "mxnet_task"
+    load_trainer_class(adapter)  # a framework that is missing is one line naming how to install it
+    spec, weights = importlib.import_module(f"fedctl.worker.frameworks.{adapter}").task_spec(task, seed)
     log.info("task %s (%s): %d tensors, %d values, initialised with seed %d", task.name, task.ref, len(spec.params),
              spec.num_params, seed)
     return spec, weights

@@ -2,7 +2,8 @@
 
 A task module defines, in plain framework code (docs/tasks.md):
 
-``model()``               required: a new ``torch.nn.Module`` (its ``state_dict`` names and shapes are the model's)
+``model()``               a new ``torch.nn.Module`` (its ``state_dict`` names and shapes are the model's)
+``gluon_model()``         a new MXNet Gluon ``Block``, initialised or not; a task has model(), gluon_model() or both
 ``load_data(path)``       optional: ``(x, y)`` numpy arrays of a local dataset (default: fedctl's loaders)
 ``loss(outputs, y)``      optional: a scalar tensor (default: cross-entropy on class scores)
 ``metrics(y, scores)``    optional: ``{name: float}`` computed from labels and the model's outputs (numpy) on held-out
@@ -10,6 +11,10 @@ A task module defines, in plain framework code (docs/tasks.md):
 ``optimizer(params, lr)`` optional: a ``torch.optim.Optimizer`` for local training (default: plain SGD at ``lr``)
 ``local_buffers``         optional bool: keep float buffers (BatchNorm running statistics) local — FedBN
 ``name``                  optional str: the model's name in the run (default: the file or module name)
+``gluon_names()``         optional: the Gluon parameter names in the order of the PyTorch model's float tensors
+``gluon_loss(out, y)``    optional: MXNet's loss, on NDArrays (default: softmax cross-entropy)
+``gluon_optimizer(params, lr)``  optional: a ``gluon.Trainer`` over ``params`` (default: plain SGD at ``lr``)
+``input_shape``           optional tuple: one example's shape, which settles a Gluon block's deferred shapes
 
 Importing a task runs the user's code; this module imports no framework itself.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import re
 import sys
 import traceback
@@ -30,6 +36,8 @@ from typing import Any
 
 from fedctl.errors import ConfigError
 from fedctl.models import MODELS, ModelSpec, get_model
+
+log = logging.getLogger(__name__)
 
 BUILTIN_TASKS = ("mlp", "lenet5")
 """Models fedctl ships as tasks (``--task mlp`` is ``--model mlp``)."""
@@ -48,12 +56,39 @@ class Task:
     metrics: Callable[[Any, Any], dict[str, float]] | None = None
     optimizer: Callable[[Any, float], Any] | None = None
     local_buffers: bool = False
+    gluon_model: Callable[[], Any] | None = None
+    gluon_names: Callable[[], Any] | None = None
+    gluon_loss: Callable[[Any, Any], Any] | None = None
+    gluon_optimizer: Callable[[Any, float], Any] | None = None
+    input_shape: tuple[int, ...] | None = None
     builtin: ModelSpec | None = None
     """The zoo spec of a built-in task (the framework adapters build its model by name)."""
 
     @property
     def is_builtin(self) -> bool:
         return self.builtin is not None
+
+    def call_metrics(self, y: Any, scores: Any) -> dict[str, float]:
+        """The task's ``metrics(y, scores)`` as ``{name: float}``; a metric that raises, or is not a number, is
+        logged and left out (training goes on)."""
+        if self.metrics is None:
+            return {}
+        try:
+            got = self.metrics(y, scores)
+        except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+            log.warning("task %s: metrics() raised %s: %s; its metrics are left out", self.name,
+                        type(exc).__name__, exc)
+            return {}
+        if not isinstance(got, dict):
+            log.warning("task %s: metrics() returned %s, not a dict; left out", self.name, type(got).__name__)
+            return {}
+        out = {}
+        for key, value in got.items():
+            try:
+                out[str(key)] = float(value)
+            except (TypeError, ValueError):
+                log.warning("task %s: metric %r is not a number; left out", self.name, key)
+        return out
 
 
 def load_task(ref: str) -> Task:
@@ -140,9 +175,11 @@ def _optional(module: ModuleType, name: str, ref: str, arity: int) -> Callable[.
 
 def _contract(module: ModuleType, ref: str) -> Task:
     model = _optional(module, "model", ref, 0)
-    if model is None:
-        raise ConfigError(f"--task {ref} defines no model() function",
-                          "add `def model():` returning a new torch.nn.Module (docs/tasks.md)")
+    gluon_model = _optional(module, "gluon_model", ref, 0)
+    if model is None and gluon_model is None:
+        raise ConfigError(f"--task {ref} defines no model() function (nor gluon_model())",
+                          "add `def model():` returning a new torch.nn.Module, or `def gluon_model():` returning "
+                          "an MXNet Gluon Block (docs/tasks.md)")
     default_name = Path(ref).stem if ref.endswith(".py") else ref.rsplit(".", 1)[-1]
     name = getattr(module, "name", default_name)
     if not isinstance(name, str) or not _NAME.match(name):
@@ -156,4 +193,19 @@ def _contract(module: ModuleType, ref: str) -> Task:
                           "set local_buffers = True to keep BatchNorm statistics local (FedBN)")
     return Task(name, ref, model=model, load_data=_optional(module, "load_data", ref, 1),
                 loss=_optional(module, "loss", ref, 2), metrics=_optional(module, "metrics", ref, 2),
-                optimizer=_optional(module, "optimizer", ref, 2), local_buffers=local)
+                optimizer=_optional(module, "optimizer", ref, 2), local_buffers=local, gluon_model=gluon_model,
+                gluon_names=_optional(module, "gluon_names", ref, 0),
+                gluon_loss=_optional(module, "gluon_loss", ref, 2),
+                gluon_optimizer=_optional(module, "gluon_optimizer", ref, 2),
+                input_shape=_input_shape(module, ref))
+
+
+def _input_shape(module: ModuleType, ref: str) -> tuple[int, ...] | None:
+    shape = getattr(module, "input_shape", None)
+    if shape is None:
+        return None
+    if (not isinstance(shape, (tuple, list)) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        raise ConfigError(f"--task {ref}: input_shape must be a tuple of positive ints, got {shape!r}",
+                          "give one example's shape without the batch axis, e.g. input_shape = (1, 28, 28)")
+    return tuple(shape)

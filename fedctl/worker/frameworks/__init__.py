@@ -51,8 +51,12 @@ BACKENDS: dict[str, Backend] = {
         "fedctl.worker.frameworks.mxnet:MXNetTrainer", "mxnet", "pip install 'fedctl[mxnet]' (needs numpy<1.24)"
     ),
 }
-_TASK_ADAPTERS = {"torch_task": Backend("fedctl.worker.frameworks.torch_task:TorchTaskTrainer", "torch",
-                                        "pip install 'fedctl[torch]'")}
+_TASK_ADAPTERS = {
+    "torch_task": Backend("fedctl.worker.frameworks.torch_task:TorchTaskTrainer", "torch",
+                          "pip install 'fedctl[torch]'"),
+    "mxnet_task": Backend("fedctl.worker.frameworks.mxnet_task:MXNetTaskTrainer", "mxnet",
+                          "pip install 'fedctl[mxnet]' (needs numpy<1.24)"),
+}
 """Adapters for user tasks (docs/tasks.md), looked up like backends but not chosen with --backend."""
 _PREFERENCE = ("torch", "mxnet")
 
@@ -142,17 +146,32 @@ def create_trainer(
     BackendUnavailable
         The framework is not installed or the requested GPU does not exist.
     """
-    if task is not None and not task.is_builtin:  # a user task (fedctl.tasks.Task): its own module and loss
-        if backend != "torch":
-            raise ConfigError(f"task {task.name} is a PyTorch task; --backend {backend} cannot train it",
-                              "pass --backend torch (MXNet Gluon tasks are not supported yet)")
-        cls = load_trainer_class("torch_task")
+    if task is not None and not task.is_builtin:  # a user task (fedctl.tasks.Task): its own model and loss
+        cls = load_trainer_class(task_adapter(task, backend))
         trainer: Trainer = cls(spec, x, y, device=device, threads=threads, task=task)
     else:
         cls = load_trainer_class(backend)
         trainer = cls(spec, x, y, device=device, threads=threads)
     logger.debug("created %s trainer for %s on %s (%d examples)", backend, spec.name, device, len(y))
     return trainer
+
+
+def task_adapter(task: Any, backend: str) -> str:
+    """The adapter that trains a user task on ``backend``: ``model()`` with PyTorch, ``gluon_model()`` with MXNet.
+
+    A task with only ``gluon_model()`` trains with MXNet whatever the backend (``torch`` is what ``--backend auto``
+    and the broker's evaluator ask for when PyTorch is installed); a task without ``gluon_model()`` is refused on
+    MXNet.
+    """
+    if backend == "mxnet":
+        if task.gluon_model is None:
+            raise ConfigError(f"task {task.name} defines no gluon_model(); --backend mxnet cannot train it",
+                              "pass --backend torch, or add gluon_model() to the task (docs/tasks.md)")
+        return "mxnet_task"
+    if task.model is None:
+        logger.info("task %s defines only gluon_model(): MXNet trains it (not %s)", task.name, backend)
+        return "mxnet_task"
+    return "torch_task"
 
 
 def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
