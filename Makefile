@@ -1,6 +1,6 @@
 # fedctl — every dependency is installed by the project itself into .venv.
 #   make install   virtual environment with fedctl, PyTorch 2.13.0, MXNet 1.9.1 (Python <= 3.11) and test tools
-#   make test      install if needed, then the whole test suite
+#   make test      install if needed, then the test suite without the long runs (`slow`: make acceptance)
 #   make demo      install if needed, then a real local federation on the bundled MNIST sample
 #   make bench     install if needed, then the benchmarks (bench/results/: JSON, markdown, PNG)
 #   make fuzz      install if needed, add atheris, then fuzz the wire decoder for FUZZ_SECONDS (docs/reliability.md)
@@ -47,7 +47,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 acceptance: install
 	$(PY) -m pytest -q -m slow tests

@@ -135,9 +135,9 @@ eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, bes
         from fedctl.cli.tasking import resolve_task
 
         task_ = resolve_task(task_ref(task), model or "mlp", model is not None)
-        if not task_.is_builtin and backend not in ("auto", "torch"):
-            raise ConfigError(f"task {task_.name} is a PyTorch task; --backend {backend} cannot train it",
-                              "pass --backend torch")
+        if not task_.is_builtin and backend == "mxnet" and task_.gluon_model is None:
+            raise ConfigError(f"task {task_.name} defines no gluon_model(); --backend mxnet cannot train it",
+                              "pass --backend torch, or add gluon_model() to the task (docs/tasks.md)")
         config = self.config = run_config(model=task_.name, **run_options(arguments), done_linger_s=2.0)
         check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
         Checkpointer(config.state_dir).check_resumable(config.model, config.strategy)

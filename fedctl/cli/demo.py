@@ -108,10 +108,15 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
         logging.getLogger("fedctl.broker").setLevel(logging.WARNING)
     task = resolve_task(task_ref, model, model_given(click.get_current_context()))
     model = task.name
-    chosen = _backends(backends) if task.is_builtin else ["torch"]  # a user task is a PyTorch task
-    if not task.is_builtin and backends not in ("auto", "torch"):
-        raise ConfigError(f"task {task.name} is a PyTorch task; --backends {backends} cannot train it",
-                          "pass --backends torch")
+    chosen = _backends(backends)
+    if not task.is_builtin:  # a user task trains on the frameworks it defines a model for
+        can = {"torch": task.model is not None, "mxnet": task.gluon_model is not None}
+        refused = [b for b in chosen if not can.get(b, False)]
+        if backends != "auto" and refused:
+            fn = "model()" if refused[0] == "torch" else "gluon_model()"
+            raise ConfigError(f"task {task.name} defines no {fn}; --backends {refused[0]} cannot train it",
+                              "pass --backends with the frameworks the task defines a model for (docs/tasks.md)")
+        chosen = [b for b in chosen if can.get(b, False)] or ["torch"]
     out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     # Every input is checked before the first file is written.
     config = BrokerConfig(bind="tcp://127.0.0.1:*", model=model, strategy=strategy, rounds=rounds,
