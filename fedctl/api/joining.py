@@ -68,7 +68,7 @@ class Participant:
                  device: str = "cpu", worker_id: str | None = None, threads: int | str = "auto",
                  connect_timeout: float = 60.0, state_dir: PathLike | None = None, slowdown: float = 1.0,
                  server_key: str | None = None, secret_key: PathLike | None = None) -> None:
-        from fedctl.cli.common import check_endpoint, resolve_backend
+        from fedctl.api.inputs import check_endpoint, resolve_backend
 
         check_endpoint(connect, "--connect", bind=False)
         curve = check_join_security(server_key, None if secret_key is None else Path(secret_key))
@@ -131,15 +131,15 @@ def _data_name(data: Data) -> str:
 
 
 def _worker_spec(task: Task | None) -> Any:
-    from fedctl.cli.tasking import worker_spec
+    from fedctl.api.tasking import worker_spec
 
     return worker_spec(task) if task is not None else None
 
 
 def _local_data(task: Task | None, data: Data, data_dir: PathLike | None, holdout: float | None) -> Shard:
     """The worker's examples: arrays as they are, the task's ``load_data(path)``, or fedctl's loaders."""
-    from fedctl.cli.common import LOCAL_HOLDOUT, load_data
-    from fedctl.cli.tasking import load_task_data, uses_task_loader
+    from fedctl.api.inputs import LOCAL_HOLDOUT, load_data
+    from fedctl.api.tasking import load_task_data, uses_task_loader
 
     if isinstance(data, tuple):
         return with_holdout(arrays_shard(data), LOCAL_HOLDOUT if holdout is None else holdout, seed=0)

@@ -72,8 +72,8 @@ fed_eval_fraction, best_metric, best_mode, keep_models:
                  allowed_keys: PathLike | None = None, insecure: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
-        from fedctl.cli.common import check_endpoint
-        from fedctl.cli.tasking import resolve_task
+        from fedctl.api.inputs import check_endpoint
+        from fedctl.api.tasking import resolve_task
 
         check_endpoint(bind, "--bind", bind=True)
         keys = (None if secret_key is None else Path(secret_key), None if allowed_keys is None else Path(allowed_keys))
@@ -106,8 +106,8 @@ fed_eval_fraction, best_metric, best_mode, keep_models:
 
     def _load(self, eval_data: str | None, data_dir: Path | None, eval_backend: str) -> None:
         """A user task's spec and initial weights (imports its framework), and the evaluator if asked for."""
-        from fedctl.cli.common import load_data, make_evaluator, resolve_backend
-        from fedctl.cli.tasking import broker_model
+        from fedctl.api.inputs import load_data, make_evaluator, resolve_backend
+        from fedctl.api.tasking import broker_model
 
         config, task = self.config, self.task
         self.model = broker_model(task, config.seed)

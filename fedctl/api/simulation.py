@@ -59,8 +59,8 @@ def simulation_model(config: BrokerConfig, sim: SimConfig, eval_backend: str,
                      task: Task | None) -> tuple[Evaluator | None, tuple[ModelSpec, Params] | None]:
     """The evaluator on the partition's test shard (a user ``task``'s only when the partition has one) and a user
     task's spec and initial weights (None for a built-in model)."""
-    from fedctl.cli.common import make_evaluator, resolve_backend
-    from fedctl.cli.tasking import broker_model
+    from fedctl.api.inputs import make_evaluator, resolve_backend
+    from fedctl.api.tasking import broker_model
 
     model = broker_model(task, config.seed) if task is not None else None
     if model is None:
@@ -131,8 +131,8 @@ eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, bes
                  delay: float = 0.0, holdout: float | None = None, on_round: OnRound | None = None,
                  on_partition: Callable[[str], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
-        from fedctl.cli.common import missing_dataset_fix, resolve_backend
-        from fedctl.cli.tasking import resolve_task
+        from fedctl.api.inputs import missing_dataset_fix, resolve_backend
+        from fedctl.api.tasking import resolve_task
 
         task_ = resolve_task(task_ref(task), model or "mlp", model is not None)
         if not task_.is_builtin and backend == "mxnet" and task_.gluon_model is None:

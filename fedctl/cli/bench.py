@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
+from fedctl.api.inputs import missing_dataset_fix
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
 from fedctl.cli.bench_policies import bench_heartbeat, bench_policies
-from fedctl.cli.common import missing_dataset_fix
 from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
 from fedctl.data.datasets import DATASETS
 from fedctl.data.shards import read_manifest

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
+from fedctl.api.inputs import missing_dataset_fix
 from fedctl.broker.store import Checkpointer
-from fedctl.cli.common import missing_dataset_fix
 from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
 from fedctl.data.datasets import DATASETS
 from fedctl.data.shards import read_manifest
@@ -92,7 +92,7 @@ def bench_policies(policies: tuple[str, ...], dataset: str, clients: int, backen
                    source_dir: Path | None, out: Path, **options: Any) -> None:
     """Sync vs SSP vs async with stragglers: the same model, data, K workers and speed profile under each policy
     (fresh state in OUT/runs/policies-NAME). Writes OUT/policies.json, .md, .png and policies_staleness.png."""
-    from fedctl.cli.common import resolve_backend
+    from fedctl.api.inputs import resolve_backend
     from fedctl.sim.policies import add_ratios, write_policies_report
 
     bench = _policy_bench(policies, options)
@@ -132,7 +132,7 @@ def _policy_bench(policies: tuple[str, ...], o: dict[str, Any]) -> Any:
 
 def _start_accuracy(bench: Any, data: Path, backend: str) -> float:
     """Test accuracy of the initial model every policy starts from (the origin of the time-to-target curve)."""
-    from fedctl.cli.common import make_evaluator, resolve_backend
+    from fedctl.api.inputs import make_evaluator, resolve_backend
     from fedctl.data.shards import load_shard
     from fedctl.models import get_model, init_params
 
@@ -145,7 +145,7 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
                 start: float) -> dict[str, Any]:
     import shutil
 
-    from fedctl.cli.common import resolve_backend
+    from fedctl.api.inputs import resolve_backend
     from fedctl.sim.policies import summarize_policy
 
     state = out / "runs" / f"policies-{policy.replace(':', '')}"

@@ -15,12 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedctl.api.inputs import make_evaluator
+from fedctl.api.tasking import broker_model, resolve_task
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
-from fedctl.cli.common import make_evaluator
 from fedctl.cli.options import fed_eval_options
-from fedctl.cli.tasking import broker_model, model_given, resolve_task, task_option
+from fedctl.cli.tasking import model_given, task_option
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import load_shard
 from fedctl.errors import BackendUnavailable, ConfigError, FedctlError

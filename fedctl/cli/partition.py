@@ -11,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from fedctl.cli.common import missing_dataset_fix
+from fedctl.api.inputs import missing_dataset_fix
 from fedctl.data.datasets import DATASETS
 from fedctl.data.local import load_local
 from fedctl.data.partition import SCHEMES, write_local_partition, write_partition

@@ -102,7 +102,7 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
                    model: tuple[ModelSpec, Params] | None = None) -> dict[str, Any]:
     """Run a whole federated run with virtual workers; returns the broker's summary plus host figures.
 
-    ``task`` and ``model`` (its spec and initial weights, ``fedctl.cli.tasking.broker_model``) run a user task
+    ``task`` and ``model`` (its spec and initial weights, ``fedctl.api.tasking.broker_model``) run a user task
     instead of the built-in model ``broker_config.model``."""
     shards = shards if shards is not None else load_shards(sim)
     loop = asyncio.get_running_loop()

@@ -87,6 +87,7 @@ def test_the_walk_sees_the_packages() -> None:
     ("fedctl.worker", ("fedctl.broker", "fedctl.cli")),
     ("fedctl.testing", ("zmq", "torch", "mxnet", "fedctl.broker", "fedctl.cli")),
     ("fedctl.tasks", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
+    ("fedctl.api", ("click", "fedctl.cli")),
 ])
 def test_layer_imports(package: str, banned: tuple[str, ...]) -> None:
     assert violations(package, banned) == {}

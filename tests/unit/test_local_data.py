@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedctl.cli.common import LOCAL_HOLDOUT, load_data
+from fedctl.api.inputs import LOCAL_HOLDOUT, load_data
 from fedctl.data.local import LocalData, load_local, split_holdout
 from fedctl.data.partition import write_local_partition, write_partition
 from fedctl.data.shards import load_shard, read_manifest

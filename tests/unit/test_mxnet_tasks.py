@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedctl.cli.tasking import broker_model
+from fedctl.api.tasking import broker_model
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.tasks import load_task
 
