@@ -15,7 +15,7 @@ from fedctl.data.shards import Shard, load_shard, load_split_as_shard, read_mani
 from fedctl.errors import ConfigError, DataError, DatasetNotFound
 from fedctl.models import ModelSpec
 from fedctl.worker.frameworks import create_trainer, default_backend
-from fedctl.worker.frameworks.base import Params, Trainer
+from fedctl.worker.frameworks.base import Params
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,6 @@ def _with_scheme(address: str) -> str:
 
 def resolve_backend(backend: str) -> str:
     return default_backend() if backend == "auto" else backend
-
-
-def trainer_factory(backend: str, shard: Shard, device: str, threads: int | None) -> Callable[[ModelSpec], Trainer]:
-    def make(spec: ModelSpec) -> Trainer:
-        return create_trainer(backend, spec, shard.x, shard.y, device=device, threads=threads)
-
-    return make
 
 
 def make_evaluator(backend: str, spec: ModelSpec, shard: Shard, device: str = "cpu",

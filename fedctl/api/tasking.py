@@ -15,6 +15,7 @@ from fedctl.worker.frameworks.base import Params
 
 log = logging.getLogger(__name__)
 
+
 def resolve_task(task_ref: str | None, model: str, model_given: bool) -> Task:
     """The task a command runs: ``--task`` if given (``--model`` then must not name another model), else the
     built-in ``--model``."""
@@ -46,10 +47,6 @@ def worker_spec(task: Task) -> ModelSpec | None:
     """The spec a worker's task produces, sent with its join; None for a built-in model (checked by name)."""
     model = broker_model(task, 0)
     return None if model is None else model[0]
-
-
-def describe(task: Task) -> dict[str, Any]:
-    return {"task": task.name, "ref": task.ref, "builtin": task.is_builtin}
 
 
 def uses_task_loader(task: Task | None, data: str, data_dir: Any) -> bool:

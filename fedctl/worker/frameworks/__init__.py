@@ -192,6 +192,18 @@ def check_data(spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return x, y
 
 
+def check_class_scores(task: str, shape: tuple[int, ...], y: np.ndarray, loss_fn: str) -> None:
+    """A task trained with the default cross-entropy must output class scores ``[batch, classes]`` (``shape``: its
+    output on two examples) and its labels ``y`` must be classes of it; ConfigError naming the fix otherwise."""
+    if len(shape) != 2:
+        raise ConfigError(f"task {task}: the model outputs shape {shape}, not [batch, classes]",
+                          f"return class scores, or define {loss_fn} in the task")
+    classes = shape[1]
+    if y.min() < 0 or y.max() >= classes:
+        raise ConfigError(f"labels range over [{y.min()}, {y.max()}], the model has {classes} classes",
+                          f"use labels 0..{classes - 1}, or change the model's output size")
+
+
 def validate_weights(spec: ModelSpec, weights: Params) -> Params:
     """Check ``weights`` against ``spec`` and return them as float32 arrays in spec order.
 

@@ -20,7 +20,7 @@ import numpy as np
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.models.zoo import ModelSpec, ParamSpec
 from fedctl.tasks import Task
-from fedctl.worker.frameworks import sample_batch
+from fedctl.worker.frameworks import check_class_scores, sample_batch
 from fedctl.worker.frameworks.base import Params, TrainResult
 from fedctl.worker.frameworks.mxnet import MXNetTrainer, _mx_context
 from fedctl.worker.threads import ThreadBudget, as_budget
@@ -224,13 +224,7 @@ class MXNetTaskTrainer(MXNetTrainer):
         if self.task.gluon_loss is not None or self.task.loss is not None:
             return
         out = self._net(nd.array(x[:2], ctx=self.ctx))
-        if out.ndim != 2:
-            raise ConfigError(f"task {self.task.name}: the Gluon block outputs shape {out.shape}, not "
-                              "[batch, classes]", "return class scores, or define gluon_loss() in the task")
-        classes = out.shape[1]
-        if y.min() < 0 or y.max() >= classes:
-            raise ConfigError(f"labels range over [{y.min()}, {y.max()}], the model has {classes} classes",
-                              f"use labels 0..{classes - 1}, or change the model's output size")
+        check_class_scores(self.task.name, tuple(out.shape), y, "gluon_loss()")
 
     def set_weights(self, weights: Params) -> None:
         super().set_weights(weights)

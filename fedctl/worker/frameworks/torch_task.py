@@ -20,7 +20,7 @@ from torch import nn
 from fedctl.errors import ConfigError, ModelMismatch
 from fedctl.models.zoo import ModelSpec, ParamSpec, first_difference
 from fedctl.tasks import Task
-from fedctl.worker.frameworks import sample_batch, validate_weights
+from fedctl.worker.frameworks import check_class_scores, sample_batch, validate_weights
 from fedctl.worker.frameworks.base import Params, TrainResult
 from fedctl.worker.frameworks.torch import TorchTrainer, _torch_device
 from fedctl.worker.threads import ThreadBudget, as_budget
@@ -130,13 +130,7 @@ class TorchTaskTrainer(TorchTrainer):
                               f"{tuple(x.shape[1:])}): {first}",
                               "make the data (or the task's load_data) match the model's input") from None
         if self.task.loss is None:
-            if out.ndim != 2:
-                raise ConfigError(f"task {self.task.name}: the model outputs shape {tuple(out.shape)}, not "
-                                  "[batch, classes]", "return class scores, or define loss() in the task")
-            classes = out.shape[1]
-            if y.min() < 0 or y.max() >= classes:
-                raise ConfigError(f"labels range over [{y.min()}, {y.max()}], the model has {classes} classes",
-                                  f"use labels 0..{classes - 1}, or change the model's output size")
+            check_class_scores(self.task.name, tuple(out.shape), y, "loss()")
         return x, y
 
     # -- weights -------------------------------------------------------------------------------------------------
@@ -217,8 +211,7 @@ class TorchTaskTrainer(TorchTrainer):
         result: dict[str, float] = {"loss": loss_sum / n, "num_examples": n}
         if scores.ndim == 2:
             result["accuracy"] = float((scores.argmax(1) == y).mean())
-        if self.task.metrics is not None:
-            result.update(_task_metrics(self.task, y, scores))
+        result.update(self.task.call_metrics(y, scores))
         return result
 
     def logits(self, weights: Params) -> np.ndarray:
@@ -226,22 +219,3 @@ class TorchTaskTrainer(TorchTrainer):
         self._net.eval()
         with torch.no_grad():
             return self._net(self._x).float().cpu().numpy()
-
-
-def _task_metrics(task: Task, y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    assert task.metrics is not None
-    try:
-        got = task.metrics(y, scores)
-    except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
-        log.warning("task %s: metrics() raised %s: %s; its metrics are left out", task.name, type(exc).__name__, exc)
-        return {}
-    if not isinstance(got, dict):
-        log.warning("task %s: metrics() returned %s, not a dict; left out", task.name, type(got).__name__)
-        return {}
-    out = {}
-    for key, value in got.items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            log.warning("task %s: metric %r is not a number; left out", task.name, key)
-    return out
