@@ -31,7 +31,7 @@ from fedctl.wire import constants as C
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
-from fedctl.worker.frameworks.base import Params, Trainer
+from fedctl.worker.frameworks.base import Params, Trainer, local_state, set_local_state
 from fedctl.worker.state import WorkerState
 from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 TrainerFactory = Callable[[ModelSpec], Trainer]
 MAX_FAILURES = 3
 """A worker whose training raises in this many rounds in a row stops (exit non-zero) rather than fail forever."""
-Evaluate = Callable[[Params], tuple[Mapping[str, float], int]]
-"""Federated evaluation on the worker's held-out data: ``weights -> (metrics, examples)``, in a thread."""
+Evaluate = Callable[[Params, Params], tuple[Mapping[str, float], int]]
+"""Federated evaluation on the worker's held-out data: ``(weights, local tensors) -> (metrics, examples)``, in a
+thread; the local tensors are the training model's (:func:`local_state`), so a FedBN model is evaluated with this
+worker's own BatchNorm statistics."""
 EvaluatorFactory = Callable[[ModelSpec], Evaluate]
 """Builds the worker's :data:`Evaluate` for the run's model, the first time the broker asks for an evaluation."""
 
@@ -51,7 +53,12 @@ def trainer_evaluator(make_trainer: TrainerFactory, num_examples: int) -> Evalua
 
     def build(spec: ModelSpec) -> Evaluate:
         trainer = make_trainer(spec)
-        return lambda weights: (trainer.evaluate(weights), num_examples)
+
+        def evaluate(weights: Params, local: Params) -> tuple[Mapping[str, float], int]:
+            set_local_state(trainer, local)
+            return trainer.evaluate(weights), num_examples
+
+        return evaluate
 
     return build
 
@@ -63,6 +70,8 @@ class Push:
     tensors: dict[str, Any]
     fields: dict[str, Any]
     result: ClientResult
+    local: Params
+    """The trainer's local tensors after this training (:func:`local_state`), committed with the strategy state."""
 
 
 @dataclass(frozen=True)
@@ -201,12 +210,17 @@ class Worker:
             raise Rejoin()
         raise RemoteError(reply["code"], reply["reason"], reply.get("fix"))
 
-    def _train(self, strategy: Strategy, weights: dict[str, Any], task: dict[str, Any]) -> ClientResult:
-        """Runs in a worker thread: build the framework model on first use, then the strategy's client rule."""
+    def _train(self, strategy: Strategy, weights: dict[str, Any],
+               task: dict[str, Any]) -> tuple[ClientResult, Params]:
+        """Runs in a worker thread: build the framework model on first use (with the local tensors a previous
+        process left in the state dir), then the strategy's client rule; returns its result and the local tensors
+        after it."""
         if self.trainer is None:
             assert self.spec is not None
             self.trainer = self.make_trainer(self.spec)
-        return strategy.client_update(weights, self.trainer, task, self.state.strategy)
+            set_local_state(self.trainer, self.state.local)
+        result = strategy.client_update(weights, self.trainer, task, self.state.strategy)
+        return result, local_state(self.trainer)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         assert self.spec is not None
@@ -262,7 +276,7 @@ class Worker:
         self.state.model, self.state.version = weights, int(model["version"])
         started = time.perf_counter()
         try:
-            result = await asyncio.to_thread(self._train, strategy, weights, task)
+            result, local = await asyncio.to_thread(self._train, strategy, weights, task)
         except Exception as exc:  # noqa: BLE001 - the task's own code (model, loss, optimiser) may raise anything
             await self._report_failure(int(model["round"]), exc)
             return None
@@ -275,7 +289,7 @@ class Worker:
         metrics["train_time_s"] = time.perf_counter() - started
         push = Push(dict(result.tensors), {"round": model["round"], "base_version": model["version"],
                                            "seq": self.state.seq, "kind": result.kind,
-                                           "num_examples": result.num_examples, "metrics": metrics}, result)
+                                           "num_examples": result.num_examples, "metrics": metrics}, result, local)
         self.unacked = push  # resent after a reconnect if no answer comes (the broker may have kept it)
         return await self._push(push)
 
@@ -286,7 +300,8 @@ class Worker:
         if self._evaluate is None:
             assert self.spec is not None
             self._evaluate = self.make_evaluator(self.spec)
-        metrics, n = self._evaluate(weights)
+        # The model as this worker uses it: the global weights with its own local tensors (FedBN's statistics).
+        metrics, n = self._evaluate(weights, local_state(self.trainer) if self.trainer else self.state.local)
         finite = {k: float(v) for k, v in metrics.items() if k != "num_examples" and isinstance(v, (int, float))
                   and not isinstance(v, bool) and np.isfinite(v)}
         if len(finite) > C.MAX_METRICS and not self._warned_metrics:
@@ -337,6 +352,7 @@ class Worker:
         if reply.type == C.ACK:
             self.rounds_trained += 1
             self.state.strategy, self.state.seq = dict(push.result.state), self.state.seq + 1
+            self.state.local = push.local
             if self.config.state_dir is not None:
                 await asyncio.to_thread(self.state.save, self.config.state_dir)
             log.info("round %d: pushed %s (%s; loss %.4f, %.2f s)", round_no, push.result.kind, reply["status"],

@@ -34,6 +34,9 @@ class WorkerState:
     model: Params = field(default_factory=dict)
     strategy: Params = field(default_factory=dict)
     """Private arrays of the strategy's worker side (``ClientResult.state``); they never leave the worker."""
+    local: Params = field(default_factory=dict)
+    """The model's tensors that are not federated (FedBN's BatchNorm statistics, integer buffers), as the last
+    accepted training left them; they never leave the worker."""
     seq: int = 0
     """Updates this worker had accepted in the run."""
 
@@ -48,8 +51,9 @@ class WorkerState:
     def save(self, directory: Path) -> None:
         arrays = {f"model/{k}": v for k, v in self.model.items()}
         arrays.update({f"strategy/{k}": v for k, v in self.strategy.items()})
+        arrays.update({f"local/{k}": v for k, v in self.local.items()})
         meta = {"run_id": self.run_id, "version": self.version, "seq": self.seq,
-                "model": sorted(self.model), "strategy": sorted(self.strategy)}
+                "model": sorted(self.model), "strategy": sorted(self.strategy), "local": sorted(self.local)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         atomic_write(directory / STATE_FILE, lambda fh: np.savez(fh, **arrays))
 
@@ -65,11 +69,13 @@ class WorkerState:
             meta: dict[str, Any] = json.loads(arrays.pop("meta").tobytes())
             model = {k.removeprefix("model/"): v for k, v in arrays.items() if k.startswith("model/")}
             strategy = {k.removeprefix("strategy/"): v for k, v in arrays.items() if k.startswith("strategy/")}
-            if sorted(model) != meta["model"] or sorted(strategy) != meta["strategy"]:
+            local = {k.removeprefix("local/"): v for k, v in arrays.items() if k.startswith("local/")}
+            if sorted(model) != meta["model"] or sorted(strategy) != meta["strategy"] \
+                    or sorted(local) != meta.get("local", []):
                 raise ValueError("the arrays do not match their index (written by a different save)")
             version = meta["version"]
             return cls(str(meta["run_id"]), None if version is None else int(version), model, strategy,
-                       int(meta["seq"]))
+                       local, int(meta["seq"]))
         except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("ignoring unreadable worker state in %s (%s: %s); starting fresh", directory,
                         type(exc).__name__, exc)

@@ -31,7 +31,7 @@ class Recorder:
     def factory(self, spec: ModelSpec) -> Evaluate:
         trainer = NumpyMLPTrainer(spec, self.x, self.y)
 
-        def evaluate(weights: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
+        def evaluate(weights: dict[str, np.ndarray], local: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
             metrics = trainer.evaluate(weights)
             self.seen.append((metrics, len(self.y)))
             self.weights.append({k: v.copy() for k, v in weights.items()})
@@ -108,7 +108,7 @@ def test_an_evaluation_that_raises_is_answered_with_no_examples(fed: Any, ctx: z
     good = Recorder(100, 60)
 
     def broken(spec: ModelSpec) -> Evaluate:
-        def evaluate(weights: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
+        def evaluate(weights: dict[str, np.ndarray], local: dict[str, np.ndarray]) -> tuple[dict[str, float], int]:
             raise RuntimeError("the task's metric is broken")
         return evaluate
 

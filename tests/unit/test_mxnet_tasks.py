@@ -21,6 +21,7 @@ except (ImportError, OSError, AttributeError):
     pytest.skip("mxnet is not usable here", allow_module_level=True)
 
 from fedctl.worker.frameworks import create_trainer  # noqa: E402
+from fedctl.worker.frameworks.base import local_state, set_local_state  # noqa: E402
 from fedctl.worker.frameworks.mxnet_task import MXNetTaskTrainer  # noqa: E402
 from fedctl.worker.frameworks.mxnet_task import task_spec as gluon_spec  # noqa: E402
 from fedctl.worker.frameworks.torch_task import TorchTaskTrainer  # noqa: E402
@@ -155,6 +156,17 @@ def test_batchnorm_statistics_stay_on_the_worker_with_local_buffers(tmp_path: Pa
     assert np.abs(running).max() > 0, "the worker's own statistics moved"
     worker.set_weights(weights)  # the next round's model leaves them as they are
     assert np.array_equal(worker._net[1].running_mean.data().asnumpy(), running)
+    # The statistics are the trainer's local state, which a held-out evaluator (or a restarted worker) takes over.
+    local = local_state(worker)
+    assert sorted(local) == ["1.running_mean", "1.running_var"] and np.array_equal(local["1.running_mean"], running)
+    evaluator = create_trainer("mxnet", spec, x[:40], y[:40], task=task)
+    fresh = evaluator.evaluate(weights)
+    set_local_state(evaluator, {**local, "no.such": np.zeros(3), "1.running_var": np.ones(5)})  # ignored: unknown
+    assert np.array_equal(evaluator._net[1].running_mean.data().asnumpy(), running)  # and wrong shapes
+    assert evaluator.evaluate(weights) != fresh
+    torch_worker = create_trainer("torch", spec, x, y, task=task)
+    torch_worker.fit(weights, 1, 20, 0.1, seed=0)
+    assert sorted(local_state(torch_worker)) == ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
     only = load_task(str(task_file(tmp_path, GLUON, "\ninput_shape = (1, 8, 8)\nlocal_buffers = True\n", name="g.py")))
     assert [p.name for p in gluon_spec(only)[0].params] == ["0.weight", "0.bias", "1.gamma", "1.beta", "5.weight",
                                                              "5.bias"]

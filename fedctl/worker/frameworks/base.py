@@ -42,3 +42,18 @@ class Trainer(Protocol):
     def evaluate(self, weights: Params, batch_size: int = 1000) -> dict[str, float]:
         """Accuracy and mean loss of ``weights`` on the bound dataset: ``{"accuracy": .., "loss": ..}``."""
         ...
+
+
+def local_state(trainer: object) -> Params:
+    """The tensors of ``trainer``'s model that never leave the worker (FedBN's BatchNorm statistics, integer
+    buffers such as ``num_batches_tracked``), by the framework's own names; empty for trainers that keep none."""
+    get = getattr(trainer, "local_state", None)
+    return get() if get is not None else {}
+
+
+def set_local_state(trainer: object, state: Params) -> None:
+    """Load ``state`` (from :func:`local_state` of a trainer of the same task and framework) into ``trainer``;
+    names it does not have, or of another shape, are ignored."""
+    put = getattr(trainer, "set_local_state", None)
+    if put is not None and state:
+        put(state)

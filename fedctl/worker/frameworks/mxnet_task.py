@@ -230,6 +230,20 @@ class MXNetTaskTrainer(MXNetTrainer):
         super().set_weights(weights)
         self._trainer = None  # a new round starts the local optimiser afresh, at the round's learning rate
 
+    def local_state(self) -> Params:
+        """The block's parameters that are not federated (BatchNorm statistics with ``local_buffers``), by Gluon
+        name."""
+        federated = {id(p) for p in self._params.values()}
+        return {n: p.data().asnumpy().copy() for n, p in self._net._collect_params_with_prefix().items()
+                if id(p) not in federated}
+
+    def set_local_state(self, state: Params) -> None:
+        federated = {id(p) for p in self._params.values()}
+        for name, param in self._net._collect_params_with_prefix().items():
+            value = state.get(name)
+            if value is not None and id(param) not in federated and tuple(param.shape) == tuple(value.shape):
+                param.set_data(nd.array(value, ctx=self.ctx, dtype=param.dtype))
+
     def _optimiser(self, lr: float) -> gluon.Trainer:
         if self._trainer is None:
             if self.task.gluon_optimizer is None:

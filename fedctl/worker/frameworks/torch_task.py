@@ -145,6 +145,21 @@ class TorchTaskTrainer(TorchTrainer):
     def get_weights(self) -> Params:
         return {name: t.detach().float().cpu().numpy().copy() for name, t in zip(self._names, self._state)}
 
+    def local_state(self) -> Params:
+        """The module's state that is not federated (BatchNorm statistics with ``local_buffers``, integer buffers),
+        by ``state_dict`` name."""
+        federated = set(self._names)
+        return {n: t.detach().cpu().numpy().copy() for n, t in self._net.state_dict().items() if n not in federated}
+
+    def set_local_state(self, state: Params) -> None:
+        federated = set(self._names)
+        own = self._net.state_dict()
+        with torch.no_grad():
+            for name, value in state.items():
+                t = own.get(name)
+                if t is not None and name not in federated and tuple(t.shape) == tuple(value.shape):
+                    t.copy_(torch.from_numpy(np.array(value)).to(t.dtype))
+
     # -- training ------------------------------------------------------------------------------------------------
     def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         if len(idx) == 1 and self.num_examples > 1:
