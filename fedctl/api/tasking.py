@@ -38,9 +38,28 @@ def broker_model(task: Task, seed: int) -> tuple[ModelSpec, Params] | None:
     adapter = "torch_task" if task.model is not None else "mxnet_task"
     load_trainer_class(adapter)  # a framework that is missing is one line naming how to install it
     spec, weights = importlib.import_module(f"fedctl.worker.frameworks.{adapter}").task_spec(task, seed)
+    _check_wire_limits(task, spec)
     log.info("task %s (%s): %d tensors, %d values, initialised with seed %d", task.name, task.ref, len(spec.params),
              spec.num_params, seed)
     return spec, weights
+
+
+def _check_wire_limits(task: Task, spec: ModelSpec) -> None:
+    """A model must travel in one message (at most ``MAX_TENSORS`` tensors) and its signature must fit a join
+    header (docs/protocol.md §3.4): checked when the task is loaded, on the broker and on every worker."""
+    import msgpack
+
+    from fedctl.wire import constants as C
+
+    n = len(spec.params)
+    if n > C.MAX_TENSORS:
+        raise ConfigError(f"task {task.name}: the model has {n} tensors; a run carries at most {C.MAX_TENSORS}",
+                          "federate fewer, larger tensors (e.g. keep buffers local with local_buffers = True)")
+    size = len(msgpack.packb(spec.signature()))
+    if size > C.MAX_HEADER_BYTES - 4096:  # room for join's other fields
+        raise ConfigError(f"task {task.name}: the model's signature ({n} tensors, {size} bytes of names, shapes "
+                          f"and dtypes) does not fit a join header ({C.MAX_HEADER_BYTES} bytes)",
+                          "give the model's modules shorter names, or federate fewer tensors")
 
 
 def worker_spec(task: Task) -> ModelSpec | None:

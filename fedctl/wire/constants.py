@@ -33,7 +33,8 @@ MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 
 # Limits.
 MAX_HEADER_BYTES = 64 * 1024
-MAX_TENSORS = 256
+MAX_TENSORS = 4096
+"""Tensor frames of one message: every tensor of a model fits in one (ResNet-152 federates 777)."""
 MAX_NAME_CHARS = 128
 MAX_NDIM = 8
 MAX_TENSOR_ELEMENTS = 2**40
@@ -44,7 +45,7 @@ MAX_BACKEND_CHARS = 32
 MAX_MODEL_NAME_CHARS = 64
 """Longest ``model`` name a ``join`` may ask for."""
 MAX_HOST_CHARS = 255
-MAX_MODEL_TENSORS = 4096
+MAX_MODEL_TENSORS = MAX_TENSORS
 """Most entries of a join's model signature (``params``); the 64 KiB header bounds it further."""
 MAX_REASON_CHARS = 1024
 """Longest ``reason`` (error, leave, done) and ``fix`` (error)."""

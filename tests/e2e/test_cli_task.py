@@ -125,6 +125,10 @@ def test_simulate_a_user_task_on_a_partition(tmp_path: Path, partition_dir: Path
     (TASK.format(classes=2), ("join", "--data", "{bad}"), "the model does not take the local data"),
     (TASK.format(classes=2), ("join", "--data", "{labels}"), "the model has 2 classes"),
     (TASK.format(classes=2), ("serve", "--model", "lenet5"), "name two models"),
+    ("from torch import nn\ndef model():\n    return nn.ModuleList(nn.Linear(1, 1) for _ in range(2100))\n",
+     ("serve",), "the model has 4200 tensors; a run carries at most 4096"),
+    ("from torch import nn\ndef model():\n    return nn.ModuleDict({f'layer_with_a_long_name_{i}': nn.Linear(1, 1) "
+     "for i in range(1000)})\n", ("join", "--data", "{bad}"), "does not fit a join header"),
 ])
 def test_task_mistakes_are_one_line(tmp_path: Path, body: str, args: tuple[str, ...], words: str) -> None:
     task = tmp_path / "task.py"
@@ -244,3 +248,53 @@ def test_fedbn_workers_evaluate_and_restart_with_their_own_statistics(spawn: Lau
     # momentum 0.1, 10 steps) would leave them a third short of the shift (accuracy 0.5-0.7); the saved ones carry on.
     resumed = run(tmp_path / "state", 7, worker_states)
     assert resumed[-1]["round"] == 7 and resumed[-1]["fed_eval_accuracy"] > 0.95, resumed
+
+
+MANY_TENSORS_TASK = """
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Wide(nn.Module):  # 160 small layers side by side: 320 tensors, more than a message once carried (256)
+        def __init__(self):
+            super().__init__()
+            self.branches = nn.ModuleList(nn.Linear(4, 2) for _ in range(160))
+
+        def forward(self, x):
+            return sum(branch(x) for branch in self.branches) / len(self.branches)
+
+    def model():
+        return Wide()
+
+    def load_data(path):
+        arrays = np.load(path)
+        return arrays["x"], arrays["y"]
+"""
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-message", "chunked"])
+def test_a_model_with_hundreds_of_tensors_federates(spawn: Launcher, tmp_path: Path, chunked: bool) -> None:
+    task = tmp_path / "wide.py"
+    task.write_text(textwrap.dedent(MANY_TENSORS_TASK))
+    rng = np.random.default_rng(5)
+    data = []
+    for i in range(2):
+        x = rng.normal(size=(200, 4)).astype(np.float32)
+        data.append(tmp_path / f"holder{i}.npz")
+        np.savez(data[-1], x=x, y=(x[:, 0] > 0).astype(np.int64))
+    state = tmp_path / "state"
+    chunking = ["--chunk-above-mb", "0.001", "--chunk-kb", "2"] if chunked else []  # ~4 KB of weights, 2 KB chunks
+    broker = spawn("serve", "serve", "--task", str(task), "--bind", LOOPBACK_ANY, "--state-dir", str(state),
+                   "--rounds", "2", "--min-workers", "2", "--lr", "0.5", "--round-timeout", "30", *chunking)
+    endpoint = broker.wait_endpoint()
+    workers = [spawn(f"join-{i}", "join", "--task", str(task), "--data", str(path), "--connect", endpoint,
+                     "--threads", "1", "--holdout", "0") for i, path in enumerate(data)]
+    assert_all_exit_0([broker, *workers], wait_all([broker, *workers]))
+    metrics = read_metrics(state)
+    assert [m["participants"] for m in metrics] == [2, 2]
+    saved = json.loads((state / "state.json").read_text())
+    assert len(saved["spec"]["params"]) == 320
+    with np.load(state / saved["model_file"]) as npz:
+        assert len(npz.files) == 320
+    for worker in workers:
+        assert ("in 4 chunks" in worker.stderr) == chunked, worker.describe()  # 6,400 B of weights, 2 KiB chunks
