@@ -4,7 +4,7 @@ holder's own files, with a held-out split), endpoints, backends and the broker's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ LOCAL_HOLDOUT = 0.1
 
 
 def load_data(name: str, data_dir: Path | None, option: str = "--data", *, holdout: float | None = 0.0,
-              holdout_seed: int = 0) -> Shard:
+              holdout_seed: int = 0, label_column: str | None = None, classes: Sequence[str] | None = None) -> Shard:
     """The examples ``name`` stands for, with an optional held-out part for evaluation.
 
     Parameters
@@ -44,6 +44,9 @@ def load_data(name: str, data_dir: Path | None, option: str = "--data", *, holdo
         Fraction of the examples held out of training into ``Shard.holdout_x``/``holdout_y`` (seeded by
         ``holdout_seed``, stratified, the same on every start); None: :data:`LOCAL_HOLDOUT` for a local dataset,
         none for a shard or a dataset split (whose examples stay as they always were).
+    label_column, classes:
+        For a local dataset: a table's label column (default ``"label"``) and the class names in id order
+        (:func:`fedctl.data.local.load_local`); refused for a shard or a split, whose labels are ids already.
 
     Raises
     ------
@@ -52,7 +55,7 @@ def load_data(name: str, data_dir: Path | None, option: str = "--data", *, holdo
     DataError
         The data is missing, damaged or empty.
     """
-    shard, local = _resolve_data(name, data_dir, option)
+    shard, local = _resolve_data(name, data_dir, option, label_column, classes)
     if shard.num_examples == 0:
         raise DataError(f"{option} {name!r} holds no examples",
                         fix="pick another shard, or partition again (with --test-fraction above 0 for a test split)")
@@ -64,14 +67,22 @@ def load_data(name: str, data_dir: Path | None, option: str = "--data", *, holdo
     return shard
 
 
-def _resolve_data(name: str, data_dir: Path | None, option: str) -> tuple[Shard, bool]:
+def _resolve_data(name: str, data_dir: Path | None, option: str, label_column: str | None,
+                  classes: Sequence[str] | None) -> tuple[Shard, bool]:
     """The shard ``name`` stands for, and whether it is a local dataset (not a partition's shard or a split)."""
+    path = Path(name)
+    shard = None if data_dir is not None or not path.exists() else _partition_file(path)
+    if data_dir is None and path.exists() and shard is None:
+        data = load_local(path, label_column=label_column or "label", classes=classes)
+        return shard_from_local(data, path.name), True
+    given = [flag for flag, value in (("--label-column", label_column), ("--classes", classes)) if value is not None]
+    if given:
+        raise ConfigError(f"{given[0]} applies to a dataset file or folder (--data PATH), not to {option} {name!r}",
+                          f"drop {given[0]}: the labels of a partition's shard or a dataset split are class ids")
     if data_dir is not None:
         return load_shard(data_dir, name), False
-    path = Path(name)
-    if path.exists():
-        shard = _partition_file(path)
-        return (shard, False) if shard is not None else (shard_from_local(load_local(path), path.name), True)
+    if shard is not None:
+        return shard, False
     if ":" in name:
         dataset, split = name.split(":", 1)
         return load_split_as_shard(dataset, split), False

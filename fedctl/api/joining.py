@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ class Participant:
     holdout:
         Fraction of the examples kept out of training for federated evaluation (default: 0.1 for a local dataset
         or arrays, 0 for a shard or a split).
+    label_column:
+        A CSV/Parquet dataset's label column (default ``"label"``).
+    classes:
+        The run's class names in id order, the same list on every worker (a table's label values, an image
+        folder's sub-folder names), so that a data holder without some class still numbers the others as the
+        rest do; default: the dataset's own names in sorted order (:func:`fedctl.data.local.with_classes`).
     backend, device, worker_id, threads, connect_timeout, state_dir, slowdown, server_key, secret_key:
         As for ``fedctl join`` (``threads``: ``"auto"`` or a count; ``connect_timeout`` in seconds).
 
@@ -67,7 +74,8 @@ class Participant:
                  data_dir: PathLike | None = None, holdout: float | None = None, backend: str = "auto",
                  device: str = "cpu", worker_id: str | None = None, threads: int | str = "auto",
                  connect_timeout: float = 60.0, state_dir: PathLike | None = None, slowdown: float = 1.0,
-                 server_key: str | None = None, secret_key: PathLike | None = None) -> None:
+                 server_key: str | None = None, secret_key: PathLike | None = None, label_column: str | None = None,
+                 classes: Sequence[str] | None = None) -> None:
         from fedctl.api.inputs import check_endpoint, resolve_backend
 
         check_endpoint(connect, "--connect", bind=False)
@@ -79,7 +87,7 @@ class Participant:
             raise ConfigError(f"the worker id ({'--worker-id' if worker_id else 'DATA@HOSTNAME'}) is longer than the "
                               f"{MAX_ID_CHARS} characters the protocol allows", "pass a shorter --worker-id")
         self.task = load_task(os.fspath(task)) if task is not None else None
-        self.shard = _local_data(self.task, data, data_dir, holdout)
+        self.shard = _local_data(self.task, data, data_dir, holdout, label_column, classes)
         backend = resolve_backend(backend)
         spec = _worker_spec(self.task)  # sent with join: the broker checks it too
         self.config = WorkerConfig(connect=connect, worker_id=name, backend=backend,
@@ -136,17 +144,25 @@ def _worker_spec(task: Task | None) -> Any:
     return worker_spec(task) if task is not None else None
 
 
-def _local_data(task: Task | None, data: Data, data_dir: PathLike | None, holdout: float | None) -> Shard:
+def _local_data(task: Task | None, data: Data, data_dir: PathLike | None, holdout: float | None,
+                label_column: str | None, classes: Sequence[str] | None) -> Shard:
     """The worker's examples: arrays as they are, the task's ``load_data(path)``, or fedctl's loaders."""
     from fedctl.api.inputs import LOCAL_HOLDOUT, load_data
     from fedctl.api.tasking import load_task_data, uses_task_loader
 
+    given = [flag for flag, value in (("--label-column", label_column), ("--classes", classes)) if value is not None]
+    if isinstance(data, tuple) and given:
+        raise ConfigError(f"{given[0]} applies to a dataset file or folder, not to arrays",
+                          "pass the arrays' labels as class ids 0..C-1")
     if isinstance(data, tuple):
         return with_holdout(arrays_shard(data), LOCAL_HOLDOUT if holdout is None else holdout, seed=0)
     path, directory = os.fspath(data), None if data_dir is None else Path(data_dir)
     if task is not None and uses_task_loader(task, path, directory):
+        if given:
+            raise ConfigError(f"{given[0]} applies to the datasets fedctl reads, not to task {task.name}'s "
+                              "load_data()", f"drop {given[0]}: your load_data(path) returns the labels")
         return load_task_data(task, path, holdout)  # type: ignore[no-any-return]
-    return load_data(path, directory, holdout=holdout)
+    return load_data(path, directory, holdout=holdout, label_column=label_column, classes=classes)
 
 
 def arrays_shard(data: tuple[Any, Any]) -> Shard:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from fedctl.api.joining import join
+from fedctl.cli.options import class_list
 from fedctl.cli.tasking import task_option
 
 
@@ -15,8 +16,14 @@ from fedctl.cli.tasking import task_option
 @click.option("--connect", default="tcp://127.0.0.1:5555", show_default=True, help="The broker's endpoint.")
 @click.option("--data", required=True,
               help="Shard name in --data-dir (e.g. shard3), DATASET:SPLIT, or the path of a local dataset: .npz "
-                   "(arrays x, y), CSV/Parquet (a column named label, numeric features) or a folder with one "
+                   "(arrays x, y), CSV/Parquet (a label column, numeric features) or a folder with one "
                    "sub-folder of PNG/JPEG images per class.")
+@click.option("--label-column", default=None, metavar="NAME",
+              help="--data PATH table: the label column.  [default: label]")
+@click.option("--classes", default=None, callback=class_list, metavar="NAME,NAME,...",
+              help="--data PATH: the run's class names in id order, the same on every worker (label values of a "
+                   "table, sub-folder names of an image folder), so a data holder without some class numbers the "
+                   "others as the rest do. [default: this dataset's names, sorted]")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory written by `fedctl partition`.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -44,9 +51,11 @@ from fedctl.cli.tasking import task_option
                    "--allowed-keys directory.")
 def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | None, backend: str, device: str,
              worker_id: str | None, threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
-             server_key: str | None, secret_key: Path | None, holdout: float | None) -> None:
+             server_key: str | None, secret_key: Path | None, holdout: float | None, label_column: str | None,
+             classes: tuple[str, ...] | None) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     done = join(task_ref, data=data, connect=connect, data_dir=data_dir, holdout=holdout, backend=backend,
                 device=device, worker_id=worker_id, threads=threads, connect_timeout=connect_timeout,
-                state_dir=state_dir, slowdown=slowdown, server_key=server_key, secret_key=secret_key)
+                state_dir=state_dir, slowdown=slowdown, server_key=server_key, secret_key=secret_key,
+                label_column=label_column, classes=classes)
     click.echo(f"done: trained {done.rounds_trained} rounds; run finished at round {done.final_round}")

@@ -105,3 +105,13 @@ def fed_eval_options(f: F) -> F:
     for option in reversed(FED_EVAL_OPTIONS):
         f = option(f)
     return f
+
+
+def class_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    """``--classes a,b,c``: the class names in id order (checked again, with the data, by ``with_classes``)."""
+    if value is None:
+        return None
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise click.BadParameter("an empty class name; list the names comma-separated, e.g. benign,malignant")
+    return names

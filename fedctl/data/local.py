@@ -14,7 +14,7 @@ import logging
 import os
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ class LocalData:
 
 
 def load_local(path: str | os.PathLike[str], *, label_column: str = "label",
-               image_size: tuple[int, int] | None = None) -> LocalData:
+               image_size: tuple[int, int] | None = None, classes: Sequence[str] | None = None) -> LocalData:
     """Load a dataset a data holder already has.
 
     Parameters
@@ -84,6 +84,11 @@ def load_local(path: str | os.PathLike[str], *, label_column: str = "label",
         The label column of a table; every other column is a feature.
     image_size:
         ``(height, width)`` to resize every image to; without it, images of different sizes are refused.
+    classes:
+        The class names in id order, the same list on every data holder (a table's label values, an image
+        folder's sub-folder names, an ``.npz``'s ids as ``"0"``, ``"1"``, …): label ``classes[i]`` becomes id
+        ``i`` whichever classes this dataset happens to hold. Without it, names are numbered in sorted order of
+        what this dataset holds (see :func:`with_classes`).
 
     Returns
     -------
@@ -110,10 +115,42 @@ def load_local(path: str | os.PathLike[str], *, label_column: str = "label",
             raise DataError(f"{path}: unknown dataset format {path.suffix or '(no suffix)'!r}",
                             fix=f"convert it to one fedctl reads ({describe_formats()})")
         data = loader(path, label_column)
+    if classes is not None:
+        data = with_classes(data, classes)
     _check_usable(data)
     log.debug("%s: %d examples, features %s, %d classes", path, data.num_examples, data.x.shape[1:],
               len(data.classes))
     return data
+
+
+def with_classes(data: LocalData, classes: Sequence[str]) -> LocalData:
+    """``data`` with its labels renumbered by ``classes`` (names in id order, agreed by every data holder), so that
+    a holder without some class, or whose names sort differently, still gives each class the federation's id.
+
+    Raises
+    ------
+    DataError
+        A label of ``data`` that ``classes`` does not name, or a name given twice.
+    """
+    names = [str(c).strip() for c in classes]
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    fix = "list every class name once, comma-separated, in the order of their ids"
+    if not names or not all(names):
+        raise DataError(f"the class list {','.join(names)!r} has an empty name", fix=fix)
+    if twice:
+        raise DataError(f"the class list names {twice[0]!r} twice", fix=fix)
+    check_num_classes(len(names), data.source)
+    index = {n: i for i, n in enumerate(names)}
+    used = sorted({int(v) for v in np.unique(data.y)})
+    unknown = [data.classes[i] for i in used if data.classes[i] not in index]
+    if unknown:
+        raise DataError(f"{data.source}: label {unknown[0]!r} is not in the class list ({', '.join(names[:8])}"
+                        f"{', …' if len(names) > 8 else ''})", fix="add it to --classes (the same list on every "
+                        "data holder), or relabel the data")
+    remap = np.array([index.get(name, -1) for name in data.classes], dtype=np.int64)
+    log.info("%s: classes %s", data.source, ", ".join(f"{n}={i}" for i, n in enumerate(names[:10]))
+             + (", …" if len(names) > 10 else ""))
+    return LocalData(data.x, remap[data.y], tuple(names), data.source, data.skipped)
 
 
 def describe_formats() -> str:

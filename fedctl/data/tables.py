@@ -87,7 +87,7 @@ def _first_bad_cell(name: str, values: Sequence[str]) -> str:
 def _check_label_column(path: Path, header: list[str], label_column: str) -> None:
     if label_column not in header:
         shown = ", ".join(header[:12]) + (f", … ({len(header)} in all)" if len(header) > 12 else "")
-        fix = ("rename the label column to 'label', or name it with `fedctl partition --label-column NAME`"
+        fix = ("rename the label column to 'label', or name it with --label-column NAME"
                if label_column == "label" else "pass --label-column one of its columns")
         raise DataError(f"{path} has no label column {label_column!r} (its columns: {shown})", fix=fix)
 
@@ -171,6 +171,6 @@ def _map_sorted(values: Sequence[Any], column: str, source: str) -> tuple[np.nda
     index = {v: i for i, v in enumerate(distinct)}
     classes = tuple(str(v) for v in distinct)
     shown = ", ".join(f"{name}={i}" for i, name in enumerate(classes[:10])) + (", …" if len(classes) > 10 else "")
-    log.info("%s: labels of column %r mapped in sorted order (%s); other data holders must have the same classes",
-             source, column, shown)
+    log.info("%s: labels of column %r mapped in sorted order (%s); if another data holder may lack a class, give "
+             "every holder the same --classes", source, column, shown)
     return np.array([index[v] for v in values], dtype=np.int64), classes

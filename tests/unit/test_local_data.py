@@ -89,6 +89,30 @@ def test_csv_string_labels_sorted(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.x, np.array([[1.5, 2], [0.5, -1], [3, 400], [0, 0]], np.float32))
 
 
+def test_classes_give_every_holder_the_same_ids(tmp_path: Path) -> None:
+    """A holder without 'bird' numbers cat/dog 0/1 by itself — but 1/2 like the others with the run's --classes."""
+    rows = [[0.5, "dog"], [1.5, "cat"], [2.5, "dog"]]
+    path = write_csv(tmp_path / "d.csv", ["a", "species"], rows)
+    alone = load_local(path, label_column="species")
+    assert alone.classes == ("cat", "dog") and alone.y.tolist() == [1, 0, 1]
+    agreed = load_local(path, label_column="species", classes=["bird", "cat", "dog"])
+    assert agreed.classes == ("bird", "cat", "dog") and agreed.y.tolist() == [2, 1, 2]
+    folder = tmp_path / "images"
+    for name in ("zebra", "ant"):
+        (folder / name).mkdir(parents=True)
+    from PIL import Image
+    Image.new("L", (4, 4), 9).save(folder / "zebra" / "z.png")
+    Image.new("L", (4, 4), 9).save(folder / "ant" / "a.png")
+    data = load_local(folder, classes=["zebra", "yak", "ant"])  # not sorted: the run's own order
+    assert data.y.tolist() == [2, 0] and data.classes == ("zebra", "yak", "ant")
+    with pytest.raises(DataError, match="label 'cat' is not in the class list"):
+        load_local(path, label_column="species", classes=["dog", "bird"])
+    with pytest.raises(DataError, match="names 'dog' twice"):
+        load_local(path, label_column="species", classes=["dog", "cat", "dog"])
+    shard = load_data(str(path), None, holdout=0.0, label_column="species", classes=("bird", "cat", "dog"))
+    assert shard.y.tolist() == [2, 1, 2]
+
+
 def test_csv_integer_labels_kept_and_label_column_anywhere(tmp_path: Path) -> None:
     rows = [[0, 1.0, 9], [2, 2.0, 8], [2, 3.0, 7]]
     data = load_local(write_csv(tmp_path / "d.csv", ["target", "f1", "f2"], rows), label_column="target")
@@ -128,7 +152,7 @@ def test_csv_empty_file(tmp_path: Path) -> None:
 def test_csv_missing_label_column_says_the_option(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_local(write_csv(tmp_path / "d.csv", ["a", "target"], [[1, 0]]))
-    assert "rename the label column to 'label', or name it with `fedctl partition --label-column NAME`" in str(
+    assert "rename the label column to 'label', or name it with --label-column NAME" in str(
         info.value)
     with pytest.raises(DataError, match="pass --label-column one of its columns"):
         load_local(tmp_path / "d.csv", label_column="y")
