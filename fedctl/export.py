@@ -28,6 +28,7 @@ from fedctl.broker.store import Checkpointer
 from fedctl.errors import BackendUnavailable, ConfigError
 from fedctl.fsio import atomic_write, check_writable_dir, removed_if_empty_on_error
 from fedctl.models import MODELS, get_model
+from fedctl.models.zoo import spec_from_wire
 
 Params = dict[str, np.ndarray]
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -208,13 +209,26 @@ def default_out(model: str, where: dict[str, Any], fmt: Format) -> Path:
 
 
 def task_template(task_ref: str, state: dict[str, Any], state_dir: Path, fmt: Format) -> Any:
-    """``--task``: check that ``state_dir`` holds a run of that task; for a user task and ``pt``, a fresh
-    ``model()``'s state dict, whose tensors the federation does not average fill in the file (else None)."""
+    """``--task``: check that ``state_dir`` holds a run of that task. For a user task and ``pt``, a fresh
+    ``model()``'s state dict, whose tensors the federation does not average fill in the file; for ``params`` and a
+    task with ``gluon_model()``, a function from the run's arrays to the Gluon block's (names and the tensors the
+    federation does not hold: :func:`~fedctl.worker.frameworks.mxnet_task.gluon_export`); else None."""
     task = importlib.import_module("fedctl.tasks").load_task(task_ref)
     if task.name != state.get("model"):
         raise ConfigError(f"{state_dir} holds a run of model {state.get('model')!r}, not of task {task.name!r}",
                           "pass the --task (or --model) the run was started with, or no --task")
-    if task.is_builtin or fmt.name != "pt":
+    if task.is_builtin:
+        return None
+    if fmt.name == "params" and task.gluon_model is not None:
+        load_trainer_class = importlib.import_module("fedctl.worker.frameworks").load_trainer_class
+        load_trainer_class("mxnet_task")  # MXNet missing: one line naming how to install it
+        adapter = importlib.import_module("fedctl.worker.frameworks.mxnet_task")
+        spec = spec_from_wire(state["spec"]) if isinstance(state.get("spec"), dict) else None
+        if spec is None:
+            raise ConfigError(f"{state_dir} does not record its model's tensors (a run of an older fedctl)",
+                              "export without --task")
+        return lambda arrays: adapter.gluon_export(task, spec, arrays)
+    if fmt.name != "pt":
         return None
     _torch_adapter()
     return importlib.import_module("fedctl.worker.frameworks.torch_task").build_task_module(task).state_dict()
@@ -261,6 +275,9 @@ def export(state_dir: Path, fmt_name: str, out: Path | str | None = None,
     dtypes = tensor_dtypes(state, list(arrays))
     meta = {"format": "pt", "fedctl.model": model, "fedctl.round": str(where["round"]),
             "fedctl.version": str(where["version"]), "fedctl.run_id": str(state.get("run_id"))}
+    if callable(template):  # params of a Gluon task: the block's names and tensors, float32
+        arrays = template(arrays)
+        dtypes, template = {name: "float32" for name in arrays}, None
     with removed_if_empty_on_error(path.parent):
         if template is None:
             atomic_write(path, lambda fh: fmt.write(fh, arrays, dtypes, meta))

@@ -366,3 +366,48 @@ def test_task_fills_in_what_the_federation_does_not_average(tmp_path: Path) -> N
     with pytest.raises(ConfigError, match="holds a run of model 'bnnet', not of task 'mlp'"):
         ex.export(tmp_path / "state", "pt", tmp_path / "x.pt", task="mlp")
     assert not (tmp_path / "x.pt").exists()
+
+
+DUAL_TASK = '''
+from mxnet.gluon import nn as gnn
+from torch import nn
+
+name = "dual"
+local_buffers = True
+input_shape = (4,)
+
+
+def model():
+    return nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+
+
+def gluon_model():
+    net = gnn.HybridSequential()
+    net.add(gnn.Dense(3, in_units=4), gnn.BatchNorm(in_channels=3), gnn.Dense(2, in_units=3))
+    return net
+'''
+
+
+def test_params_of_a_task_with_both_models_has_the_gluon_names(tmp_path: Path) -> None:
+    """The run federates PyTorch's names; --format params --task writes the Gluon block's, which load_parameters
+    takes strictly (FedBN's statistics, which the run does not hold, as the block initialises them)."""
+    pytest.importorskip("torch")
+    mx = _mxnet()
+    from fedctl.tasks import load_task
+    from fedctl.worker.frameworks.torch_task import task_spec
+
+    (tmp_path / "dual.py").write_text(DUAL_TASK)
+    task = load_task(str(tmp_path / "dual.py"))
+    spec, initial = task_spec(task)
+    trained = {k: v + 1 for k, v in initial.items()}
+    Checkpointer(tmp_path / "state").save(ParameterStore(trained, version=2),
+                                          {"model": "dual", "round": 2, "spec": spec.to_wire()})
+    ex.export(tmp_path / "state", "params", tmp_path / "net.params", task=str(tmp_path / "dual.py"))
+    net = task.gluon_model()
+    net.load_parameters(str(tmp_path / "net.params"), ctx=mx.cpu())  # strict: every name, no extra one
+    params = net._collect_params_with_prefix()
+    assert np.array_equal(params["0.weight"].data().asnumpy(), trained["0.weight"])
+    assert np.array_equal(params["1.gamma"].data().asnumpy(), trained["1.weight"])
+    assert np.array_equal(params["1.running_var"].data().asnumpy(), np.ones(3, np.float32))
+    ex.export(tmp_path / "state", "params", tmp_path / "plain.params")  # without --task: the run's own names
+    assert "1.weight" in _read_params((tmp_path / "plain.params").read_bytes())

@@ -141,6 +141,29 @@ def task_spec(task: Task, seed: int = 0) -> tuple[ModelSpec, Params]:
     return spec, {name: p.data().asnumpy().astype(np.float32) for name, p, _ in tensors}
 
 
+def gluon_export(task: Task, spec: ModelSpec, arrays: Params) -> Params:
+    """The run's model ``arrays`` (keyed by the run's names) as the task's Gluon block names them: every parameter
+    of a fresh ``gluon_model()``, the federated ones replaced by the run's values (paired in order, as a worker
+    pairs them), the others (FedBN's statistics) as the block initialises them — what ``load_parameters`` takes.
+
+    Raises
+    ------
+    ConfigError
+        The block does not pair with the run's model (another task, or shapes only known from data: give the task
+        an ``input_shape``).
+    """
+    block = build_gluon_block(task, mx.cpu())
+    tensors = gluon_tensors(task, block)
+    diff = pair_with_spec(task, spec, tensors)
+    if diff is not None:
+        raise ConfigError(f"task {task.name}: the Gluon block does not pair with the run's model: {diff}",
+                          "pass the --task the run was started with (with input_shape if the block defers shapes)")
+    out = {name: p.data().asnumpy() for name, p in block._collect_params_with_prefix().items()}
+    for want, (name, _, _) in zip(spec.params, tensors):
+        out[name] = np.asarray(arrays[want.name], np.float32)
+    return out
+
+
 def pair_with_spec(task: Task, spec: ModelSpec, tensors: list[tuple[str, gluon.Parameter, str]]) -> str | None:
     """The first difference between the Gluon tensors and the run's spec, in words; None when they pair up.
 
