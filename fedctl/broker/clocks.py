@@ -144,18 +144,20 @@ class ClockDriver(Driver):
         core.state["elapsed_s"] = host.now() - self.started
         eval_started = host.now()
         evaluation = await self.evaluate(core.store.version, f"at model version {core.store.version}")
+        fed = await self.fed_evaluate(core.store.version)
         held = sum(1 for r in core.registry.waiting() if not self.policy.may_start(r.worker))
         record = self.record(updates, before, eval_started, evaluation, result, policy=self.policy.name,
                              staleness=taus, min_clock=self.policy.min_clock(), max_clock=self.policy.max_clock(),
                              held_pulls=held, applied_total=core.applied_total,
-                             refused_stale_total=core.rejected.get("STALE_UPDATE", 0))
+                             refused_stale_total=core.rejected.get("STALE_UPDATE", 0), **fed)
         self.unsaved += updates
         self.unsaved_journal += [{**applied_entry(u), "staleness": tau} for u, tau in zip(updates, taus)]
         self.unsaved_metrics.append(record)
-        if (record["test_accuracy"] is not None or core.is_complete()
+        evaluated = record["test_accuracy"] is not None or record.get("fed_eval_accuracy") is not None
+        if (evaluated or core.is_complete()
                 or host.now() - self.last_save >= CHECKPOINT_EVERY_S):
             await self._checkpoint()
-        if record["test_accuracy"] is not None or core.store.version % 50 == 0:
+        if evaluated or core.store.version % 50 == 0:
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", core.store.version,
                      host.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)

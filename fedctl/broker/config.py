@@ -78,9 +78,6 @@ class BrokerConfig:
             raise ConfigError(f"--fed-eval-every must be >= 0, got {self.fed_eval_every}", "use 0 to turn it off")
         if not 0 < self.fed_eval_fraction <= 1:
             raise ConfigError(f"--fed-eval-fraction must be in (0, 1], got {self.fed_eval_fraction}")
-        if self.fed_eval_every and parse_policy(self.policy) is not None:
-            raise ConfigError(f"--fed-eval-every needs --policy sync (federated evaluation runs between rounds, "
-                              f"and {self.policy} has none)", "drop --fed-eval-every, or use --policy sync")
         if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
             raise ConfigError(f"--target-accuracy must be in (0, 1], got {self.target_accuracy}")
         parse_policy(self.policy)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from fedctl.broker import downlink, evaluation
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.core import BrokerCore
 from fedctl.broker.durable import PendingStore
@@ -92,6 +93,44 @@ class Driver(ABC):
             self.core.state["target_reached_at"] = number
             log.info("target accuracy %.4f reached %s; ending the run", config.target_accuracy, where)
         return evaluation
+
+    async def fed_evaluate(self, number: int) -> dict[str, Any]:
+        """Federated evaluation after round (or model version) ``number`` when due (every ``fed_eval_every`` and
+        after the last): wait (up to ``round_timeout``) until max(⌈C·K⌉, 1) pulls wait, answer a sample of them
+        with ``evaluate``, wait until every asked worker answered or the deadline; the ``fed_eval_*`` fields of the
+        metrics line (none when it is off, nulls when not evaluated). No work is handed out meanwhile: under
+        ssp/async it is a pause, during which the workers finish what they train and pull."""
+        core, host, config = self.core, self.host, self.host.config
+        every = config.fed_eval_every
+        if not every:
+            return {}
+        skipped = {**evaluation.empty_summary(), "fed_eval_s": None}
+        if number % every and not core.is_complete():
+            return skipped
+        started = host.now()
+
+        def enough() -> bool:
+            return len(core.registry.waiting()) >= evaluation.sample_size(config.fed_eval_fraction,
+                                                                            len(core.registry))
+
+        await host.wait_until(enough, config.sync.round_timeout_s)
+        waiting = {r.worker: r for r in core.registry.waiting()}
+        records = [waiting[w] for w in core.evaluations.sample(list(waiting), len(core.registry), core.rng)]
+        if not records:
+            log.warning("round %d: no worker waited for work; no federated evaluation", number)
+            return skipped
+        downlinks = await asyncio.to_thread(downlink.build, core, [r.holds_version for r in records])
+        await host.execute(core.open_evaluation(number, records, downlinks, host.now()))
+        await host.wait_until(lambda: core.evaluations.complete(host.now()), core.evaluations.time_left(host.now()))
+        closed = core.evaluations.close()
+        assert closed is not None
+        summary = {**closed.summary(), "fed_eval_s": round(host.now() - started, 4)}
+        acc, loss = summary["fed_eval_accuracy"], summary["fed_eval_loss"]
+        log.info("round %d federated evaluation: accuracy %s  loss %s  on %d examples of %d/%d workers (%s)", number,
+                 "-" if acc is None else f"{acc:.4f}", "-" if loss is None else f"{loss:.4f}",
+                 summary["fed_eval_examples"], summary["fed_eval_workers"], len(closed.asked),
+                 "all answered" if not closed.outstanding() else f"{len(closed.outstanding())} did not answer")
+        return summary
 
     def best_rule(self) -> tuple[str, str] | None:
         """``(metric, mode)`` the best model is chosen by: ``--best-metric`` (``none``: no best model), or by default

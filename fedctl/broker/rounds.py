@@ -7,7 +7,6 @@ import asyncio
 import logging
 from typing import Any
 
-from fedctl.broker import downlink, evaluation
 from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
@@ -92,43 +91,6 @@ class RoundDriver(Driver):
             opened.handed.update(r.worker for r in records)
             await host.hand_out([(r, opened.number) for r in records])
 
-    async def _fed_evaluate(self, number: int) -> dict[str, Any]:
-        """Federated evaluation after round ``number`` when due (every ``fed_eval_every`` rounds and after the
-        last): wait (up to ``round_timeout``) until max(⌈C·K⌉, 1) pulls wait, answer a sample of them with
-        ``evaluate``, wait until every asked worker answered or the deadline; the ``fed_eval_*`` fields of the
-        round's metrics line (none when it is off, nulls on rounds not evaluated)."""
-        core, host, config = self.core, self.host, self.host.config
-        every = config.fed_eval_every
-        if not every:
-            return {}
-        skipped = {**evaluation.empty_summary(), "fed_eval_s": None}
-        if number % every and not core.is_complete():
-            return skipped
-        started = host.now()
-
-        def enough() -> bool:
-            return len(core.registry.waiting()) >= evaluation.sample_size(config.fed_eval_fraction,
-                                                                            len(core.registry))
-
-        await host.wait_until(enough, config.sync.round_timeout_s)
-        waiting = {r.worker: r for r in core.registry.waiting()}
-        records = [waiting[w] for w in core.evaluations.sample(list(waiting), len(core.registry), core.rng)]
-        if not records:
-            log.warning("round %d: no worker waited for work; no federated evaluation", number)
-            return skipped
-        downlinks = await asyncio.to_thread(downlink.build, core, [r.holds_version for r in records])
-        await host.execute(core.open_evaluation(number, records, downlinks, host.now()))
-        await host.wait_until(lambda: core.evaluations.complete(host.now()), core.evaluations.time_left(host.now()))
-        closed = core.evaluations.close()
-        assert closed is not None
-        summary = {**closed.summary(), "fed_eval_s": round(host.now() - started, 4)}
-        acc, loss = summary["fed_eval_accuracy"], summary["fed_eval_loss"]
-        log.info("round %d federated evaluation: accuracy %s  loss %s  on %d examples of %d/%d workers (%s)", number,
-                 "-" if acc is None else f"{acc:.4f}", "-" if loss is None else f"{loss:.4f}",
-                 summary["fed_eval_examples"], summary["fed_eval_workers"], len(closed.asked),
-                 "all answered" if not closed.outstanding() else f"{len(closed.outstanding())} did not answer")
-        return summary
-
     async def _complete(self, closed: OpenRound, before: Counters) -> dict[str, Any]:
         core, host = self.core, self.host
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
@@ -141,7 +103,7 @@ class RoundDriver(Driver):
         core.state["elapsed_s"] = host.now() - self.started
         eval_started = host.now()
         scores = await self.evaluate(closed.number, f"in round {closed.number}")
-        fed = await self._fed_evaluate(closed.number)
+        fed = await self.fed_evaluate(closed.number)
         record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
                              failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed)
         await asyncio.to_thread(host.checkpointer.save, core.store, core.state, [applied_entry(u) for u in updates])

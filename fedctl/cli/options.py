@@ -17,7 +17,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 FED_EVAL_OPTIONS = [
     click.option("--fed-eval-every", type=click.IntRange(min=0), default=0, show_default=True,
                  help="Federated evaluation every N rounds (and after the last): sampled workers evaluate the global "
-                      "model on their held-out data; fed_eval_* in metrics.jsonl (0: off; sync policy only)."),
+                      "model on their held-out data; fed_eval_* in metrics.jsonl (0: off; under ssp/async every N "
+                      "model versions, a pause)."),
     click.option("--fed-eval-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
                  help="Federated evaluation asks max(⌈C·K⌉, 1) of the K connected workers."),
 ]

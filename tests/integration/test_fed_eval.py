@@ -124,3 +124,32 @@ def test_an_evaluation_that_raises_is_answered_with_no_examples(fed: Any, ctx: z
     [line] = fed.read_metrics(state_dir)
     assert (line["fed_eval_asked"], line["fed_eval_workers"], line["fed_eval_examples"]) == (2, 1, 60)
     assert line["fed_eval_accuracy"] == pytest.approx(good.seen[0][0]["accuracy"])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("policy", ["ssp:1", "async"])
+def test_fed_eval_under_clock_policies_pauses_then_goes_on(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path,
+                                                           policy: str) -> None:
+    """Under ssp/async the run has no rounds: every 3 model versions (and at the last) the broker stops handing out
+    work, asks the workers that pulled to evaluate that version, then goes on; what they evaluated is the version
+    the metrics line names."""
+    recorders = [Recorder(100 + i, n) for i, n in enumerate(HELD_OUT)]
+    config = fed.broker_config(state_dir, policy=policy, rounds=7, fed_eval_every=3)
+
+    async def scenario() -> dict[str, Any]:
+        broker = fed.start_broker(ctx, config, evaluator=None)
+        crew = [make_worker(ctx, broker.endpoint, i, r) for i, r in enumerate(recorders)]
+        summary, *_ = await fed.run_federation(broker, crew)
+        return summary
+
+    summary = fed.run_async(scenario())
+    metrics = fed.read_metrics(state_dir)
+    assert [m["round"] for m in metrics] == list(range(1, 8)) and summary["version"] == 7
+    evaluated = [m for m in metrics if m["fed_eval_accuracy"] is not None]
+    assert [m["round"] for m in evaluated] == [3, 6, 7], [(m["round"], m["fed_eval_asked"]) for m in metrics]
+    for index, line in enumerate(evaluated):
+        answers = [r.seen[index] for r in recorders]
+        assert line["fed_eval_examples"] == sum(HELD_OUT) and line["fed_eval_workers"] == 3
+        expected = sum(m["accuracy"] * n for m, n in answers) / sum(HELD_OUT)
+        assert line["fed_eval_accuracy"] == pytest.approx(expected, rel=1e-12)
+    assert all(len(r.seen) == 3 for r in recorders)

@@ -204,8 +204,6 @@ def test_a_summary_without_examples_has_no_means() -> None:
     ({"fed_eval_every": -1}, "--fed-eval-every"),
     ({"fed_eval_fraction": 0.0}, "--fed-eval-fraction"),
     ({"fed_eval_fraction": 1.5}, "--fed-eval-fraction"),
-    ({"fed_eval_every": 2, "policy": "async"}, "needs --policy sync"),
-    ({"fed_eval_every": 2, "policy": "ssp:1"}, "needs --policy sync"),
 ])
 def test_config_refuses_bad_settings(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
