@@ -34,12 +34,19 @@ OnRound = Callable[[dict[str, Any]], None]
 
 def ensure_partition(data_dir: PathLike | None, dataset: str, clients: int, shards_per_client: int | None,
                      source_dir: PathLike | None, seed: int, cache_root: Path,
-                     announce: Callable[[str], None] | None = None) -> Path:
-    """Use ``data_dir`` if given, else partition the dataset once into ``cache_root`` and reuse it; ``announce``
-    (default: the log) hears a line once the data is loaded and cut, so a mistake announces nothing."""
+                     announce: Callable[[str], None] | None = None, dirichlet: float | None = None) -> Path:
+    """Use ``data_dir`` if given, else partition the dataset once into ``cache_root`` and reuse it (IID,
+    ``shards_per_client`` label shards, or ``dirichlet`` label skew); ``announce`` (default: the log) hears a line
+    once the data is loaded and cut, so a mistake announces nothing."""
     if data_dir is not None:
         return Path(data_dir)
-    scheme = "iid" if shards_per_client is None else f"shards{shards_per_client}"
+    if shards_per_client is not None and dirichlet is not None:
+        raise ConfigError(f"both --shards-per-client {shards_per_client} and --dirichlet {dirichlet:g} were given",
+                          "pass one of them (or neither, for an IID partition)")
+    if dirichlet is not None and not dirichlet > 0:
+        raise ConfigError(f"--dirichlet must be above 0, got {dirichlet:g}", "pass e.g. --dirichlet 0.5")
+    kind = "iid" if shards_per_client is None and dirichlet is None else "shards" if dirichlet is None else "dirichlet"
+    scheme = {"iid": "iid", "shards": f"shards{shards_per_client}", "dirichlet": f"dirichlet{dirichlet:g}"}[kind]
     out = cache_root / f"{dataset}-{clients}-{scheme}-seed{seed}"
     if not (out / "manifest.json").is_file():
         announced: list[bool] = []
@@ -49,8 +56,8 @@ def ensure_partition(data_dir: PathLike | None, dataset: str, clients: int, shar
                 announced.append(True)
                 (announce or log.info)(f"partitioning {dataset} into {clients} clients ({scheme}) → {out}")
 
-        write_partition(dataset, out, clients=clients, scheme="iid" if shards_per_client is None else "shards",
-                        shards_per_client=shards_per_client, seed=seed,
+        write_partition(dataset, out, clients=clients, scheme=kind, shards_per_client=shards_per_client,
+                        alpha=dirichlet, seed=seed,
                         source_dir=None if source_dir is None else Path(source_dir), on_progress=progress)
     return out
 
@@ -96,13 +103,13 @@ class Simulation:
         Default: ``model``, else ``"mlp"``.
     data:
         A partition directory (:func:`fedctl.partition`, ``fedctl partition``); the partition's ``test`` shard
-        evaluates the model. None: ``dataset`` is partitioned into ``clients`` shards (IID, or
-        ``shards_per_client`` label shards each) and cached beside ``state_dir``.
+        evaluates the model. None: ``dataset`` is partitioned into ``clients`` shards (IID, ``shards_per_client``
+        label shards each, or ``dirichlet`` label skew of that α) and cached beside ``state_dir``.
     model, strategy, rounds, fraction, min_workers, round_timeout, epochs, batch_size, lr, lr_decay, \
 strategy_options, policy, max_staleness, staleness_exponent, buffer, server_lr, history_mb, seed, state_dir, \
 eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, best_mode, keep_models:
         The run's options, as for :class:`fedctl.api.serving.Server`.
-    dataset, clients, shards_per_client, source_dir:
+    dataset, clients, shards_per_client, dirichlet, source_dir:
         The partition made when ``data`` is None (``dataset="mnist-sample"`` ships with fedctl).
     workers, backend, parallel, transport, slow_fraction, slowdown, delay, holdout:
         As for ``fedctl simulate`` (``delay`` is ``--delay``, in seconds).
@@ -126,7 +133,8 @@ eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, bes
                  target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                  best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
                  dataset: str = "mnist", clients: int = 100, shards_per_client: int | None = None,
-                 source_dir: PathLike | None = None, workers: int | None = None, backend: str = "auto",
+                 dirichlet: float | None = None, source_dir: PathLike | None = None, workers: int | None = None,
+                 backend: str = "auto",
                  parallel: int = 2, transport: str = "tcp", slow_fraction: float = 0.0, slowdown: float = 1.0,
                  delay: float = 0.0, holdout: float | None = None, on_round: OnRound | None = None,
                  on_partition: Callable[[str], None] | None = None) -> None:
@@ -143,7 +151,7 @@ eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, bes
         Checkpointer(config.state_dir).check_resumable(config.model, config.strategy)
         with missing_dataset_fix(has_download=False):
             partition = ensure_partition(data, dataset, clients, shards_per_client, source_dir, config.seed,
-                                         Path(config.state_dir).parent / "partitions", on_partition)
+                                         Path(config.state_dir).parent / "partitions", on_partition, dirichlet)
         shards = len(list_shards(partition))  # a bad partition fails here, before anything runs
         if workers is not None and not 1 <= workers <= shards:
             raise ConfigError(f"--workers {workers} is more than the {shards} shards of {partition}" if workers > 0

@@ -83,7 +83,9 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
 
 @click.command("demo")
 @click.option("--workers", type=click.IntRange(min=1, max=50), default=5, show_default=True,
-              help="Worker processes, each with its own IID shard of the sample.")
+              help="Worker processes, each with its own shard of the sample (IID unless --dirichlet).")
+@click.option("--dirichlet", type=click.FloatRange(min=0, min_open=True), default=None, metavar="ALPHA",
+              help="Give the workers non-IID shards: Dirichlet(ALPHA) label skew (0.1: a few classes each).")
 @click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True, help="Federated rounds.")
 @click.option("--model", type=click.Choice(["mlp", "lenet5"]), default="mlp", show_default=True,
               help="The model the workers train.")
@@ -100,7 +102,8 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
               help="Where data, logs and the run state go [default: runs/demo-TIMESTAMP].")
 @task_option
 @fed_eval_options
-def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, batch_size: int, lr: float,
+def demo_cmd(workers: int, dirichlet: float | None, rounds: int, model: str, strategy: str, epochs: int,
+             batch_size: int, lr: float,
              backends: str, out: Path | None, task_ref: str | None, fed_eval_every: int = 0,
              fed_eval_fraction: float = 1.0) -> None:
     """Run a complete federation on this machine: partition the bundled MNIST sample, start a broker and
@@ -127,9 +130,11 @@ def demo_cmd(workers: int, rounds: int, model: str, strategy: str, epochs: int, 
     check_writable_dir(out, "--out")
     data_dir, log_dir = out / "data", out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]fedctl demo[/]: {workers} workers ({', '.join(chosen)}), model {model}, {strategy}, "
+    console.print(f"[bold]fedctl demo[/]: {workers} workers ({', '.join(chosen)}"
+                  f"{'' if dirichlet is None else f'; Dirichlet({dirichlet:g}) shards'}), model {model}, {strategy}, "
                   f"{rounds} rounds, E={epochs} B={batch_size} η={lr}; files in {out}")
-    write_partition("mnist-sample", data_dir, clients=workers, scheme="iid", seed=0)
+    write_partition("mnist-sample", data_dir, clients=workers, scheme="iid" if dirichlet is None else "dirichlet",
+                    alpha=dirichlet, seed=0)
     built = broker_model(task, config.seed)
     evaluator = make_evaluator(chosen[0], get_model(model) if built is None else built[0],
                                load_shard(data_dir, "test"), threads=1, task=task)

@@ -25,11 +25,11 @@ console = Console(stderr=True)
 
 
 def ensure_partition(data_dir: Path | None, dataset: str, clients: int, shards_per_client: int | None,
-                     source_dir: Path | None, seed: int, cache_root: Path) -> Path:
+                     source_dir: Path | None, seed: int, cache_root: Path, dirichlet: float | None = None) -> Path:
     """Use ``data_dir`` if given, else partition the dataset once into ``cache_root`` and reuse it (announced on
     the console)."""
     return api.ensure_partition(data_dir, dataset, clients, shards_per_client, source_dir, seed, cache_root,
-                                announce=console.print)
+                                announce=console.print, dirichlet=dirichlet)
 
 
 def quiet_workers() -> None:
@@ -78,6 +78,8 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
               help="Clients (shards) of the partition made from --dataset.")
 @click.option("--shards-per-client", type=click.IntRange(min=1), default=None,
               help="Non-IID partition (McMahan et al.); IID when absent.")
+@click.option("--dirichlet", type=click.FloatRange(min=0, min_open=True), default=None, metavar="ALPHA",
+              help="Non-IID partition with Dirichlet(ALPHA) label skew (Hsu et al.; 0.1: a few classes per client).")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Virtual workers [default: one per shard].")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mxnet"]), default="auto", show_default=True,
               help="Framework the virtual workers train with (auto: the first one installed).")
@@ -95,7 +97,8 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
               help="Fraction of each shard kept out of training, on which the workers evaluate the model for "
                    "--fed-eval-every [default: 0.1 with --fed-eval-every, else 0].")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
-                 shards_per_client: int | None, workers: int | None, backend: str, parallel: int, transport: str,
+                 shards_per_client: int | None, dirichlet: float | None,
+                 workers: int | None, backend: str, parallel: int, transport: str,
                  slow_fraction: float, slowdown: float, delay_s: float, holdout: float | None, task_ref: str | None,
                  **run: Any) -> None:
     """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
@@ -105,6 +108,7 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     given = model_given(click.get_current_context())
     simulation = api.Simulation(task_ref, data=data_dir, model=model if given else None, dataset=dataset,
                                 source_dir=source_dir, clients=clients, shards_per_client=shards_per_client,
+                                dirichlet=dirichlet,
                                 workers=workers, backend=backend, parallel=parallel, transport=transport,
                                 slow_fraction=slow_fraction, slowdown=slowdown, delay=delay_s, holdout=holdout,
                                 on_partition=console.print, **run)

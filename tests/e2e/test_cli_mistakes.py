@@ -123,6 +123,8 @@ MISTAKES = [
       "--preset central-mlp is a centralised baseline", "fedctl bench fl"),
     m("simulate-too-many-clients", "simulate --dataset mnist-sample --clients 20000 --state-dir {tmp}/state", CONFIG,
       "cannot cut 10000 examples into 20000"),
+    m("simulate-dirichlet-and-shards", "simulate --dataset mnist-sample --dirichlet 0.5 --shards-per-client 2 "
+      "--state-dir {tmp}/state", CONFIG, "both --shards-per-client 2 and --dirichlet 0.5", "pass one of them"),
     m("simulate-more-workers-than-shards", "simulate --data-dir {part} --workers 99 --state-dir {tmp}/state",
       CONFIG, "--workers 99", "5 shards", "pass --workers 5 or fewer"),
     # Data: the fix names options the failing command has.

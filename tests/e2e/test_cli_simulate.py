@@ -30,6 +30,24 @@ def test_simulate_twenty_workers_samples_five_per_round(tmp_path: Path) -> None:
     assert all(5 * 437_544 < m["bytes_in"] < 5 * 450_000 for m in metrics), [m["bytes_in"] for m in metrics]
 
 
+def test_simulate_and_demo_on_dirichlet_shards(tmp_path: Path) -> None:
+    """--dirichlet makes the label-skewed partition (Hsu et al.) that simulate and demo then train on."""
+    state = tmp_path / "run" / "state"
+    run = fedctl(tmp_path, "simulate", "--dataset", "mnist-sample", "--clients", "6", "--dirichlet", "0.2",
+                 "--rounds", "1", "--state-dir", str(state), "--backend", "torch", timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((tmp_path / "run" / "partitions" / "mnist-sample-6-dirichlet0.2-seed0" /
+                           "manifest.json").read_text())
+    assert manifest["scheme"] == "dirichlet" and manifest["alpha"] == 0.2
+    classes_held = [sum(1 for c in s["label_histogram"] if c) for s in manifest["shards"]]
+    assert min(classes_held) < 10, classes_held  # skewed: some client lacks a class
+    assert read_metrics(state)[0]["participants"] == 6
+    demo = fedctl(tmp_path, "demo", "--workers", "2", "--rounds", "1", "--dirichlet", "0.2", "--out",
+                  str(tmp_path / "demo"), timeout=240)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert json.loads((tmp_path / "demo" / "data" / "manifest.json").read_text())["scheme"] == "dirichlet"
+
+
 def test_simulate_resumes_after_ctrl_c(spawn: Launcher, tmp_path: Path) -> None:
     state = tmp_path / "run" / "state"
     rounds = 80  # enough that the interrupt lands part-way even when rounds take a few ms
