@@ -1,7 +1,7 @@
 """fedctl: privacy-preserving federated learning over ZeroMQ (broker, workers, wire protocol, strategies).
 
 ``import fedctl`` is light: the Python API (docs/python-api.md) — ``fedctl.simulate``, ``fedctl.serve``,
-``fedctl.serve_background``, ``fedctl.join``, ``fedctl.export_model``, ``fedctl.partition`` and their result types —
+``fedctl.serve_background``, ``fedctl.join``, ``fedctl.export``, ``fedctl.partition`` and their result types —
 is imported on first use, and no deep-learning framework is imported before a run needs one.
 """
 
@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailable", "BrokerHandle", "ConfigError", "DataError", "Exported", "FedctlError", "JoinResult",
            "ModelMismatch", "Participant", "Partition", "ProtocolError", "RemoteError", "Run", "Server", "Simulation",
-           "TransportError", "WorkerHandle", "__version__", "export_model", "join", "join_background", "partition",
-           "serve", "serve_background", "simulate"]
+           "TransportError", "WorkerHandle", "__version__", "export", "export_model", "join", "join_background",
+           "partition", "serve", "serve_background", "simulate"]
 
 _API = frozenset(__all__) - set(globals())
 """The names :mod:`fedctl.api` defines, imported on first use."""
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         Server,
         Simulation,
         WorkerHandle,
+        export,
         export_model,
         join,
         join_background,

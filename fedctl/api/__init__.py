@@ -2,7 +2,7 @@
 exceptions (docs/python-api.md). The commands in :mod:`fedctl.cli` parse options and call these."""
 
 from fedctl.api.background import Background, BrokerHandle, WorkerHandle
-from fedctl.api.files import export_model, partition
+from fedctl.api.files import export, export_model, partition
 from fedctl.api.joining import Participant, join, join_background
 from fedctl.api.results import Exported, JoinResult, Partition, Run
 from fedctl.api.serving import Server, serve, serve_background
@@ -19,6 +19,7 @@ __all__ = [
     "Server",
     "Simulation",
     "WorkerHandle",
+    "export",
     "export_model",
     "join",
     "join_background",

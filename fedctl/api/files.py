@@ -50,7 +50,7 @@ def export_model(state_dir: PathLike = "runs/default", *, format: str | None = N
     BackendUnavailable
         The format's library (PyTorch for ``pt``, safetensors) is not installed.
     """
-    from fedctl import export as files
+    from fedctl import exporting as files
     from fedctl.api.config import task_ref
 
     out_text = None if out is None else os.fspath(out)
@@ -113,4 +113,7 @@ def partition(out: PathLike, *, dataset: str = "mnist", input: PathLike | None =
     return Partition(Path(out), manifest)
 
 
-__all__ = ["export_model", "partition"]
+export = export_model
+"""``fedctl.export``: the same function (``export_model`` is its older name)."""
+
+__all__ = ["export", "export_model", "partition"]

@@ -18,7 +18,7 @@ class Run:
     Attributes
     ----------
     state_dir:
-        The run's state dir (checkpoints, ``metrics.jsonl``); ``fedctl.export_model(run.state_dir)`` exports it.
+        The run's state dir (checkpoints, ``metrics.jsonl``); ``fedctl.export(run.state_dir)`` exports it.
     rounds:
         Rounds completed (ssp/async: model versions made), resumed rounds included.
     version:
@@ -92,7 +92,7 @@ class JoinResult:
 
 @dataclass(frozen=True)
 class Exported:
-    """A model file written by :func:`fedctl.export_model`. It is path-like: ``torch.load(exported)`` opens it."""
+    """A model file written by :func:`fedctl.export`. It is path-like: ``torch.load(exported)`` opens it."""
 
     path: Path
     format: str

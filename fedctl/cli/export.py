@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from fedctl.api.files import export_model
-from fedctl.export import FORMATS
+from fedctl.exporting import FORMATS
 
 
 @click.command("export")

@@ -85,7 +85,7 @@ def test_simulate_a_user_task_then_export_its_model(partition: fedctl.Partition,
 
     import torch
 
-    exported = fedctl.export_model(run.state_dir, format="pt", best=True, task=task, out=f"{tmp_path}/out/")
+    exported = fedctl.export(run.state_dir, format="pt", best=True, task=task, out=f"{tmp_path}/out/")
     assert exported.path == tmp_path / "out" / "tiny-mnist-best-round2.pt" and exported.round == 2
     assert exported.best == run.best and exported.best is not None and exported.best["round"] == 2
     from fedctl.tasks import load_task
@@ -95,7 +95,7 @@ def test_simulate_a_user_task_then_export_its_model(partition: fedctl.Partition,
     with np.load(run.state_dir / "model-best.npz") as npz:
         assert np.array_equal(module.state_dict()["3.bias"].numpy(), npz["3.bias"])
     with pytest.raises(ConfigError, match="suffix of --format npz"):
-        fedctl.export_model(run.state_dir, format="pt", out=tmp_path / "m.npz")
+        fedctl.export(run.state_dir, format="pt", out=tmp_path / "m.npz")
 
 
 def test_a_background_broker_and_two_joins_from_threads(partition: fedctl.Partition, tmp_path: Path) -> None:

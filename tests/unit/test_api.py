@@ -42,19 +42,21 @@ def test_import_fedctl_loads_no_framework_and_no_zmq() -> None:
 
 def test_the_api_loads_on_first_use_still_without_a_framework() -> None:
     loaded = _modules_after("import fedctl; fedctl.simulate; fedctl.serve_background; fedctl.join; "
-                            "fedctl.export_model; fedctl.Run")
+                            "fedctl.export; fedctl.Run")
     assert "zmq" in loaded and not loaded & {"torch", "mxnet"}, loaded
 
 
 def test_the_package_lists_the_api_and_keeps_its_modules() -> None:
-    for name in ("simulate", "serve", "serve_background", "join", "join_background", "export_model", "partition",
+    for name in ("simulate", "serve", "serve_background", "join", "join_background", "export", "export_model",
+                 "partition",
                  "Run", "JoinResult", "Exported", "Partition", "Server", "Simulation", "Participant",
                  "BrokerHandle", "WorkerHandle", "ConfigError", "FedctlError"):
         assert name in dir(fedctl) and name in fedctl.__all__
         assert getattr(fedctl, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'simulat'"):
         fedctl.simulat  # type: ignore[attr-defined]  # noqa: B018
-    from fedctl import export as module  # the module fedctl.export, not an API function
+    assert fedctl.export is fedctl.export_model and callable(fedctl.export)  # the function, not a module
+    from fedctl import exporting as module
 
     assert hasattr(module, "FORMATS")
 
@@ -138,8 +140,8 @@ def test_run_config_maps_the_options_and_checks_them() -> None:
     (lambda tmp: fedctl.Participant(data="x", connect="tcp://*:5555"), ConfigError, "for binding"),
     (lambda tmp: fedctl.Participant(data=(np.zeros((3, 2)), np.zeros(2, np.int64))), ConfigError, "data=(x, y)"),
     (lambda tmp: fedctl.Simulation(data=tmp / "nowhere", state_dir=tmp / "s"), DataError, "nowhere"),
-    (lambda tmp: fedctl.export_model(tmp), ConfigError, "holds no checkpoint"),
-    (lambda tmp: fedctl.export_model(tmp, format="npz", out="m.pt"), ConfigError, "suffix of --format pt"),
+    (lambda tmp: fedctl.export(tmp), ConfigError, "holds no checkpoint"),
+    (lambda tmp: fedctl.export(tmp, format="npz", out="m.pt"), ConfigError, "suffix of --format pt"),
     (lambda tmp: fedctl.partition(tmp / "p", dataset="mnist-sample", clients=3, scheme="dirichlet"), ConfigError,
      "needs"),
 ])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedctl import export as ex
+from fedctl import exporting as ex
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.drivers import Driver, metric_value
 from fedctl.broker.params import ParameterStore
