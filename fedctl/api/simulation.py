@@ -45,8 +45,12 @@ def ensure_partition(data_dir: PathLike | None, dataset: str, clients: int, shar
                           "pass one of them (or neither, for an IID partition)")
     if dirichlet is not None and not dirichlet > 0:
         raise ConfigError(f"--dirichlet must be above 0, got {dirichlet:g}", "pass e.g. --dirichlet 0.5")
-    kind = "iid" if shards_per_client is None and dirichlet is None else "shards" if dirichlet is None else "dirichlet"
-    scheme = {"iid": "iid", "shards": f"shards{shards_per_client}", "dirichlet": f"dirichlet{dirichlet:g}"}[kind]
+    if dirichlet is not None:
+        kind, scheme = "dirichlet", f"dirichlet{dirichlet:g}"
+    elif shards_per_client is not None:
+        kind, scheme = "shards", f"shards{shards_per_client}"
+    else:
+        kind = scheme = "iid"
     out = cache_root / f"{dataset}-{clients}-{scheme}-seed{seed}"
     if not (out / "manifest.json").is_file():
         announced: list[bool] = []
