@@ -62,7 +62,8 @@ def run_config(*, model: str, strategy: str = "fedavg", rounds: int = 20, fracti
                state_dir: str | os.PathLike[str] = "runs/default", eval_every: int = 1,
                target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
-               **extra: Any) -> BrokerConfig:
+               secure_aggregation: bool = False, secagg_clip: float = 4.0, secagg_neighbours: int | None = None,
+               secagg_threshold: float = 0.5, secagg_timeout: float = 30.0, **extra: Any) -> BrokerConfig:
     """The :class:`BrokerConfig` of a run from its options (``extra``: further BrokerConfig fields), checked: the
     config's own checks, then the strategy's settings, before any file or socket is made.
 
@@ -81,7 +82,10 @@ def run_config(*, model: str, strategy: str = "fedavg", rounds: int = 20, fracti
                           clock=ClockConfig(max_staleness=max_staleness, staleness_exponent=staleness_exponent,
                                             buffer=buffer, server_lr=server_lr),
                           best_metric=best_metric, best_mode=best_mode, keep_models=keep_models_count(keep_models),
-                          fed_eval_every=fed_eval_every, fed_eval_fraction=fed_eval_fraction, **extra)
+                          fed_eval_every=fed_eval_every, fed_eval_fraction=fed_eval_fraction,
+                          secure_aggregation=secure_aggregation, secagg_clip=secagg_clip,
+                          secagg_neighbours=secagg_neighbours, secagg_threshold=secagg_threshold,
+                          secagg_timeout_s=secagg_timeout, **extra)
     get_strategy(config.strategy, config.task)  # checks the strategy's settings now
     return config
 

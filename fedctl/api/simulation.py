@@ -111,7 +111,8 @@ class Simulation:
         label shards each, or ``dirichlet`` label skew of that α) and cached beside ``state_dir``.
     model, strategy, rounds, fraction, min_workers, round_timeout, epochs, batch_size, lr, lr_decay, \
 strategy_options, policy, max_staleness, staleness_exponent, buffer, server_lr, history_mb, seed, state_dir, \
-eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, best_mode, keep_models:
+eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, best_mode, keep_models, \
+secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_timeout:
         The run's options, as for :class:`fedctl.api.serving.Server`.
     dataset, clients, shards_per_client, dirichlet, source_dir:
         The partition made when ``data`` is None (``dataset="mnist-sample"`` ships with fedctl).
@@ -136,6 +137,8 @@ eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, bes
                  history_mb: float = 64.0, seed: int = 0, state_dir: PathLike = "runs/default", eval_every: int = 1,
                  target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                  best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
+                 secure_aggregation: bool = False, secagg_clip: float = 4.0, secagg_neighbours: int | None = None,
+                 secagg_threshold: float = 0.5, secagg_timeout: float = 30.0,
                  dataset: str = "mnist", clients: int = 100, shards_per_client: int | None = None,
                  dirichlet: float | None = None, source_dir: PathLike | None = None, workers: int | None = None,
                  backend: str = "auto",

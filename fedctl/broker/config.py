@@ -9,8 +9,10 @@ from pathlib import Path
 from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
 from fedctl.strategies.base import TaskConfig
-from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECAGG_PEERS
 
+SECURE_STRATEGIES = ("fedavg", "fedsgd")
+"""Strategies whose dense updates secure aggregation sums (docs/protocol.md §7.4)."""
 _METRIC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -65,6 +67,16 @@ class BrokerConfig:
     """``max`` or ``min``; None: ``min`` for a metric named like a loss, else ``max``."""
     keep_models: int | None = 1
     """How many of the newest checkpointed models stay in the state dir (None: all), for ``fedctl export --round``."""
+    secure_aggregation: bool = False
+    """Secure aggregation (docs/protocol.md §7.4): the broker learns only the sum of each round's updates."""
+    secagg_clip: float = 4.0
+    """Fixed-point range of secure aggregation: each weighted update value is clipped to [-clip, clip]."""
+    secagg_neighbours: int | None = None
+    """k of the SecAgg+ graph (None: min(n − 1, 2⌈log2 n⌉ + 2))."""
+    secagg_threshold: float = 0.5
+    """Shamir threshold t = ⌊threshold · k⌋ + 1 of k neighbours."""
+    secagg_timeout_s: float = 30.0
+    """Deadline of each secure-aggregation stage but the inputs (which have the round's)."""
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -101,5 +113,25 @@ class BrokerConfig:
         if self.keep_models is not None and self.keep_models < 1:
             raise ConfigError(f"--keep-models must be at least 1 or all, got {self.keep_models}",
                               "pass --keep-models 1 to keep only the current model")
+        self._check_secure_aggregation()
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")
+
+    def _check_secure_aggregation(self) -> None:
+        if not self.secure_aggregation:
+            return
+        if self.strategy not in SECURE_STRATEGIES:
+            raise ConfigError(f"--secure-aggregation sums dense updates; --strategy {self.strategy} sends sparse "
+                              "ones, whose indices a sum cannot hide", "use --strategy fedavg or fedsgd")
+        if self.policy != "sync":
+            raise ConfigError(f"--secure-aggregation needs rounds (--policy sync); {self.policy} applies updates "
+                              "one by one, and the sum of one is that update", "drop --policy")
+        if not (0 < self.secagg_clip < float("inf")):
+            raise ConfigError(f"--secagg-clip must be a positive number, got {self.secagg_clip}")
+        if self.secagg_neighbours is not None and not 2 <= self.secagg_neighbours <= MAX_SECAGG_PEERS:
+            raise ConfigError(f"--secagg-neighbours must be 2..{MAX_SECAGG_PEERS}, got {self.secagg_neighbours}")
+        if not 0 < self.secagg_threshold < 1:
+            raise ConfigError(f"--secagg-threshold must be in (0, 1), got {self.secagg_threshold}",
+                              "e.g. 0.5: a majority of a worker's neighbours")
+        if not self.secagg_timeout_s > 0:
+            raise ConfigError(f"--secagg-timeout must be positive, got {self.secagg_timeout_s}")

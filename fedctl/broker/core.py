@@ -33,7 +33,8 @@ from fedctl.broker.intake import PushIntake
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import ClockPolicy, OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
-from fedctl.errors import ProtocolError
+from fedctl.broker.secure import Reply, SecureAggregation
+from fedctl.errors import ConfigError, ProtocolError
 from fedctl.models import ModelSpec, first_difference
 from fedctl.strategies.base import Strategy, Update
 from fedctl.wire import chunks, decode, encode, make, payload_bytes, peek_id
@@ -101,12 +102,25 @@ class BrokerCore(PushIntake):
         of the version being made, so admission counts one more version of staleness."""
         self.evaluations = Evaluations(config.fed_eval_fraction, config.sync.round_timeout_s)
         """Federated evaluation (docs/protocol.md §7.2): the open one, if any."""
+        self.secure = self._secure_aggregation(config, spec)
+        """Secure aggregation (docs/protocol.md §7.4), when the run uses it: its open attempt, if any."""
         self._ids = itertools.count(1)
         self._last_refusal_log: dict[str, float] = {}
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
             C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
-            C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed}
+            C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed,
+            **{mtype: self._on_secure for mtype in (C.SA_KEYS, C.SA_SHARES, C.SA_INPUT, C.SA_REVEAL)}}
+
+    def _secure_aggregation(self, config: BrokerConfig, spec: ModelSpec) -> SecureAggregation | None:
+        if not config.secure_aggregation:
+            return None
+        if spec.nbytes > config.chunk_above:
+            raise ConfigError(f"--secure-aggregation sums each update in one message; the model ({spec.nbytes:,} "
+                              f"bytes) goes in chunks above --chunk-above-mb ({config.chunk_above:,} bytes)",
+                              "raise --max-message-mb and --chunk-above-mb above the model's size")
+        return SecureAggregation(spec.num_params, config.secagg_clip, config.secagg_neighbours,
+                                 config.secagg_threshold)
 
     # ------------------------------------------------------------------ inputs
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> list[Effect]:
@@ -229,9 +243,27 @@ class BrokerCore(PushIntake):
         answered; the worker pulls again)."""
         record = self._joined(identity, msg)
         counted = self.policy.failed(record.worker, msg["round"])
+        if counted and self.secure is not None:
+            self.secure.gone(record.worker)  # its input will not come: the attempt does not wait for it
         log.warning("worker %s could not train round %d%s: %s", record.worker, msg["round"],
                     "" if counted else " (no open work of it; ignored)", msg["reason"])
         return [Wake()] if counted else []
+
+    def _on_secure(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """A secure-aggregation message of the open attempt: kept until the driver closes its stage, which answers
+        it (refused ``SECAGG_REFUSED`` when out of step, ``UNKNOWN_TYPE`` when the run does not use it)."""
+        record = self._joined(identity, msg)
+        if self.secure is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type}: this run does not use secure aggregation",
+                                "start the broker with --secure-aggregation")
+        self.secure.receive(record.worker, identity, msg)
+        if msg.type == C.SA_INPUT:
+            self.policy.record(record.worker)
+        return [Wake()]
+
+    def secure_effects(self, replies: Sequence[Reply]) -> list[Effect]:
+        """The messages a secure-aggregation stage closed with."""
+        return [self._send(r.identity, make(r.type, self.next_id(), re=r.re, **r.fields)) for r in replies]
 
     def _on_leave(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         record = self.registry.by_identity(identity)
@@ -247,6 +279,8 @@ class BrokerCore(PushIntake):
             return []
         self.policy.worker_gone(worker)
         self.evaluations.gone(worker)
+        if self.secure is not None:
+            self.secure.gone(worker)
         self.transfers.forget_worker(worker)
         log.info("worker %s %s; %d connected", worker, why, len(self.registry))
         return [Wake()]
@@ -291,10 +325,11 @@ class BrokerCore(PushIntake):
         """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: ``downlinks`` has
         what to send a worker holding each version (see :func:`fedctl.broker.downlink.build`)."""
         effects: list[Effect] = []
+        secagg = None if self.secure is None else self.secure.model_fields()
         for record, number in jobs:
             task = self.strategy.task_for_round(number, int(self.rng.integers(2**31)))
             effects += self._answer_with_weights(record, downlinks, now, C.MODEL, round=number,
-                                                 version=self.store.version, task=task)
+                                                 version=self.store.version, task=task, secagg=secagg)
         return effects
 
     def open_evaluation(self, number: int, records: Sequence[WorkerRecord],

@@ -7,9 +7,13 @@ import asyncio
 import logging
 from typing import Any
 
+import numpy as np
+
 from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
+from fedctl.strategies.base import Update
+from fedctl.wire import constants as C
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,11 @@ class RoundDriver(Driver):
                 opened = current
                 log.info("round %d resumed: %d of %d sampled workers had answered", round_no, len(core.updates),
                          len(opened.selected))
+            elif core.secure is not None:
+                done = await self._secure_round(round_no, before)
+                if done is not None:
+                    last = done
+                continue
             else:
                 opened = await self._wait_open(round_no)
                 if host.pending is not None:
@@ -91,7 +100,54 @@ class RoundDriver(Driver):
             opened.handed.update(r.worker for r in records)
             await host.hand_out([(r, opened.number) for r in records])
 
-    async def _complete(self, closed: OpenRound, before: Counters) -> dict[str, Any]:
+    async def _secure_round(self, round_no: int, before: Counters) -> dict[str, Any] | None:
+        """One try of round ``round_no`` with secure aggregation (docs/protocol.md §7.4): open it, hand out the
+        model with a fresh attempt, close each stage when every live worker answered or at its deadline (the inputs
+        at the round's), then apply the unmasked sum as the round's one update. None when the attempt was abandoned
+        or fewer than the quorum's inputs were summed: the round is retried with a new sample and fresh keys."""
+        core, host = self.core, self.host
+        secure = core.secure
+        assert secure is not None
+        opened = await self._wait_open(round_no)
+        records = [r for r in (core.registry.get(w) for w in opened.selected) if r is not None]
+        secure.open(round_no, [(r.worker, r.num_examples) for r in records], core.store.version)
+        await host.hand_out([(r, round_no) for r in records])
+        outcome = None
+        while secure.current is not None:
+            timeout = (self.policy.time_left(host.now()) if secure.stage() == "inputs"
+                       else host.config.secagg_timeout_s)
+            await host.wait_until(lambda: secure.stage_done({r.worker for r in core.registry.all()}), timeout)
+            replies, outcome = secure.advance()
+            await host.execute(core.secure_effects(replies))
+        closed, _ = self.policy.close()
+        quorum = max(self.policy.quorum(closed), 2)
+        if outcome is None or len(outcome.workers) < quorum:
+            log.warning("round %d failed: %s; retrying with a new sample and fresh keys", round_no,
+                        "the secure-aggregation attempt was abandoned" if outcome is None else
+                        f"{len(outcome.workers)} inputs were summed, the quorum is {quorum}")
+            core.take_updates()
+            return None
+        core.updates = [self._secure_update(round_no, outcome)]
+        return await self._complete(closed, before, participants=len(outcome.workers), secagg={
+            "inputs": len(outcome.workers), "dropped": outcome.dropped, "clipped": outcome.clipped,
+            "attempts": secure.attempts, "abandoned": secure.aborted})
+
+    def _secure_update(self, round_no: int, outcome: Any) -> Update:
+        """The round's one update: the survivors' weighted mean, as the strategy's kind (a mean of weight changes
+        on top of the model they trained, or a mean gradient), counting all their examples."""
+        core = self.core
+        tensors: dict[str, np.ndarray] = {}
+        offset = 0
+        base = core.store.weights
+        for p in core.spec.params:
+            values = outcome.mean[offset:offset + p.numel].reshape(p.shape)
+            offset += p.numel
+            kind = core.strategy.update_kind
+            tensors[p.name] = (base[p.name] + values if kind == C.KIND_WEIGHTS else values).astype(np.float32)
+        return Update("secure-aggregate", outcome.num_examples, tensors, core.strategy.update_kind,
+                      outcome.base_version, outcome.metrics, round_no, 0)
+
+    async def _complete(self, closed: OpenRound, before: Counters, **extra: Any) -> dict[str, Any]:
         core, host = self.core, self.host
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
         updates = sorted(core.take_updates(), key=lambda u: u.worker)
@@ -105,7 +161,7 @@ class RoundDriver(Driver):
         scores = await self.evaluate(closed.number, f"in round {closed.number}")
         fed = await self.fed_evaluate(closed.number)
         record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
-                             failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed)
+                             failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed, **extra)
         await asyncio.to_thread(host.checkpointer.save, core.store, core.state, [applied_entry(u) for u in updates])
         if host.pending is not None:
             await asyncio.to_thread(host.pending.clear, closed.number)

@@ -78,11 +78,24 @@ RUN_OPTIONS = [
     click.option("--keep-models", default="1", show_default=True, metavar="N|all",
                  callback=lambda ctx, param, value: _count_or_all(value),
                  help="Keep the models of the last N checkpoints (or all) for `fedctl export --round`."),
+    click.option("--secure-aggregation", is_flag=True, default=False,
+                 help="Secure aggregation (SecAgg+): the broker learns only the sum of each round's updates, "
+                      "never one of them; fedavg/fedsgd, sync rounds (docs/privacy.md)."),
+    click.option("--secagg-clip", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+                 help="Secure aggregation: each weighted update value is clipped to ±this before it is encoded."),
+    click.option("--secagg-neighbours", type=click.IntRange(2, 256), default=None,
+                 help="Secure aggregation: neighbours k each worker masks with [default: min(n−1, 2⌈log2 n⌉+2)]."),
+    click.option("--secagg-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
+                 show_default=True, help="Secure aggregation: t = ⌊this·k⌋+1 of a worker's k neighbours must "
+                                         "survive to unmask (Shamir threshold)."),
+    click.option("--secagg-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+                 help="Secure aggregation: seconds each key, share and reveal stage waits for the workers."),
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
             "lr_decay", "strategy_options", "policy", "max_staleness",
             "staleness_exponent", "buffer", "server_lr", "history_mb", "seed", "state_dir", "eval_every",
-            "target_accuracy", "best_metric", "best_mode", "keep_models")
+            "target_accuracy", "best_metric", "best_mode", "keep_models", "secure_aggregation", "secagg_clip",
+            "secagg_neighbours", "secagg_threshold", "secagg_timeout")
 
 
 def _count_or_all(value: str) -> int | None:

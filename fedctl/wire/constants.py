@@ -26,9 +26,27 @@ EVALUATION = "evaluation"
 """... and the worker sends back its metrics on its held-out data, weighted by its example count."""
 FAILED = "failed"
 """The worker could not train on the model it was handed (its task raised); the round goes on without it."""
+# Secure aggregation (docs/protocol.md §7.4), in the order of one attempt.
+SA_KEYS = "sa_keys"
+"""Worker: its two public keys for the attempt (answered by ``sa_peers``)."""
+SA_PEERS = "sa_peers"
+"""Broker: the worker's index, its neighbours' public keys and the threshold."""
+SA_SHARES = "sa_shares"
+"""Worker: its secrets' shares, one sealed to each neighbour (answered by ``sa_inbox``)."""
+SA_INBOX = "sa_inbox"
+"""Broker: the shares the worker's neighbours sealed to it."""
+SA_INPUT = "sa_input"
+"""Worker: its masked update, one field-element frame (answered by ``sa_unmask``)."""
+SA_UNMASK = "sa_unmask"
+"""Broker: which neighbours survived and which dropped after sharing."""
+SA_REVEAL = "sa_reveal"
+"""Worker: its shares of survivors' self-mask seeds and of dropped workers' mask keys (answered by ``ack``)."""
+SECURE_AGGREGATION = frozenset({SA_KEYS, SA_PEERS, SA_SHARES, SA_INBOX, SA_INPUT, SA_UNMASK, SA_REVEAL})
 
-WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION, FAILED})
-BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT, EVALUATE})
+WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION, FAILED, SA_KEYS,
+                              SA_SHARES, SA_INPUT, SA_REVEAL})
+BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT, EVALUATE, SA_PEERS,
+                              SA_INBOX, SA_UNMASK})
 MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 
 # Limits.
@@ -47,6 +65,10 @@ MAX_MODEL_NAME_CHARS = 64
 MAX_HOST_CHARS = 255
 MAX_MODEL_TENSORS = MAX_TENSORS
 """Most entries of a join's model signature (``params``); the 64 KiB header bounds it further."""
+MAX_SECAGG_PEERS = 256
+"""Most neighbours of one worker in a secure-aggregation attempt (entries of ``sa_peers``, ``sa_shares``, ...)."""
+MAX_SEALED_BYTES = 256
+"""Longest sealed share (``sa_shares``, ``sa_inbox``); fedctl's are 88 bytes."""
 MAX_REASON_CHARS = 1024
 """Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
 MAX_METRICS = 64
@@ -68,6 +90,8 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 MAX_CHUNKS = 2**24
 ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<f8"})
 ALLOWED_INDEX_DTYPES = frozenset({"<u4", "<u8", "<i8"})
+FIELD_DTYPES = frozenset({"<u4"})
+"""The dtype of a masked input's dense frame (``sa_input``, elements of Z_2^32), and only there."""
 """Index dtypes of ``index_enc`` "raw" (the only sparse layout before ``index_enc`` existed)."""
 
 # Index encodings of a sparse frame (tensor frame field "index_enc"; absent means "raw").
@@ -122,6 +146,10 @@ class ErrorCode(IntEnum):
     """The update kind does not match the run's strategy."""
     UNKNOWN_TRANSFER = 206
     """A ``chunk`` or ``credit`` names no open chunked transfer (it ended, failed, or never began)."""
+    SECAGG_REFUSED = 207
+    """A secure-aggregation message breaks the protocol (stage, attempt, peers, a second input); §7.4."""
+    SECAGG_ABORTED = 208
+    """The secure-aggregation attempt was abandoned (too few workers left); nothing of it is applied: pull again."""
     RUN_FINISHED = 300
     SHUTTING_DOWN = 301
     INTERNAL = 500

@@ -23,6 +23,7 @@ from fedctl.wire.constants import (
     ENC_DENSE,
     ENC_SLICE,
     ENC_SPARSE,
+    FIELD_DTYPES,
     INDEX_BITMAP,
     INDEX_ENCODINGS,
     INDEX_RAW,
@@ -126,7 +127,7 @@ def _shape(body: Mapping[str, Any], tensor: str) -> tuple[int, ...]:
     return tuple(raw)
 
 
-_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES | ALLOWED_INDEX_DTYPES}
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES | ALLOWED_INDEX_DTYPES | FIELD_DTYPES}
 
 
 def _dtype(body: Mapping[str, Any], key: str, allowed: frozenset[str], tensor: str) -> np.dtype:
@@ -143,7 +144,7 @@ def _all_finite(values: np.ndarray) -> bool:
 
 
 def _check_finite(name: str, values: np.ndarray) -> None:
-    if values.size and not _all_finite(values):
+    if values.dtype.kind == "f" and values.size and not _all_finite(values):
         raise bad_tensor(f"tensor {name!r} contains NaN or infinite values", ErrorCode.NON_FINITE)
 
 
@@ -243,15 +244,20 @@ def _body(frame: bytes | memoryview) -> dict[str, Any]:
     return body
 
 
-def decode_tensor(frame: bytes | memoryview) -> tuple[str, Tensor | TensorSlice]:
-    """Decode and validate one tensor frame; raise ProtocolError (BAD_TENSOR, NON_FINITE) on any violation."""
+def decode_tensor(frame: bytes | memoryview,
+                  dtypes: frozenset[str] = ALLOWED_DTYPES) -> tuple[str, Tensor | TensorSlice]:
+    """Decode and validate one tensor frame; raise ProtocolError (BAD_TENSOR, NON_FINITE) on any violation.
+
+    ``dtypes``: the allowed value dtypes (an ``sa_input``'s field elements are ``FIELD_DTYPES``: dense, no codec)."""
     body = _body(frame)
     name = _field(body, "name", str)
     if not 0 < len(name) <= MAX_NAME_CHARS:
         raise bad_tensor(f"tensor name must have 1..{MAX_NAME_CHARS} characters")
     enc = _field(body, "enc", str, name)
     shape = _shape(body, name)
-    dtype = _dtype(body, "dtype", ALLOWED_DTYPES, name)
+    dtype = _dtype(body, "dtype", dtypes, name)
+    if dtype.kind == "u" and (enc != ENC_DENSE or body.get("codec") is not None):
+        raise bad_tensor(f"tensor {name!r}: field elements travel dense and uncompressed")
     if enc == ENC_SPARSE:
         return name, _decode_sparse(name, body, shape, dtype)
     if enc == ENC_SLICE:

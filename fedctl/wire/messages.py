@@ -63,6 +63,36 @@ def _map(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _bin(lo: int, hi: int) -> Check:
+    return lambda v: isinstance(v, bytes) and lo <= len(v) <= hi
+
+
+def _index_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= C.MAX_SECAGG_PEERS and all(_int(0)(i) for i in v) \
+        and len(set(v)) == len(v)
+
+
+def _indexed(*checks: Check) -> Check:
+    """A list of [index, value...] entries (≤ MAX_SECAGG_PEERS, distinct indices) whose values pass ``checks``."""
+    def check(v: Any) -> bool:
+        return isinstance(v, list) and len(v) <= C.MAX_SECAGG_PEERS and all(
+            isinstance(e, list) and len(e) == 1 + len(checks) and _int(0)(e[0])
+            and all(c(x) for c, x in zip(checks, e[1:])) for e in v) and len({e[0] for e in v}) == len(v)
+    return check
+
+
+def _secagg(v: Any) -> bool:
+    """A model's ``secagg`` map: the attempt, the clipping range, the field's input bound, the weight reference."""
+    return isinstance(v, dict) and set(v) == {"attempt", "clip", "max_inputs", "weight_ref"} \
+        and _int(0)(v["attempt"]) and _num(v["clip"]) and math.isfinite(v["clip"]) and v["clip"] > 0 \
+        and _int(1)(v["max_inputs"]) and v["max_inputs"] <= 2**24 and _int(1)(v["weight_ref"])
+
+
+_KEY = _bin(32, 32)
+_SEALED = _bin(1, C.MAX_SEALED_BYTES)
+_ATTEMPT = {"round": (_int(0), True), "attempt": (_int(0), True)}
+
+
 # For each message type: field -> (check, required). "v", "type", "id", "re" and "tensors" are common fields.
 SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(C.MAX_BACKEND_CHARS), True),
@@ -71,7 +101,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
-              "chunks": (_chunks, False)},
+              "chunks": (_chunks, False), "secagg": (_secagg, False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
              "kind": (_one_of(C.UPDATE_KINDS), True),
              "num_examples": (_int(1), True), "metrics": (_metrics, False), "chunks": (_chunks, False)},
@@ -88,8 +118,19 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
                  "chunks": (_chunks, False)},
     C.EVALUATION: {"version": (_int(0), True), "num_examples": (_int(0), True),
                    "metrics": (_finite_metrics, False)},
+    C.SA_KEYS: {**_ATTEMPT, "c": (_KEY, True), "s": (_KEY, True)},
+    C.SA_PEERS: {**_ATTEMPT, "index": (_int(0), True), "threshold": (_int(1), True),
+                 "peers": (_indexed(_KEY, _KEY), True)},
+    C.SA_SHARES: {**_ATTEMPT, "shares": (_indexed(_SEALED), True)},
+    C.SA_INBOX: {**_ATTEMPT, "shares": (_indexed(_SEALED), True)},
+    C.SA_INPUT: {**_ATTEMPT, "base_version": (_int(0), True), "num_examples": (_int(1), True),
+                 "weight": (lambda v: _num(v) and 0 < v <= 1, True), "metrics": (_metrics, False)},
+    C.SA_UNMASK: {**_ATTEMPT, "survivors": (_index_list, True), "dropped": (_index_list, True)},
+    C.SA_REVEAL: {**_ATTEMPT, "seeds": (_indexed(_bin(16, 16)), True), "keys": (_indexed(_KEY), True)},
 }
-CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK, C.EVALUATE})
+CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK, C.EVALUATE, C.SA_INPUT})
+CARRIES_BIN = frozenset({C.SA_KEYS, C.SA_PEERS, C.SA_SHARES, C.SA_INBOX, C.SA_REVEAL})
+"""The only types whose headers may hold msgpack bin values (keys, sealed shares, revealed shares)."""
 COMMON = frozenset({"v", "type", "id", "re", "tensors"})
 
 
@@ -176,7 +217,8 @@ def _header(frame: bytes | memoryview) -> dict[str, Any]:
     if len(frame) > C.MAX_HEADER_BYTES:
         raise _fail(ErrorCode.TOO_LARGE, f"header frame of {len(frame)} bytes exceeds {C.MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_bin_len=C.MAX_HEADER_BYTES,
+                                 max_ext_len=0)
     except MSGPACK_ERRORS as exc:
         raise _fail(ErrorCode.MALFORMED, f"header frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
@@ -189,7 +231,7 @@ def peek_id(frame: bytes | memoryview) -> int | None:
     if len(frame) > C.MAX_HEADER_BYTES:
         return None
     try:
-        header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0)
+        header = msgpack.unpackb(frame, raw=False, max_bin_len=C.MAX_HEADER_BYTES, max_ext_len=0)
     except MSGPACK_ERRORS:  # a malformed frame has no id; the error reply goes without one
         return None
     msg_id = header.get("id") if isinstance(header, dict) else None
@@ -201,7 +243,7 @@ def peek(frame: bytes | memoryview) -> dict[str, Any] | None:
     if len(frame) > C.MAX_HEADER_BYTES:
         return None
     try:
-        header = msgpack.unpackb(frame, raw=False, max_bin_len=0, max_ext_len=0)
+        header = msgpack.unpackb(frame, raw=False, max_bin_len=C.MAX_HEADER_BYTES, max_ext_len=0)
     except MSGPACK_ERRORS:
         return None
     return header if isinstance(header, dict) else None
@@ -243,11 +285,16 @@ def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESS
     if declared and mtype not in CARRIES_TENSORS:
         raise _fail(ErrorCode.BAD_FIELD, f"{mtype} messages carry no tensors")
     fields = {k: v for k, v in header.items() if k not in COMMON}
+    if mtype not in CARRIES_BIN and _has_bin(header):
+        raise _fail(ErrorCode.BAD_FIELD, f"a {mtype} header holds binary values; only secure-aggregation "
+                                         "messages do (§7.4)")
     _check_fields(mtype, fields)
+    if mtype == C.SA_INPUT and declared != 1:
+        raise _fail(ErrorCode.BAD_FIELD, f"an sa_input carries exactly one frame (the masked input), not {declared}")
     tensors: dict[str, Tensor] = {}
     slices: dict[str, TensorSlice] = {}
     for frame in frames[1:]:
-        name, tensor = decode_tensor(frame)
+        name, tensor = decode_tensor(frame, C.FIELD_DTYPES if mtype == C.SA_INPUT else C.ALLOWED_DTYPES)
         if name in tensors or name in slices:
             raise _fail(ErrorCode.BAD_TENSOR, f"tensor {name!r} appears twice")
         if isinstance(tensor, TensorSlice) != (mtype == C.CHUNK):
@@ -258,6 +305,16 @@ def decode(frames: Sequence[bytes | memoryview], allowed: Iterable[str] = C.MESS
         else:
             tensors[name] = tensor
     return Message(mtype, fields, tensors, msg_id, re, slices)
+
+
+def _has_bin(value: Any) -> bool:
+    if isinstance(value, bytes):
+        return True
+    if isinstance(value, dict):
+        return any(_has_bin(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_bin(v) for v in value)
+    return False
 
 
 def payload_bytes(frames: Iterable[bytes | memoryview]) -> int:

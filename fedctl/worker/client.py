@@ -32,6 +32,7 @@ from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
 from fedctl.worker.frameworks.base import Params, Trainer, local_state, set_local_state
+from fedctl.worker.secure import secure_round
 from fedctl.worker.state import WorkerState
 from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
@@ -203,7 +204,7 @@ class Worker:
     def _liveness_s(self) -> float:
         return float(self.run.get("liveness_s", 10.0))
 
-    def _check_error(self, reply: Message) -> None:
+    def check_error(self, reply: Message) -> None:
         if reply.type != C.ERROR:
             return
         if reply["code"] == ErrorCode.NOT_JOINED:
@@ -261,6 +262,34 @@ class Worker:
             raise ConfigError(f"training failed in {self.failures} rounds in a row: {reason}",
                               "fix the task (run `fedctl join -v` for the traceback)")
 
+    async def train(self, strategy: Strategy, weights: Params, task: dict[str, Any],
+                    round_no: int) -> tuple[ClientResult, Params, dict[str, float]] | None:
+        """The strategy's local training in a thread (with ``--slowdown`` emulated): its result, the local tensors
+        after it and the metrics to report; None when the task raised (reported to the broker with ``failed``)."""
+        started = time.perf_counter()
+        try:
+            result, local = await asyncio.to_thread(self._train, strategy, weights, task)
+        except Exception as exc:  # noqa: BLE001 - the task's own code (model, loss, optimiser) may raise anything
+            await self._report_failure(round_no, exc)
+            return None
+        self.failures = 0
+        trained_s = time.perf_counter() - started
+        emulated = self.config.slowdown * (trained_s + self.config.delay_s)
+        if emulated > trained_s:  # an emulated slower device (heartbeats keep flowing meanwhile)
+            await asyncio.sleep(emulated - trained_s)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["train_time_s"] = time.perf_counter() - started
+        return result, local, metrics
+
+    async def committed(self, result: ClientResult, local: Params) -> None:
+        """The broker took this worker's update for its round: keep the strategy's state and local tensors (saved in
+        ``--state-dir``) and count the round."""
+        self.rounds_trained += 1
+        self.state.strategy, self.state.seq = dict(result.state), self.state.seq + 1
+        self.state.local = local
+        if self.config.state_dir is not None:
+            await asyncio.to_thread(self.state.save, self.config.state_dir)
+
     async def _round(self, model: Message) -> Message | None:
         """Train on the model the broker handed out and push the update; returns the broker's answer, or None when
         training failed (reported to the broker; the worker pulls again)."""
@@ -274,19 +303,12 @@ class Worker:
         else:
             weights = self._weights_of(model)
         self.state.model, self.state.version = weights, int(model["version"])
-        started = time.perf_counter()
-        try:
-            result, local = await asyncio.to_thread(self._train, strategy, weights, task)
-        except Exception as exc:  # noqa: BLE001 - the task's own code (model, loss, optimiser) may raise anything
-            await self._report_failure(int(model["round"]), exc)
+        if model.get("secagg") is not None:
+            return await secure_round(self, model, strategy, task, weights)
+        trained = await self.train(strategy, weights, task, int(model["round"]))
+        if trained is None:
             return None
-        self.failures = 0
-        trained_s = time.perf_counter() - started
-        emulated = self.config.slowdown * (trained_s + self.config.delay_s)
-        if emulated > trained_s:  # an emulated slower device (heartbeats keep flowing meanwhile)
-            await asyncio.sleep(emulated - trained_s)
-        metrics = {k: float(v) for k, v in result.metrics.items()}
-        metrics["train_time_s"] = time.perf_counter() - started
+        result, local, metrics = trained
         push = Push(dict(result.tensors), {"round": model["round"], "base_version": model["version"],
                                            "seq": self.state.seq, "kind": result.kind,
                                            "num_examples": result.num_examples, "metrics": metrics}, result, local)
@@ -350,11 +372,7 @@ class Worker:
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:
-            self.rounds_trained += 1
-            self.state.strategy, self.state.seq = dict(push.result.state), self.state.seq + 1
-            self.state.local = push.local
-            if self.config.state_dir is not None:
-                await asyncio.to_thread(self.state.save, self.config.state_dir)
+            await self.committed(push.result, push.local)
             log.info("round %d: pushed %s (%s; loss %.4f, %.2f s)", round_no, push.result.kind, reply["status"],
                      push.fields["metrics"].get("train_loss", float("nan")), push.fields["metrics"]["train_time_s"])
         elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED,
@@ -363,7 +381,7 @@ class Worker:
             return reply
         elif reply.type == C.ERROR and reply["code"] == ErrorCode.NOT_JOINED:
             self.unacked = push  # the broker restarted between our rejoin and this push: rejoin, resend
-        self._check_error(reply)
+        self.check_error(reply)
         return reply
 
     async def _session(self, conn: Connection) -> Message:
@@ -379,7 +397,7 @@ class Worker:
             reply = await conn.wait_reply(await conn.request(C.PULL, version=held))
             if reply.type == C.DONE:
                 return reply
-            self._check_error(reply)
+            self.check_error(reply)
             if reply.type == C.MODEL:
                 outcome = await self._round(reply)
                 if outcome is not None and outcome.type == C.DONE:

@@ -1,0 +1,101 @@
+"""A worker's side of a secure-aggregation round (docs/protocol.md §7.4): keys, shares, training, the masked input,
+the reveal — one :class:`~fedctl.secagg.client.ClientSession` per attempt, never reused.
+
+The update leaves the worker only masked: ``x = w · u``, the strategy's update ``u`` (the change its training made
+to the weights, or its gradient) weighted by ``w = min(1, n_k / weight_ref)``, clipped and encoded in the field,
+plus the self mask and the pairwise masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedctl.secagg import ClientSession, Field, SecAggError
+from fedctl.strategies import Strategy
+from fedctl.wire import constants as C
+from fedctl.wire import densify
+from fedctl.wire.constants import ErrorCode
+from fedctl.wire.messages import Message
+from fedctl.worker.frameworks.base import Params
+
+if TYPE_CHECKING:
+    from fedctl.worker.client import Worker
+
+log = logging.getLogger(__name__)
+_OUT_OF_STEP = (ErrorCode.SECAGG_ABORTED, ErrorCode.SECAGG_REFUSED, ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED,
+                ErrorCode.RUN_FINISHED)
+
+
+def update_vector(worker: Worker, kind: str, tensors: Any, weights: Params) -> np.ndarray:
+    """The strategy's update as one float64 vector in the model's order: weights become their change since
+    ``weights`` (what the round handed out); a tensor a gradient leaves out (frozen) is zeros."""
+    assert worker.spec is not None
+    parts = []
+    dense = densify(tensors)
+    for p in worker.spec.params:
+        t = dense.get(p.name)
+        value = np.zeros(p.shape) if t is None else np.asarray(t, np.float64).reshape(p.shape)
+        parts.append((value - weights[p.name] if kind == C.KIND_WEIGHTS else value).reshape(-1))
+    return np.concatenate(parts)
+
+
+async def secure_round(worker: Worker, model: Message, strategy: Strategy, task: dict[str, Any],
+                       weights: Params) -> Message | None:
+    """Take part in the attempt ``model['secagg']`` names; returns the broker's last answer (``ack`` when the sum
+    was applied with this worker's input, ``error`` when the attempt went on or was abandoned without it, ``done``),
+    or None when this worker gave up on it (training failed, or the broker asked for what it must not reveal)."""
+    conn = worker.conn
+    assert conn is not None
+    sa = model["secagg"]
+    round_no, attempt = int(model["round"]), int(sa["attempt"])
+    session = ClientSession(round_no, attempt)
+    ids = {"round": round_no, "attempt": attempt}
+
+    async def ask(mtype: str, tensors: Any = None, **fields: Any) -> Message | None:
+        reply = await conn.wait_reply(await conn.request(mtype, tensors=tensors, **ids, **fields))
+        if reply.type == C.ERROR and reply["code"] in _OUT_OF_STEP:
+            log.warning("round %d: secure aggregation went on without this worker: %s", round_no, reply["reason"])
+            return None
+        if reply.type != C.DONE:
+            worker.check_error(reply)
+        return reply
+
+    try:
+        c_pk, s_pk = session.public_keys()
+        peers = await ask(C.SA_KEYS, c=c_pk, s=s_pk)
+        if peers is None or peers.type != C.SA_PEERS:
+            return peers
+        sealed = session.share(peers["index"], {int(v): (c, s) for v, c, s in peers["peers"]}, peers["threshold"])
+        inbox = await ask(C.SA_SHARES, shares=[[v, b] for v, b in sealed.items()])
+        if inbox is None or inbox.type != C.SA_INBOX:
+            return inbox
+        session.receive({int(v): b for v, b in inbox["shares"]})
+        trained = await worker.train(strategy, weights, task, round_no)
+        if trained is None:
+            return None
+        result, local, metrics = trained
+        weight = min(1.0, result.num_examples / int(sa["weight_ref"]))
+        field = Field(float(sa["clip"]), int(sa["max_inputs"]))
+        encoded, clipped = field.encode(update_vector(worker, result.kind, result.tensors, weights) * weight)
+        if clipped:
+            log.warning("round %d: %d of %d update values were clipped to ±%g (--secagg-clip on the broker)",
+                        round_no, clipped, len(encoded), field.clip)
+        unmask = await ask(C.SA_INPUT, tensors={"masked": session.mask(encoded)}, base_version=int(model["version"]),
+                           num_examples=result.num_examples, weight=weight,
+                           metrics={**metrics, "clipped": float(clipped)})
+        if unmask is None or unmask.type != C.SA_UNMASK:
+            return unmask
+        seeds, keys = session.reveal(unmask["survivors"], unmask["dropped"])
+        answer = await ask(C.SA_REVEAL, seeds=[[v, b] for v, b in seeds.items()],
+                           keys=[[v, b] for v, b in keys.items()])
+    except SecAggError as err:
+        log.warning("round %d: leaving the secure-aggregation attempt: %s", round_no, err)
+        return None
+    if answer is not None and answer.type == C.ACK:
+        await worker.committed(result, local)
+        log.info("round %d: masked update summed (%d workers survived with it; loss %.4f, %.2f s)", round_no,
+                 len(unmask["survivors"]) + 1, metrics.get("train_loss", float("nan")), metrics["train_time_s"])
+    return answer
