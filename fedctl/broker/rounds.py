@@ -130,7 +130,7 @@ class RoundDriver(Driver):
         core.updates = [self._secure_update(round_no, outcome)]
         return await self._complete(closed, before, participants=len(outcome.workers), secagg={
             "inputs": len(outcome.workers), "dropped": outcome.dropped, "clipped": outcome.clipped,
-            "attempts": secure.attempts, "abandoned": secure.aborted})
+            "attempt": outcome.attempt, "attempts": secure.attempts, "abandoned": secure.aborted})
 
     def _secure_update(self, round_no: int, outcome: Any) -> Update:
         """The round's one update: the survivors' weighted mean, as the strategy's kind (a mean of weight changes
