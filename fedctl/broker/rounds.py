@@ -168,7 +168,7 @@ class RoundDriver(Driver):
         host.checkpointer.append_metrics(record)
         acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
         log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
-                 host.config.rounds, acc, len(updates), len(closed.selected), _mb(record["bytes_in"]),
+                 host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
                  _mb(record["bytes_out"]), record["duration_s"])
         await self.keep_best(record)
         if host.on_round is not None:

@@ -96,6 +96,7 @@ class SecureAggregation:
         self.current = _Attempt(round_no, session.attempt, base_version, session,
                                 max([n for _, n in workers] + [1]), expected=set(names), handed=len(names))
         self.attempts += 1
+        log.info("round %d, secure aggregation attempt %x: %d workers", round_no, session.attempt, len(names))
 
     def model_fields(self) -> dict[str, Any] | None:
         """The ``secagg`` map of the open attempt's ``model`` messages (docs/protocol.md §7.4)."""
@@ -164,6 +165,8 @@ class SecureAggregation:
                 replies += self._answer(a, worker, {"round": a.round, "seq": 0, "status": C.ACK_ACCEPTED})
             self.current = None
             return replies, outcome
+        log.info("round %d, secure aggregation attempt %x: %s stage closed with %d of %d workers", a.round,
+                 a.attempt, a.stage, len(a.waiting), len(a.expected | set(a.waiting)))
         a.expected = {w for w in a.waiting}
         a.waiting = {}
         a.stage = STAGES[STAGES.index(a.stage) + 1]

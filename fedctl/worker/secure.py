@@ -65,6 +65,8 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
 
     try:
         c_pk, s_pk = session.public_keys()
+        log.info("round %d, secure aggregation attempt %x: fresh keys %s/%s", round_no, attempt, c_pk.hex()[:8],
+                 s_pk.hex()[:8])
         peers = await ask(C.SA_KEYS, c=c_pk, s=s_pk)
         if peers is None or peers.type != C.SA_PEERS:
             return peers

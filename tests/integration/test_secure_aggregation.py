@@ -82,7 +82,7 @@ def test_secure_fedavg_equals_plain_fedavg(fed: Any, ctx: zmq.asyncio.Context, t
         config = secure_config(fed, state, 4) if secure else fed.broker_config(
             state, rounds=2, sync=SyncConfig(1.0, 4, 8.0), task=TaskConfig(1, 20, 0.1))
 
-        async def scenario() -> Any:
+        async def scenario(config: Any = config) -> Any:
             broker = fed.start_broker(ctx, config)
             workers = [fed.mlp_worker(ctx, broker.endpoint, i, n=100 + 40 * i) for i in range(4)]
             await fed.run_federation(broker, workers)
@@ -182,3 +182,67 @@ def test_workers_lost_at_every_stage_leave_the_sum_of_the_rest(fed: Any, ctx: zm
             np.testing.assert_allclose(after[name], before[name] + change, atol=2e-6, err_msg=f"{name}, {m}")
     assert metrics[0]["secagg"]["dropped"] == 3 and metrics[0]["secagg"]["inputs"] == 5, \
         "round 1 lost three workers before their shares, input and reveal — and summed the fourth's input"
+
+
+def test_the_broker_never_holds_an_individual_update(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path,
+                                                     inputs_sent: list[tuple[int, int, Any]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instrument everything an update could reach at the broker during a secure run — the messages it decodes, what
+    reaches the strategy, the pending store, the journal, every checkpoint — and compare with each worker's own
+    update (recorded on the worker side)."""
+    from fedctl.broker.durable import PendingStore
+    from fedctl.broker.store import Checkpointer
+
+    pending_writes: list[str] = []
+    for method in ("save_round", "save_updates"):
+        monkeypatch.setattr(PendingStore, method, lambda self, *a, _m=method, **k: pending_writes.append(_m))
+    recorders = [Recorder() for _ in range(5)]
+    config = secure_config(fed, state_dir, 5, rounds=3, keep_models=None)
+    decoded: list[Any] = []
+    aggregated: list[Any] = []
+
+    async def scenario() -> None:
+        broker = fed.start_broker(ctx, config)
+        handle, aggregate = broker.core.dispatch, broker.core.strategy.aggregate
+
+        def dispatch(identity: bytes, msg: Any, frames: Any, now: float) -> Any:
+            decoded.append(msg)
+            return handle(identity, msg, frames, now)
+
+        def aggregate_spy(weights: Any, updates: Any, *args: Any) -> Any:
+            aggregated.extend(updates)
+            return aggregate(weights, updates, *args)
+
+        broker.core.dispatch = dispatch
+        broker.core.strategy.aggregate = aggregate_spy
+        workers = [fed.mlp_worker(ctx, broker.endpoint, i, n=120, wrap=recorders[i].wrap) for i in range(5)]
+        await fed.run_federation(broker, [], extra=[attend(w, r) for w, r in zip(workers, recorders)])
+
+    fed.run_async(scenario(), timeout_s=90)
+    individual = [(base, new) for r in recorders for base, new, _ in r.fits]
+    assert len(individual) == 15 and len(inputs_sent) == 15
+
+    def is_individual(tensors: Any, as_change: bool = False) -> bool:
+        """Whether ``tensors`` is (or, for a change, equals) some worker's update, to within the field's step."""
+        for base, new in individual:
+            target = {k: new[k] - base[k] for k in new} if as_change else new
+            if all(k in tensors and np.allclose(np.asarray(tensors[k], np.float64), target[k], atol=1e-5)
+                   for k in target):
+                return True
+        return False
+
+    # 1. What the strategy aggregated: one update per round, the secure aggregate, never a worker's.
+    assert [u.worker for u in aggregated] == ["secure-aggregate"] * 3
+    assert not any(is_individual(u.tensors) for u in aggregated)
+    # 2. The messages: no push ever; each masked input uncorrelated with the update it hides.
+    assert not [m for m in decoded if m.type in (C.PUSH, C.CHUNK)]
+    masked = [m.tensors["masked"].astype(np.float64) for m in decoded if m.type == C.SA_INPUT]
+    assert len(masked) == 15 and all(v.std() > 2**29 for v in masked), "uniform over Z_2^32"
+    # 3. The pending store: never written.  4. The journal: only the aggregate.  5. Checkpoints: the global models.
+    assert pending_writes == []
+    journal = [line for line in (state_dir / "journal.jsonl").read_text().splitlines() if line.strip()]
+    assert journal and all('"secure-aggregate"' in line for line in journal)
+    store = Checkpointer(state_dir)
+    for version in (1, 2, 3):
+        model = store.load_version(version)
+        assert not is_individual(model)

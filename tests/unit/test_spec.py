@@ -120,6 +120,30 @@ def probes(rule: str) -> tuple[list[Any], list[Any]]:
         return [[entry], [entry] * n, [["b", [], "bfloat16"]]], [
             [], [entry] * (n + 1), [["a", [2], "float32", 1]], [["a", [-1], "float32"]], [[1, [2], "float32"]],
             [["a", [2] * 9, "float32"]], [["a", [2], "x" * 17]], "x", [("a", [2], "float32")]]
+    if rule.startswith("map, exactly the keys attempt"):  # model.secagg
+        ok = {"attempt": 0, "clip": 4.0, "max_inputs": 1, "weight_ref": 1}
+        return [ok, {**ok, "attempt": 2**63 - 1, "clip": 1e-9, "max_inputs": 2**24}], [
+            {}, {**ok, "extra": 1}, {k: v for k, v in ok.items() if k != "clip"}, {**ok, "clip": 0},
+            {**ok, "clip": float("inf")}, {**ok, "max_inputs": 0}, {**ok, "max_inputs": 2**24 + 1},
+            {**ok, "weight_ref": 0}, {**ok, "attempt": -1}, []]
+    if m := re.match(r"bin of (\d+) bytes", rule):
+        n = int(m.group(1))
+        return [b"x" * n], [b"x" * (n - 1), b"x" * (n + 1), "x" * n, None]
+    if m := re.match(r"number in \(0, 1\]", rule):
+        return [1, 1.0, 0.25, 1e-9], [0, -0.5, 1.5, True, "1"]
+    if m := re.match(r"list of ≤ (\d+) distinct ints ≥ 0", rule):
+        n = int(m.group(1))
+        return [[], [0, 7], list(range(n))], [[1, 1], [-1], ["a"], list(range(n + 1)), [True], "x"]
+    if m := re.match(r"list of ≤ (\d+) \[(index, c, s|index, sealed|index, bin (\d+))\]", rule):
+        n = int(m.group(1))
+        kind = m.group(2)
+        size = 32 if kind == "index, c, s" else int(m.group(3)) if m.group(3) else 88
+        values = 2 if kind == "index, c, s" else 1
+        entry = lambda i: [i, *([b"k" * size] * values)]  # noqa: E731
+        bad_size = b"k" * (size - 1) if kind != "index, sealed" else b""
+        return [[], [entry(0), entry(3)], [entry(i) for i in range(n)]], [
+            [entry(1), entry(1)], [entry(i) for i in range(n + 1)], [[-1, *entry(0)[1:]]],
+            [[0, *([bad_size] * values)]], [entry(0)[:-1]], [[0, *(["k" * size] * values)]], "x"]
     if rule.startswith("map of ≤"):
         n = int(re.match(r"map of ≤ (\d+)", rule).group(1))  # type: ignore[union-attr]
         return [{}, {f"m{i}": 0.5 for i in range(n)}, {"a": 1}], [{f"m{i}": 0.5 for i in range(n + 1)},
