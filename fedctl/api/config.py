@@ -63,7 +63,9 @@ def run_config(*, model: str, strategy: str = "fedavg", rounds: int = 20, fracti
                target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
                secure_aggregation: bool = False, secagg_clip: float = 4.0, secagg_neighbours: int | None = None,
-               secagg_threshold: float = 0.5, secagg_timeout: float = 30.0, **extra: Any) -> BrokerConfig:
+               secagg_threshold: float = 0.5, secagg_timeout: float = 30.0, dp_noise_multiplier: float | None = None,
+               dp_clip: float = 1.0, dp_delta: float = 1e-5, dp_target_epsilon: float | None = None,
+               dp_adaptive_quantile: float | None = None, dp_clip_lr: float = 0.2, **extra: Any) -> BrokerConfig:
     """The :class:`BrokerConfig` of a run from its options (``extra``: further BrokerConfig fields), checked: the
     config's own checks, then the strategy's settings, before any file or socket is made.
 
@@ -85,7 +87,9 @@ def run_config(*, model: str, strategy: str = "fedavg", rounds: int = 20, fracti
                           fed_eval_every=fed_eval_every, fed_eval_fraction=fed_eval_fraction,
                           secure_aggregation=secure_aggregation, secagg_clip=secagg_clip,
                           secagg_neighbours=secagg_neighbours, secagg_threshold=secagg_threshold,
-                          secagg_timeout_s=secagg_timeout, **extra)
+                          secagg_timeout_s=secagg_timeout, dp_noise_multiplier=dp_noise_multiplier, dp_clip=dp_clip,
+                          dp_delta=dp_delta, dp_target_epsilon=dp_target_epsilon,
+                          dp_adaptive_quantile=dp_adaptive_quantile, dp_clip_lr=dp_clip_lr, **extra)
     get_strategy(config.strategy, config.task)  # checks the strategy's settings now
     return config
 

@@ -40,7 +40,8 @@ class Server:
     strategy, rounds, fraction, min_workers, round_timeout, epochs, batch_size, lr, lr_decay, policy, max_staleness, \
 staleness_exponent, buffer, server_lr, history_mb, seed, state_dir, eval_every, target_accuracy, fed_eval_every, \
 fed_eval_fraction, best_metric, best_mode, keep_models, \
-secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_timeout:
+secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_timeout, dp_noise_multiplier, dp_clip, \
+dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
         The run's options, as ``fedctl serve --help`` describes them (``batch_size`` is ``--batch-size``).
         ``keep_models`` is a count or ``"all"``.
     strategy_options:
@@ -68,7 +69,9 @@ secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_tim
                  target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                  best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
                  secure_aggregation: bool = False, secagg_clip: float = 4.0, secagg_neighbours: int | None = None,
-                 secagg_threshold: float = 0.5, secagg_timeout: float = 30.0,
+                 secagg_threshold: float = 0.5, secagg_timeout: float = 30.0, dp_noise_multiplier: float | None = None,
+                 dp_clip: float = 1.0, dp_delta: float = 1e-5, dp_target_epsilon: float | None = None,
+                 dp_adaptive_quantile: float | None = None, dp_clip_lr: float = 0.2,
                  eval_data: str | None = None, data_dir: PathLike | None = None, eval_backend: str = "auto",
                  heartbeat_interval: float = 1.0, liveness: float = 10.0, max_message_mb: float = 256.0,
                  chunk_above_mb: float | None = None, chunk_kb: int = 256, secret_key: PathLike | None = None,

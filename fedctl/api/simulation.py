@@ -112,7 +112,8 @@ class Simulation:
     model, strategy, rounds, fraction, min_workers, round_timeout, epochs, batch_size, lr, lr_decay, \
 strategy_options, policy, max_staleness, staleness_exponent, buffer, server_lr, history_mb, seed, state_dir, \
 eval_every, target_accuracy, fed_eval_every, fed_eval_fraction, best_metric, best_mode, keep_models, \
-secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_timeout:
+secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_timeout, dp_noise_multiplier, dp_clip, \
+dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
         The run's options, as for :class:`fedctl.api.serving.Server`.
     dataset, clients, shards_per_client, dirichlet, source_dir:
         The partition made when ``data`` is None (``dataset="mnist-sample"`` ships with fedctl).
@@ -138,7 +139,9 @@ secure_aggregation, secagg_clip, secagg_neighbours, secagg_threshold, secagg_tim
                  target_accuracy: float | None = None, fed_eval_every: int = 0, fed_eval_fraction: float = 1.0,
                  best_metric: str | None = None, best_mode: str | None = None, keep_models: int | str | None = 1,
                  secure_aggregation: bool = False, secagg_clip: float = 4.0, secagg_neighbours: int | None = None,
-                 secagg_threshold: float = 0.5, secagg_timeout: float = 30.0,
+                 secagg_threshold: float = 0.5, secagg_timeout: float = 30.0, dp_noise_multiplier: float | None = None,
+                 dp_clip: float = 1.0, dp_delta: float = 1e-5, dp_target_epsilon: float | None = None,
+                 dp_adaptive_quantile: float | None = None, dp_clip_lr: float = 0.2,
                  dataset: str = "mnist", clients: int = 100, shards_per_client: int | None = None,
                  dirichlet: float | None = None, source_dir: PathLike | None = None, workers: int | None = None,
                  backend: str = "auto",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
+from fedctl.privacy.dp import DPConfig
 from fedctl.strategies.base import TaskConfig
 from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECAGG_PEERS
 
@@ -77,6 +79,16 @@ class BrokerConfig:
     """Shamir threshold t = ⌊threshold · k⌋ + 1 of k neighbours."""
     secagg_timeout_s: float = 30.0
     """Deadline of each secure-aggregation stage but the inputs (which have the round's)."""
+    dp_noise_multiplier: float | None = None
+    """DP-FedAvg (docs/privacy.md): noise multiplier z of the Gaussian noise on each round's sum (None: no DP)."""
+    dp_clip: float = 1.0
+    """DP-FedAvg: L2 bound S of each worker's update (the initial bound with adaptive clipping)."""
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float | None = None
+    """End the run before a round would take ε above this."""
+    dp_adaptive_quantile: float | None = None
+    """Adaptive clipping (Andrew et al.): the quantile of update norms the bound tracks (None: fixed bound)."""
+    dp_clip_lr: float = 0.2
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -114,6 +126,7 @@ class BrokerConfig:
             raise ConfigError(f"--keep-models must be at least 1 or all, got {self.keep_models}",
                               "pass --keep-models 1 to keep only the current model")
         self._check_secure_aggregation()
+        self._check_dp()
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")
 
@@ -135,3 +148,52 @@ class BrokerConfig:
                               "e.g. 0.5: a majority of a worker's neighbours")
         if not self.secagg_timeout_s > 0:
             raise ConfigError(f"--secagg-timeout must be positive, got {self.secagg_timeout_s}")
+
+    def dp_config(self) -> DPConfig | None:
+        if self.dp_noise_multiplier is None:
+            return None
+        return DPConfig(self.dp_noise_multiplier, self.dp_clip, self.dp_delta, self.dp_target_epsilon,
+                        self.dp_adaptive_quantile, self.dp_clip_lr,
+                        "distributed" if self.secure_aggregation else "central")
+
+    def _check_dp(self) -> None:
+        z = self.dp_noise_multiplier
+        if z is None:
+            if self.dp_target_epsilon is not None or self.dp_adaptive_quantile is not None:
+                raise ConfigError("--dp-target-epsilon and --dp-adaptive-quantile need differential privacy on",
+                                  "pass --dp-noise-multiplier Z (e.g. 1.0)")
+            return
+        if not (z > 0 and math.isfinite(z)):
+            raise ConfigError(f"--dp-noise-multiplier must be a positive number, got {z}", "e.g. 1.0")
+        if not (self.dp_clip > 0 and math.isfinite(self.dp_clip)):
+            raise ConfigError(f"--dp-clip must be a positive number, got {self.dp_clip}", "e.g. 1.0")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}", "e.g. 1e-5")
+        if self.dp_target_epsilon is not None and not self.dp_target_epsilon > 0:
+            raise ConfigError(f"--dp-target-epsilon must be positive, got {self.dp_target_epsilon}")
+        if self.dp_adaptive_quantile is not None and not 0 < self.dp_adaptive_quantile < 1:
+            raise ConfigError(f"--dp-adaptive-quantile must be in (0, 1), got {self.dp_adaptive_quantile}",
+                              "e.g. 0.5: the median update norm")
+        if not self.dp_clip_lr > 0:
+            raise ConfigError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr}")
+        fewest = max(math.floor(self.sync.fraction * self.sync.min_workers + 1e-9), 1)
+        if self.dp_adaptive_quantile is not None and fewest <= 10 * z:
+            raise ConfigError(f"adaptive clipping's noisy count (σ = m/20) spends more than noise multiplier {z:g} "
+                              f"allows unless every round samples m > {10 * z:g} workers; with --min-workers "
+                              f"{self.sync.min_workers} and --fraction {self.sync.fraction:g} a round may sample "
+                              f"{fewest}", f"raise --min-workers above {math.ceil(10 * z / self.sync.fraction)}, or "
+                                         "drop --dp-adaptive-quantile")
+        if self.strategy not in SECURE_STRATEGIES:
+            raise ConfigError(f"DP-FedAvg clips and noises dense updates; --strategy {self.strategy} is not one "
+                              "(Selective SGD has its own DP option, dp_epsilon)", "use --strategy fedavg or fedsgd")
+        if self.policy != "sync":
+            raise ConfigError(f"DP-FedAvg accounts rounds (--policy sync), not --policy {self.policy}",
+                              "drop --policy")
+        if self.secure_aggregation:
+            raise ConfigError("DP with --secure-aggregation (distributed DP, the workers adding the noise) is not "
+                              "available yet", "drop one of them: central DP trusts the broker with the updates")
+        try:
+            import dp_accounting  # noqa: F401
+        except ImportError:
+            raise ConfigError("DP-FedAvg's accountant needs the dp-accounting package, which is not installed",
+                              "pip install 'fedctl[dp]'") from None

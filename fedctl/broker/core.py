@@ -22,6 +22,7 @@ import numpy as np
 
 from fedctl.broker.chunking import Transfers
 from fedctl.broker.config import BrokerConfig
+from fedctl.broker.dp import PrivateRounds
 from fedctl.broker.effects import (
     Effect,
     Send,
@@ -103,6 +104,8 @@ class BrokerCore(PushIntake):
         self.evaluations = Evaluations(config.fed_eval_fraction, config.sync.round_timeout_s)
         """Federated evaluation (docs/protocol.md §7.2): the open one, if any."""
         self.secure = self._secure_aggregation(config, spec)
+        self.dp = self._private_rounds(config, state)
+        """DP-FedAvg (docs/privacy.md), when the run uses it: its accountant, clipping bound and noise."""
         """Secure aggregation (docs/protocol.md §7.4), when the run uses it: its open attempt, if any."""
         self._ids = itertools.count(1)
         self._last_refusal_log: dict[str, float] = {}
@@ -111,6 +114,19 @@ class BrokerCore(PushIntake):
             C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
             C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed,
             **{mtype: self._on_secure for mtype in (C.SA_KEYS, C.SA_SHARES, C.SA_INPUT, C.SA_REVEAL)}}
+
+    @staticmethod
+    def _private_rounds(config: BrokerConfig, state: dict[str, Any]) -> PrivateRounds | None:
+        dp = config.dp_config()
+        if dp is None:
+            return None
+        private = PrivateRounds(dp, state.get("dp"))
+        spent = private.epsilon()
+        if dp.target_epsilon is not None and spent > dp.target_epsilon:
+            raise ConfigError(f"--dp-target-epsilon {dp.target_epsilon:g} is already exceeded: this run has spent "
+                              f"ε = {spent:.3f} (δ = {dp.delta:g}) in {len(private.rounds)} rounds",
+                              "raise --dp-target-epsilon, or start a new run with another --state-dir")
+        return private
 
     def _secure_aggregation(self, config: BrokerConfig, spec: ModelSpec) -> SecureAggregation | None:
         if not config.secure_aggregation:
@@ -301,7 +317,8 @@ class BrokerCore(PushIntake):
 
     def is_complete(self) -> bool:
         """True when the state holds a finished run: every round done, or the target accuracy reached."""
-        return self.state["round"] >= self.config.rounds or bool(self.state.get("target_reached_at"))
+        return (self.state["round"] >= self.config.rounds or bool(self.state.get("target_reached_at"))
+                or self.state.get("dp_budget_spent_at") is not None)
 
     # ------------------------------------------------------------------ what the drivers ask
     def try_open_round(self, round_no: int, now: float) -> OpenRound | None:

@@ -26,6 +26,9 @@ def _mb(n: int) -> str:
 class RoundDriver(Driver):
     """Drives rounds ``state['round'] + 1 … rounds`` of one broker."""
 
+    population = 0
+    """Workers connected when the open round sampled its own (DP accounting's K)."""
+
     @property
     def policy(self) -> SyncRoundPolicy:
         policy = self.core.policy
@@ -41,6 +44,7 @@ class RoundDriver(Driver):
             current = self.policy.current
             if current is not None and current.number == round_no:  # restored after a crash
                 opened = current
+                self.population = max(len(core.registry), len(opened.selected))
                 log.info("round %d resumed: %d of %d sampled workers had answered", round_no, len(core.updates),
                          len(opened.selected))
             elif core.secure is not None:
@@ -50,6 +54,8 @@ class RoundDriver(Driver):
                 continue
             else:
                 opened = await self._wait_open(round_no)
+                if self._over_budget(opened):
+                    break
                 if host.pending is not None:
                     await asyncio.to_thread(host.pending.save_round, opened.number, opened.selected)
                 await self._hand_out(opened.number, opened.selected)
@@ -64,20 +70,41 @@ class RoundDriver(Driver):
                     await asyncio.to_thread(host.pending.clear)
                 continue
             last = await self._complete(closed, before)
-        return self.summary(last)
+        summary = self.summary(last)
+        if core.dp is not None:
+            eps = core.dp.epsilon()
+            summary["dp"] = {"epsilon": eps, "delta": core.dp.config.delta, "rounds": len(core.dp.rounds)}
+            log.info("differential privacy: the run's model is (ε = %.3f, δ = %g)-DP for each worker (%d noisy "
+                     "rounds, noise multiplier %g)", eps, core.dp.config.delta, len(core.dp.rounds),
+                     core.dp.config.noise_multiplier)
+        return summary
 
     async def _wait_open(self, round_no: int) -> OpenRound:
-        """Wait until the policy opens round ``round_no`` with the workers whose pulls wait."""
+        """Wait until the policy opens round ``round_no`` with the workers whose pulls wait (the K connected then
+        are the population the round sampled from, for DP accounting)."""
         opened: list[OpenRound] = []
 
         def try_open() -> bool:
             got = self.core.try_open_round(round_no, self.host.now())
             if got is not None:
                 opened.append(got)
+                self.population = len(self.core.registry)
             return got is not None
 
         await self.host.wait_until(try_open)
         return opened[0]
+
+    def _over_budget(self, opened: OpenRound) -> bool:
+        """With ``--dp-target-epsilon``: end the run instead of running a round that would exceed it."""
+        dp = self.core.dp
+        eps = None if dp is None else dp.over_budget(self.population, len(opened.selected))
+        if eps is None:
+            return False
+        self.policy.close()
+        self.core.state["dp_budget_spent_at"] = opened.number - 1
+        log.warning("differential privacy: round %d would take ε to %.3f, above --dp-target-epsilon %g; the run "
+                    "ends after round %d", opened.number, eps, self.core.config.dp_target_epsilon, opened.number - 1)
+        return True
 
     async def _hand_out(self, number: int, workers: Any) -> None:
         records = [r for r in (self.core.registry.get(w) for w in workers) if r is not None]
@@ -151,9 +178,17 @@ class RoundDriver(Driver):
         core, host = self.core, self.host
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
         updates = sorted(core.take_updates(), key=lambda u: u.worker)
-        result = await asyncio.to_thread(core.strategy.aggregate, core.store.weights, updates,
+        aggregated = updates
+        if core.dp is not None:  # central DP: the strategy gets one update, the clipped and noised mean
+            private, dp = await asyncio.to_thread(core.dp.private_update, core.spec, core.store.weights,
+                                                  core.strategy.update_kind, updates, max(self.population, 1),
+                                                  len(closed.selected), closed.number)
+            extra = {**extra, "dp": dp}
+            core.state["dp"] = core.dp.saved()
+            aggregated = [private]
+        result = await asyncio.to_thread(core.strategy.aggregate, core.store.weights, aggregated,
                                          core.state["strategy_state"], core.rng)
-        core.finish_apply(result.weights, len(updates))
+        core.finish_apply(result.weights, len(aggregated))
         core.state["round"] = closed.number
         core.state["strategy_state"] = result.state
         core.state["elapsed_s"] = host.now() - self.started

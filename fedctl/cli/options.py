@@ -90,12 +90,25 @@ RUN_OPTIONS = [
                                          "survive to unmask (Shamir threshold)."),
     click.option("--secagg-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
                  help="Secure aggregation: seconds each key, share and reveal stage waits for the workers."),
+    click.option("--dp-noise-multiplier", type=float, default=None, metavar="Z",
+                 help="DP-FedAvg: Gaussian noise of std Z·S on each round's sum of clipped updates (client-level "
+                      "differential privacy; docs/privacy.md). Off when absent."),
+    click.option("--dp-clip", type=float, default=1.0, show_default=True, metavar="S",
+                 help="DP-FedAvg: L2 bound S of each worker's update (initial bound with --dp-adaptive-quantile)."),
+    click.option("--dp-delta", type=float, default=1e-5, show_default=True, help="DP-FedAvg: the δ of (ε, δ)."),
+    click.option("--dp-target-epsilon", type=float, default=None, metavar="EPS",
+                 help="DP-FedAvg: end the run before a round would take ε above EPS."),
+    click.option("--dp-adaptive-quantile", type=float, default=None, metavar="Q",
+                 help="DP-FedAvg: adapt S to the Q-quantile of update norms (Andrew et al.; e.g. 0.5)."),
+    click.option("--dp-clip-lr", type=float, default=0.2, show_default=True,
+                 help="DP-FedAvg adaptive clipping: the bound's geometric learning rate."),
 ]
 RUN_KEYS = ("model", "strategy", "rounds", "fraction", "min_workers", "round_timeout", "epochs", "batch_size", "lr",
             "lr_decay", "strategy_options", "policy", "max_staleness",
             "staleness_exponent", "buffer", "server_lr", "history_mb", "seed", "state_dir", "eval_every",
             "target_accuracy", "best_metric", "best_mode", "keep_models", "secure_aggregation", "secagg_clip",
-            "secagg_neighbours", "secagg_threshold", "secagg_timeout")
+            "secagg_neighbours", "secagg_threshold", "secagg_timeout", "dp_noise_multiplier", "dp_clip", "dp_delta",
+            "dp_target_epsilon", "dp_adaptive_quantile", "dp_clip_lr")
 
 
 def _count_or_all(value: str) -> int | None:

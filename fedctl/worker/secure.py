@@ -71,6 +71,8 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         if peers is None or peers.type != C.SA_PEERS:
             return peers
         sealed = session.share(peers["index"], {int(v): (c, s) for v, c, s in peers["peers"]}, peers["threshold"])
+        log.info("round %d, secure aggregation attempt %x: shares sealed to %d neighbours (threshold %d)", round_no,
+                 attempt, len(sealed), peers["threshold"])
         inbox = await ask(C.SA_SHARES, shares=[[v, b] for v, b in sealed.items()])
         if inbox is None or inbox.type != C.SA_INBOX:
             return inbox
@@ -85,7 +87,10 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         if clipped:
             log.warning("round %d: %d of %d update values were clipped to ±%g (--secagg-clip on the broker)",
                         round_no, clipped, len(encoded), field.clip)
-        unmask = await ask(C.SA_INPUT, tensors={"masked": session.mask(encoded)}, base_version=int(model["version"]),
+        masked = session.mask(encoded)
+        log.info("round %d, secure aggregation attempt %x: masked input sent (%d values, masked with %d neighbours)",
+                 round_no, attempt, len(masked), len(session.maskers))
+        unmask = await ask(C.SA_INPUT, tensors={"masked": masked}, base_version=int(model["version"]),
                            num_examples=result.num_examples, weight=weight,
                            metrics={**metrics, "clipped": float(clipped)})
         if unmask is None or unmask.type != C.SA_UNMASK:

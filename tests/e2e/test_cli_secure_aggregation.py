@@ -51,3 +51,56 @@ def test_a_broker_killed_mid_round_restarts_it_with_fresh_keys(spawn: Launcher, 
         assert len({a for a, _, _ in keys}) >= 2, worker.describe()  # the killed attempt and the one applied
         assert len({c for _, c, _ in keys}) == len(keys) and len({s for _, _, s in keys}) == len(keys), \
             "no key (so no mask or seed) is used in two attempts"
+
+
+def _federation(spawn: Launcher, data: Path, state: Path, name: str, secure: bool) -> tuple[object, list[object]]:
+    port = free_port()
+    broker = spawn(f"{name}-serve", "serve", "--bind", f"tcp://127.0.0.1:{port}", "--state-dir", str(state),
+                   "--rounds", "20", "--min-workers", "7", "--round-timeout", "60", "--data-dir", str(data),
+                   "--eval-data", "test", "--liveness", "4", "--heartbeat-interval", "0.5", "--secagg-timeout", "8",
+                   *(["--secure-aggregation"] if secure else []))
+    workers = [spawn(f"{name}-join-{i}", "join", "--connect", f"tcp://127.0.0.1:{port}", "--data", f"shard{i}",
+                     "--data-dir", str(data), "--backend", "torch" if i % 2 else "mxnet", "--threads", "1",
+                     "--connect-timeout", "120", *(["--slowdown", "2"] if i != 9 else []))
+               for i in range(10)]
+    return broker, workers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ten_mixed_workers_three_killed_at_different_stages_match_plain_fedavg(spawn: Launcher,
+                                                                                tmp_path: Path) -> None:
+    """The issue's acceptance run: 10 `fedctl join` (5 PyTorch, 5 MXNet), MLP, 20 rounds, with secure
+    aggregation; worker 7 is killed right after it advertises its keys (round ≥ 4), worker 8 while it trains
+    (shares sent, input not; round ≥ 6), worker 9 right after it sent its masked input (round ≥ 8, before its
+    reveal). The final test accuracy is within 0.5 point of the same federation without secure aggregation."""
+    from conftest import fedctl
+
+    data = tmp_path / "shards"
+    made = fedctl(tmp_path, "partition", "--dataset", "mnist-sample", "--iid", "--clients", "10", "--out", str(data))
+    assert made.returncode == 0, made.stderr
+    broker, workers = _federation(spawn, data, tmp_path / "secure", "secure", True)
+
+    def killed_at(worker: object, pattern: str, min_round: int, pause: float = 0.0) -> None:
+        def seen() -> bool:
+            return any(int(r) >= min_round for r in re.findall(pattern, worker.stderr))  # type: ignore[attr-defined]
+        wait_for(seen, 300, f"{pattern} in round >= {min_round}")
+        time.sleep(pause)
+        kill9(worker)  # type: ignore[arg-type]
+
+    killed_at(workers[7], r"round (\d+), secure aggregation attempt [0-9a-f]+: fresh keys", 4)
+    killed_at(workers[8], r"round (\d+), secure aggregation attempt [0-9a-f]+: shares sealed", 6, pause=0.3)
+    killed_at(workers[9], r"round (\d+), secure aggregation attempt [0-9a-f]+: masked input sent", 8)
+    alive = [broker, *workers[:7]]
+    codes = {p.name: p.wait(600) for p in alive}  # type: ignore[attr-defined]
+    assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in alive)  # type: ignore[attr-defined]
+    secure = read_metrics(tmp_path / "secure")
+    assert [m["round"] for m in secure] == list(range(1, 21))
+    assert sum(m["secagg"]["dropped"] for m in secure) >= 2, [m["secagg"] for m in secure]
+
+    broker, workers = _federation(spawn, data, tmp_path / "plain", "plain", False)
+    codes = {p.name: p.wait(600) for p in [broker, *workers]}  # type: ignore[attr-defined]
+    assert all(c == 0 for c in codes.values())
+    plain = read_metrics(tmp_path / "plain")
+    print(f"final test accuracy: secure {secure[-1]['test_accuracy']:.4f}, plain {plain[-1]['test_accuracy']:.4f}")
+    assert abs(secure[-1]["test_accuracy"] - plain[-1]["test_accuracy"]) <= 0.005
