@@ -176,6 +176,10 @@ class BrokerConfig:
                               "e.g. 0.5: the median update norm")
         if not self.dp_clip_lr > 0:
             raise ConfigError(f"--dp-clip-lr must be positive, got {self.dp_clip_lr}")
+        if self.secure_aggregation and self.dp_adaptive_quantile is not None:
+            raise ConfigError("--dp-adaptive-quantile with --secure-aggregation is not available: the broker would "
+                              "need each worker's clipping indicator, which the secure sum hides",
+                              "use a fixed --dp-clip with secure aggregation (distributed DP)")
         fewest = max(math.floor(self.sync.fraction * self.sync.min_workers + 1e-9), 1)
         if self.dp_adaptive_quantile is not None and fewest <= 10 * z:
             raise ConfigError(f"adaptive clipping's noisy count (σ = m/20) spends more than noise multiplier {z:g} "
@@ -189,9 +193,6 @@ class BrokerConfig:
         if self.policy != "sync":
             raise ConfigError(f"DP-FedAvg accounts rounds (--policy sync), not --policy {self.policy}",
                               "drop --policy")
-        if self.secure_aggregation:
-            raise ConfigError("DP with --secure-aggregation (distributed DP, the workers adding the noise) is not "
-                              "available yet", "drop one of them: central DP trusts the broker with the updates")
         try:
             import dp_accounting  # noqa: F401
         except ImportError:

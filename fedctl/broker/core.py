@@ -135,8 +135,9 @@ class BrokerCore(PushIntake):
             raise ConfigError(f"--secure-aggregation sums each update in one message; the model ({spec.nbytes:,} "
                               f"bytes) goes in chunks above --chunk-above-mb ({config.chunk_above:,} bytes)",
                               "raise --max-message-mb and --chunk-above-mb above the model's size")
+        dp = None if config.dp_noise_multiplier is None else (config.dp_noise_multiplier, config.dp_clip)
         return SecureAggregation(spec.num_params, config.secagg_clip, config.secagg_neighbours,
-                                 config.secagg_threshold)
+                                 config.secagg_threshold, dp)
 
     # ------------------------------------------------------------------ inputs
     def handle(self, identity: bytes, frames: list[bytes], now: float) -> list[Effect]:
@@ -343,10 +344,11 @@ class BrokerCore(PushIntake):
         what to send a worker holding each version (see :func:`fedctl.broker.downlink.build`)."""
         effects: list[Effect] = []
         secagg = None if self.secure is None else self.secure.model_fields()
+        dp = None if self.secure is None else self.secure.dp_fields()
         for record, number in jobs:
             task = self.strategy.task_for_round(number, int(self.rng.integers(2**31)))
             effects += self._answer_with_weights(record, downlinks, now, C.MODEL, round=number,
-                                                 version=self.store.version, task=task, secagg=secagg)
+                                                 version=self.store.version, task=task, secagg=secagg, dp=dp)
         return effects
 
     def open_evaluation(self, number: int, records: Sequence[WorkerRecord],

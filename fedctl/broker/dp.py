@@ -53,6 +53,17 @@ class PrivateRounds:
     def saved(self) -> dict[str, Any]:
         return {"rounds": [[r.population, r.sampled, r.z] for r in self.rounds], "clip": self.clip.bound}
 
+    def record_distributed(self, population: int, handed: int, summed: int) -> dict[str, Any]:
+        """Distributed DP under secure aggregation: the round's sum holds the noise of the ``summed`` workers whose
+        input arrived, std z·S·√(summed/handed) — the accountant is charged that smaller noise multiplier (a
+        dropout weakens the round's guarantee, never hides it)."""
+        z_eff = self.config.noise_multiplier * (summed / max(handed, 1)) ** 0.5
+        self.rounds.append(RoundEvent(population, handed, z_eff))
+        return {"epsilon": round(self.epsilon(), 6), "delta": self.config.delta,
+                "noise_multiplier": self.config.noise_multiplier, "effective_noise_multiplier": round(z_eff, 6),
+                "clip": self.clip.bound, "mode": "distributed", "population": population, "sampled": handed,
+                "summed": summed}
+
     def private_update(self, spec: ModelSpec, base: Mapping[str, np.ndarray], kind: str, updates: Sequence[Update],
                        population: int, sampled: int, round_no: int) -> tuple[Update, dict[str, Any]]:
         """Central DP: the round's one update (the noisy mean change, as ``kind``) and its ``dp`` metrics."""

@@ -136,6 +136,8 @@ class RoundDriver(Driver):
         secure = core.secure
         assert secure is not None
         opened = await self._wait_open(round_no)
+        if self._over_budget(opened):
+            return None
         records = [r for r in (core.registry.get(w) for w in opened.selected) if r is not None]
         secure.open(round_no, [(r.worker, r.num_examples) for r in records], core.store.version)
         await host.hand_out([(r, round_no) for r in records])
@@ -155,9 +157,13 @@ class RoundDriver(Driver):
             core.take_updates()
             return None
         core.updates = [self._secure_update(round_no, outcome)]
+        extra: dict[str, Any] = {}
+        if core.dp is not None:  # distributed DP: the workers' noise is in the sum
+            extra["dp"] = core.dp.record_distributed(self.population, len(records), len(outcome.workers))
+            core.state["dp"] = core.dp.saved()
         return await self._complete(closed, before, participants=len(outcome.workers), secagg={
             "inputs": len(outcome.workers), "dropped": outcome.dropped, "clipped": outcome.clipped,
-            "attempt": outcome.attempt, "attempts": secure.attempts, "abandoned": secure.aborted})
+            "attempt": outcome.attempt, "attempts": secure.attempts, "abandoned": secure.aborted}, **extra)
 
     def _secure_update(self, round_no: int, outcome: Any) -> Update:
         """The round's one update: the survivors' weighted mean, as the strategy's kind (a mean of weight changes
@@ -179,7 +185,7 @@ class RoundDriver(Driver):
         # Arrival order is a race; summing in worker order makes a seeded run bit-reproducible.
         updates = sorted(core.take_updates(), key=lambda u: u.worker)
         aggregated = updates
-        if core.dp is not None:  # central DP: the strategy gets one update, the clipped and noised mean
+        if core.dp is not None and core.secure is None:  # central DP: one update, the clipped and noised mean
             private, dp = await asyncio.to_thread(core.dp.private_update, core.spec, core.store.weights,
                                                   core.strategy.update_kind, updates, max(self.population, 1),
                                                   len(closed.selected), closed.number)

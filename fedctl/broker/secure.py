@@ -81,8 +81,12 @@ class SecureAggregation:
         ``--secagg-threshold`` (t as a fraction of k).
     """
 
-    def __init__(self, length: int, clip: float, neighbours: int | None, threshold: float) -> None:
+    def __init__(self, length: int, clip: float, neighbours: int | None, threshold: float,
+                 dp: tuple[float, float] | None = None) -> None:
         self.length, self.clip, self.neighbours, self.threshold = length, clip, neighbours, threshold
+        self.dp = dp
+        """Distributed DP: (noise multiplier z, L2 clip S); each of the m workers handed an attempt adds noise of
+        std z·S/√m, so the sum of all m inputs carries std z·S."""
         self.current: _Attempt | None = None
         self.attempts = 0
         self.aborted = 0
@@ -104,6 +108,14 @@ class SecureAggregation:
         if a is None:
             return None
         return {"attempt": a.attempt, "clip": self.clip, "max_inputs": max(a.handed, 1), "weight_ref": a.weight_ref}
+
+    def dp_fields(self) -> dict[str, float] | None:
+        """The ``dp`` map of the open attempt's ``model`` messages: the clip and each worker's noise std."""
+        a = self.current
+        if a is None or self.dp is None:
+            return None
+        z, clip = self.dp
+        return {"clip": clip, "noise": z * clip / max(a.handed, 1) ** 0.5}
 
     def stage(self) -> str | None:
         return None if self.current is None else self.current.stage

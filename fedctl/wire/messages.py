@@ -88,6 +88,12 @@ def _secagg(v: Any) -> bool:
         and _int(1)(v["max_inputs"]) and v["max_inputs"] <= 2**24 and _int(1)(v["weight_ref"])
 
 
+def _dp(v: Any) -> bool:
+    """A model's ``dp`` map (distributed DP under secure aggregation): the L2 clip and each worker's noise std."""
+    return isinstance(v, dict) and set(v) == {"clip", "noise"} and _num(v["clip"]) and _num(v["noise"]) \
+        and math.isfinite(v["clip"]) and v["clip"] > 0 and math.isfinite(v["noise"]) and v["noise"] >= 0
+
+
 _KEY = _bin(32, 32)
 _SEALED = _bin(1, C.MAX_SEALED_BYTES)
 _ATTEMPT = {"round": (_int(0), True), "attempt": (_int(0), True)}
@@ -101,7 +107,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
-              "chunks": (_chunks, False), "secagg": (_secagg, False)},
+              "chunks": (_chunks, False), "secagg": (_secagg, False), "dp": (_dp, False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),
              "kind": (_one_of(C.UPDATE_KINDS), True),
              "num_examples": (_int(1), True), "metrics": (_metrics, False), "chunks": (_chunks, False)},

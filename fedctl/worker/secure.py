@@ -9,10 +9,12 @@ plus the self mask and the pairwise masks.
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedctl.privacy import clip_l2
 from fedctl.secagg import ClientSession, Field, SecAggError
 from fedctl.strategies import Strategy
 from fedctl.wire import constants as C
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from fedctl.worker.client import Worker
 
 log = logging.getLogger(__name__)
+_noise = np.random.default_rng(secrets.randbits(128))
+"""Distributed DP's noise: seeded from the OS's entropy, never from anything the broker or the run chooses."""
 _OUT_OF_STEP = (ErrorCode.SECAGG_ABORTED, ErrorCode.SECAGG_REFUSED, ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED,
                 ErrorCode.RUN_FINISHED)
 
@@ -81,9 +85,16 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         if trained is None:
             return None
         result, local, metrics = trained
-        weight = min(1.0, result.num_examples / int(sa["weight_ref"]))
+        vector = update_vector(worker, result.kind, result.tensors, weights)
+        dp = model.get("dp")
+        if dp is None:
+            weight = min(1.0, result.num_examples / int(sa["weight_ref"]))
+            vector *= weight
+        else:  # distributed DP: uniform weights, the update clipped to L2 norm S, this worker's share of the noise
+            weight = 1.0
+            vector = clip_l2(vector, float(dp["clip"]))[0] + _noise.normal(0.0, float(dp["noise"]), vector.shape)
         field = Field(float(sa["clip"]), int(sa["max_inputs"]))
-        encoded, clipped = field.encode(update_vector(worker, result.kind, result.tensors, weights) * weight)
+        encoded, clipped = field.encode(vector)
         if clipped:
             log.warning("round %d: %d of %d update values were clipped to ±%g (--secagg-clip on the broker)",
                         round_no, clipped, len(encoded), field.clip)

@@ -88,3 +88,27 @@ def test_the_run_ends_before_the_target_epsilon_and_will_not_resume_past_it(fed:
     assert summary["rounds"] == 2
     with pytest.raises(ConfigError, match="is already exceeded: this run has spent ε = "):
         run(fed, ctx, state_dir, 5, dp_noise_multiplier=1.0, dp_target_epsilon=per_round[0])
+
+
+def test_distributed_dp_under_secure_aggregation(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path) -> None:
+    """The workers clip and add noise of std z·S/√m each; the broker only unmasks the sum. The model moves by the
+    uniform mean of the clipped changes plus noise of std z·S/m, and the accountant is charged z."""
+    recorders = [Recorder() for _ in range(4)]
+    _, initial = run(fed, ctx, state_dir, 2, recorders, dp_noise_multiplier=0.5, dp_clip=0.05,
+                     secure_aggregation=True, secagg_clip=1.0)
+    metrics = fed.read_metrics(state_dir)
+    assert [m["dp"]["mode"] for m in metrics] == ["distributed"] * 2
+    assert [m["dp"]["epsilon"] for m in metrics] == pytest.approx(
+        [Accountant(1e-5).epsilon([RoundEvent(4, 4, 0.5)] * r) for r in (1, 2)], rel=1e-6)
+    from fedctl.broker.store import Checkpointer
+
+    after = Checkpointer(state_dir).load_version(1)
+    names = sorted(initial)
+    changes = []
+    for r in recorders:
+        base, new = r.fits[0]
+        v = np.concatenate([(new[k] - base[k]).ravel() for k in names]).astype(np.float64)
+        changes.append(v * min(1.0, 0.05 / np.linalg.norm(v)))
+    moved = np.concatenate([(after[k] - initial[k]).ravel() for k in names]).astype(np.float64)
+    noise = moved - np.mean(changes, axis=0)
+    assert float(np.std(noise)) == pytest.approx(0.5 * 0.05 / 4, rel=0.02)

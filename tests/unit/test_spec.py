@@ -120,6 +120,10 @@ def probes(rule: str) -> tuple[list[Any], list[Any]]:
         return [[entry], [entry] * n, [["b", [], "bfloat16"]]], [
             [], [entry] * (n + 1), [["a", [2], "float32", 1]], [["a", [-1], "float32"]], [[1, [2], "float32"]],
             [["a", [2] * 9, "float32"]], [["a", [2], "x" * 17]], "x", [("a", [2], "float32")]]
+    if rule.startswith("map, exactly the keys clip"):  # model.dp
+        ok = {"clip": 1.0, "noise": 0.0}
+        return [ok, {"clip": 1e-9, "noise": 5}], [{}, {**ok, "x": 1}, {"clip": 1.0}, {**ok, "clip": 0},
+                                                  {**ok, "noise": -0.1}, {**ok, "noise": float("nan")}, []]
     if rule.startswith("map, exactly the keys attempt"):  # model.secagg
         ok = {"attempt": 0, "clip": 4.0, "max_inputs": 1, "weight_ref": 1}
         return [ok, {**ok, "attempt": 2**63 - 1, "clip": 1e-9, "max_inputs": 2**24}], [

@@ -116,7 +116,7 @@ MESSAGES = [
     make(C.EVALUATION, 22, version=2, num_examples=0),
     make(C.FAILED, 23, round=4, reason="ZeroDivisionError: division by zero"),
     make(C.MODEL, 24, re=4, tensors=DENSE, round=1, version=0, task={"lr": 0.1},
-         secagg={"attempt": 2**61, "clip": 4.0, "max_inputs": 100, "weight_ref": 600}),
+         secagg={"attempt": 2**61, "clip": 4.0, "max_inputs": 100, "weight_ref": 600}, dp={"clip": 1.0, "noise": 0.1}),
     make(C.SA_KEYS, 25, round=1, attempt=9, c=b"c" * 32, s=b"s" * 32),
     make(C.SA_PEERS, 26, re=25, round=1, attempt=9, index=3, threshold=2,
          peers=[[0, b"a" * 32, b"b" * 32], [5, b"c" * 32, b"d" * 32]]),
