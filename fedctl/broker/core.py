@@ -273,7 +273,9 @@ class BrokerCore(PushIntake):
         if self.secure is None:
             raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"{msg.type}: this run does not use secure aggregation",
                                 "start the broker with --secure-aggregation")
-        self.secure.receive(record.worker, identity, msg)
+        answer = self.secure.receive(record.worker, identity, msg)
+        if answer is not None:
+            return self.secure_effects([answer])
         if msg.type == C.SA_INPUT:
             self.policy.record(record.worker)
         return [Wake()]

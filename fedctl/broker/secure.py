@@ -88,6 +88,9 @@ class SecureAggregation:
         """Distributed DP: (noise multiplier z, L2 clip S); each of the m workers handed an attempt adds noise of
         std z·S/√m, so the sum of all m inputs carries std z·S."""
         self.current: _Attempt | None = None
+        self.finished: tuple[int, int, frozenset[str]] | None = None
+        """The last attempt that finished: round, attempt id and the workers whose inputs were summed (a reveal of
+        theirs that arrives after the unmasking had its t shares is acknowledged, not refused)."""
         self.attempts = 0
         self.aborted = 0
 
@@ -121,9 +124,12 @@ class SecureAggregation:
         return None if self.current is None else self.current.stage
 
     def stage_done(self, live: set[str]) -> bool:
-        """Every expected worker that is still connected has answered the current stage."""
+        """Every expected worker that is still connected has answered the current stage — or, for the reveals,
+        every secret already has its t shares (a worker lost after its input then costs no deadline)."""
         a = self.current
-        return a is None or not (a.expected & live) - set(a.waiting)
+        if a is None or not (a.expected & live) - set(a.waiting):
+            return True
+        return a.stage == "reveals" and a.session.can_finish()
 
     def advance(self) -> tuple[list[Reply], Outcome | None]:
         """Close the current stage (at its deadline, or when everyone answered): the answers to send, and after the
@@ -176,6 +182,7 @@ class SecureAggregation:
             for worker in workers:
                 replies += self._answer(a, worker, {"round": a.round, "seq": 0, "status": C.ACK_ACCEPTED})
             self.current = None
+            self.finished = (a.round, a.attempt, frozenset(workers))
             return replies, outcome
         log.info("round %d, secure aggregation attempt %x: %s stage closed with %d of %d workers", a.round,
                  a.attempt, a.stage, len(a.waiting), len(a.expected | set(a.waiting)))
@@ -194,9 +201,15 @@ class SecureAggregation:
         return [Reply(identity, re, _ANSWERS[a.stage], fields)]
 
     # -- the workers' messages -------------------------------------------------------------------------------------
-    def receive(self, worker: str, identity: bytes, msg: Message) -> None:
-        """Take one worker's message of the open attempt; :class:`ProtocolError` ``SECAGG_REFUSED`` when it is not
-        this attempt's, not this stage's, or breaks the protocol (the attempt goes on without it)."""
+    def receive(self, worker: str, identity: bytes, msg: Message) -> Reply | None:
+        """Take one worker's message of the open attempt (answered when its stage closes: None), or answer at once
+        a late reveal of a worker whose input the last attempt summed (``ack``); :class:`ProtocolError`
+        ``SECAGG_REFUSED`` when it is not this attempt's, not this stage's, or breaks the protocol (the attempt goes
+        on without it)."""
+        done = self.finished
+        if msg.type == C.SA_REVEAL and done is not None and (msg["round"], msg["attempt"]) == done[:2] \
+                and worker in done[2]:
+            return Reply(identity, msg.id, C.ACK, {"round": msg["round"], "seq": 0, "status": C.ACK_DUPLICATE})
         a = self.current
         try:
             if a is None or msg["round"] != a.round or msg["attempt"] != a.attempt:
@@ -212,6 +225,7 @@ class SecureAggregation:
             raise ProtocolError(ErrorCode.SECAGG_REFUSED, str(err),
                                 "pull again: a worker out of step with the attempt waits for the next") from None
         a.waiting[worker] = (identity, msg.id)
+        return None
 
     def _take(self, a: _Attempt, worker: str, msg: Message) -> None:
         s = a.session

@@ -184,6 +184,13 @@ class ServerSession:
             self._s_shares.setdefault(v, {})[self.holder(v, me)] = bytes(share)
         self.revealed.add(me)
 
+    def can_finish(self) -> bool:
+        """Every secret the unmasking needs has t shares already (the remaining reveals would add nothing)."""
+        if self.stage != "reveals":
+            return False
+        return all(len(self._b_shares.get(u, {})) >= self.threshold for u in self.u3) and all(
+            len(self._s_shares.get(v, {})) >= self.threshold for v in self.u2 - self.u3)
+
     def finish(self) -> Summed:
         """Remove every mask and decode: the float64 sum of U3's inputs (weighted as each worker weighted it)."""
         if self.stage != "reveals":

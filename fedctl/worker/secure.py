@@ -112,7 +112,7 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
     except SecAggError as err:
         log.warning("round %d: leaving the secure-aggregation attempt: %s", round_no, err)
         return None
-    if answer is not None and answer.type == C.ACK:
+    if answer is not None and answer.type == C.ACK:  # accepted, or duplicate: unmasked before this reveal came
         await worker.committed(result, local)
         log.info("round %d: masked update summed (%d workers survived with it; loss %.4f, %.2f s)", round_no,
                  len(unmask["survivors"]) + 1, metrics.get("train_loss", float("nan")), metrics["train_time_s"])

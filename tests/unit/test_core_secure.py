@@ -123,3 +123,42 @@ def test_settings_refused_at_start(overrides: dict[str, Any], words: str) -> Non
 def test_a_model_that_goes_in_chunks_is_refused_at_start() -> None:
     with pytest.raises(ConfigError, match="goes in chunks above --chunk-above-mb"):
         CoreSim(config(secure_aggregation=True, chunk_above=4096))
+
+
+def test_the_reveals_close_once_every_secret_has_t_shares_and_a_late_reveal_is_acknowledged() -> None:
+    sim, peers = secure_sim("a", "b", "c", "d")
+    sa = peers[0].last()["secagg"]
+    sessions = {p.name: ClientSession(1, sa["attempt"]) for p in peers}
+    for p in peers:
+        c, s = sessions[p.name].public_keys()
+        p.send(C.SA_KEYS, round=1, attempt=sa["attempt"], c=c, s=s)
+    advance(sim)
+    for p in peers:
+        got = p.last()
+        sealed = sessions[p.name].share(got["index"], {v: (c, s) for v, c, s in got["peers"]}, got["threshold"])
+        p.send(C.SA_SHARES, round=1, attempt=sa["attempt"], shares=[[v, b] for v, b in sealed.items()])
+    advance(sim)
+    field = Field(4.0, 4)
+    for p in peers:
+        sessions[p.name].receive({v: b for v, b in p.last()["shares"]})
+        masked = sessions[p.name].mask(field.encode(np.zeros(sim.core.spec.num_params))[0])
+        p.send(C.SA_INPUT, tensors={"masked": masked}, round=1, attempt=sa["attempt"], base_version=0,
+               num_examples=100, weight=1.0)
+    advance(sim)
+    live = {"a", "b", "c", "d"}
+    reveals = {}
+    for p in peers:
+        got = p.last()
+        reveals[p.name] = sessions[p.name].reveal(got["survivors"], got["dropped"])
+    for p in peers[:3]:
+        assert not sim.core.secure.stage_done(live)  # type: ignore[union-attr]
+        seeds, keys = reveals[p.name]
+        p.send(C.SA_REVEAL, round=1, attempt=sa["attempt"], seeds=[[v, b] for v, b in seeds.items()],
+               keys=[[v, b] for v, b in keys.items()])
+    assert sim.core.secure.stage_done(live), "k = 3, t = 2: three reveals give every seed two shares"  # type: ignore[union-attr]
+    outcome = advance(sim)
+    assert outcome.workers == ["a", "b", "c", "d"] and np.allclose(outcome.mean, 0, atol=1e-6)
+    seeds, keys = reveals["d"]
+    [late] = peers[3].send(C.SA_REVEAL, round=1, attempt=sa["attempt"], seeds=[[v, b] for v, b in seeds.items()],
+                           keys=[[v, b] for v, b in keys.items()])
+    assert late.type == C.ACK and late["status"] == C.ACK_DUPLICATE
