@@ -142,11 +142,14 @@ class RoundDriver(Driver):
         secure.open(round_no, [(r.worker, r.num_examples) for r in records], core.store.version)
         await host.hand_out([(r, round_no) for r in records])
         outcome = None
+        unmask_s = 0.0
         while secure.current is not None:
             timeout = (self.policy.time_left(host.now()) if secure.stage() == "inputs"
                        else host.config.secagg_timeout_s)
             await host.wait_until(lambda: secure.stage_done({r.worker for r in core.registry.all()}), timeout)
+            started = host.now()
             replies, outcome = secure.advance()
+            unmask_s += host.now() - started
             await host.execute(core.secure_effects(replies))
         closed, _ = self.policy.close()
         quorum = max(self.policy.quorum(closed), 2)
@@ -163,7 +166,8 @@ class RoundDriver(Driver):
             core.state["dp"] = core.dp.saved()
         return await self._complete(closed, before, participants=len(outcome.workers), secagg={
             "inputs": len(outcome.workers), "dropped": outcome.dropped, "clipped": outcome.clipped,
-            "attempt": outcome.attempt, "attempts": secure.attempts, "abandoned": secure.aborted}, **extra)
+            "attempt": outcome.attempt, "attempts": secure.attempts, "abandoned": secure.aborted,
+            "broker_s": round(unmask_s, 4)}, **extra)
 
     def _secure_update(self, round_no: int, outcome: Any) -> Update:
         """The round's one update: the survivors' weighted mean, as the strategy's kind (a mean of weight changes

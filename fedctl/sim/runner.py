@@ -54,6 +54,10 @@ class SimConfig:
     holdout: float = 0.0
     """Fraction of each shard held out of training, on which the worker evaluates the model when the broker asks
     (federated evaluation, ``--fed-eval-every``)."""
+    vanish_fraction: float = 0.0
+    """Emulated dropouts under secure aggregation (benchmarks): this fraction of the workers (the last ones by
+    shard name) stops just before sending ``vanish_before[0]`` in its first secure round ≥ ``vanish_before[1]``."""
+    vanish_before: tuple[str, int] = ("sa_reveal", 2)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.slow_fraction <= 1.0:
@@ -116,9 +120,11 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
         if broker.is_complete():  # resumed a finished run: nothing to train, no worker to start
             return {**await broker.run(), "workers": 0, "workers_that_trained": 0, "peak_rss_mb": peak_rss_mb()}
         slow = round(sim.slow_fraction * len(shards))
+        vanish = len(shards) - round(sim.vanish_fraction * len(shards))
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
                                        connect_timeout_s=120.0, slowdown=sim.slowdown if i < slow else 1.0,
-                                       delay_s=sim.delay_s, spec=None if model is None else model[0]),
+                                       delay_s=sim.delay_s, spec=None if model is None else model[0],
+                                       vanish_before=sim.vanish_before if i >= vanish else None),
                           _trainer_factory(shard, sim.backend, sim.device, task), ctx=ctx,
                           evaluator=_evaluator_factory(shard, sim.backend, sim.device, task))
                    for i, shard in enumerate(shards)]

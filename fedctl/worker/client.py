@@ -32,7 +32,7 @@ from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
 from fedctl.worker.frameworks.base import Params, Trainer, local_state, set_local_state
-from fedctl.worker.secure import secure_round
+from fedctl.worker.secure import Vanished, secure_round
 from fedctl.worker.state import WorkerState
 from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
 
@@ -95,6 +95,10 @@ class WorkerConfig:
     slowdown: float = 1.0
     """Emulate a slower device: each update takes ``slowdown`` × (training time + ``delay_s``) (benchmarks)."""
     delay_s: float = 0.0
+    vanish_before: tuple[str, int] | None = None
+    """Emulate a device lost mid-round (benchmarks): ``(message type, round)`` — in the first secure round at or
+    after that round, the worker's process stops just before sending that ``sa_*`` message (its socket closes;
+    the broker notices only by the missing answer and heartbeats)."""
     server_key: str | None = None
     """The broker's CURVE public key (40 Z85 characters); with ``secret_key``, the connection is CURVE."""
     secret_key: Path | None = None
@@ -442,6 +446,10 @@ class Worker:
             try:
                 done = await self._attend()
                 break
+            except Vanished as gone:
+                log.warning("emulated loss of this worker before its %s", gone)
+                return {"rounds_trained": self.rounds_trained, "final_round": -1, "version": -1, "vanished": True,
+                        "bytes_out": self.bytes_out, "bytes_in": self.bytes_in}
             except (BrokerLost, Rejoin) as why:
                 log.warning("%s; reconnecting", "lost the broker" if isinstance(why, BrokerLost) else
                             "the broker does not know this worker (restarted?)")

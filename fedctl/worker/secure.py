@@ -33,6 +33,10 @@ _OUT_OF_STEP = (ErrorCode.SECAGG_ABORTED, ErrorCode.SECAGG_REFUSED, ErrorCode.ST
                 ErrorCode.RUN_FINISHED)
 
 
+class Vanished(Exception):
+    """An emulated device loss (``WorkerConfig.vanish_before``): the worker stops where it stood."""
+
+
 def update_vector(worker: Worker, kind: str, tensors: Any, weights: Params) -> np.ndarray:
     """The strategy's update as one float64 vector in the model's order: weights become their change since
     ``weights`` (what the round handed out); a tensor a gradient leaves out (frozen) is zeros."""
@@ -59,6 +63,9 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
     ids = {"round": round_no, "attempt": attempt}
 
     async def ask(mtype: str, tensors: Any = None, **fields: Any) -> Message | None:
+        vanish = worker.config.vanish_before
+        if vanish is not None and vanish[0] == mtype and round_no >= vanish[1]:
+            raise Vanished(mtype)
         reply = await conn.wait_reply(await conn.request(mtype, tensors=tensors, **ids, **fields))
         if reply.type == C.ERROR and reply["code"] in _OUT_OF_STEP:
             log.warning("round %d: secure aggregation went on without this worker: %s", round_no, reply["reason"])
