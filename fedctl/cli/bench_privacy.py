@@ -53,11 +53,13 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[floa
 @click.option("--ssgd-epsilons", default="0.1,1,10,100", show_default=True, callback=_floats,
               help="ssgd: ε per uploaded value.")
 @click.option("--ssgd-rounds", type=click.IntRange(min=1), default=100, show_default=True, help="ssgd: rounds.")
+@click.option("--dataset", type=click.Choice(["mnist", "mnist-sample"]), default="mnist", show_default=True,
+              help="dp and ssgd: the dataset (mnist-sample, bundled, for a quick look; ssgd then has 10 clients).")
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
 def bench_privacy(parts: tuple[str, ...], out: Path, source_dir: Path | None, models: str, workers: list[int],
                   secagg_rounds: int, lost: list[float], dp_clients: int, dp_sampled: int, dp_rounds: int,
                   epsilons: list[float], dp_clip: float, ssgd_epsilons: list[float], ssgd_rounds: int,
-                  parallel: int) -> None:
+                  dataset: str, parallel: int) -> None:
     """Measure what privacy costs: secure aggregation against the same run without it (round time, bytes per
     worker, with workers lost mid-round), DP-FedAvg's accuracy at several ε on MNIST, and Selective SGD's DP
     variant at several per-value ε. Results merge into OUT/privacy.json (a part re-run replaces its rows)."""
@@ -76,8 +78,9 @@ def bench_privacy(parts: tuple[str, ...], out: Path, source_dir: Path | None, mo
                                                secagg_rounds, lost, parallel, console.print)
         if "dp" in chosen:
             results["dp"] = pb.dp_rows(out, dp_clients, dp_sampled, dp_rounds, epsilons, dp_clip, 1e-5, source_dir,
-                                       parallel, console.print)
+                                       parallel, console.print, dataset)
         if "ssgd" in chosen:
-            results["ssgd"] = pb.ssgd_rows(out, ssgd_epsilons, ssgd_rounds, source_dir, parallel, console.print)
+            results["ssgd"] = pb.ssgd_rows(out, ssgd_epsilons, ssgd_rounds, source_dir, parallel, console.print,
+                                           dataset, 100 if dataset == "mnist" else 10)
     write_privacy_report(out, results)
     click.echo(f"results in {out / 'privacy.md'} (and .json, .png); {time.perf_counter() - started:.0f} s")

@@ -111,8 +111,9 @@ def noise_for(epsilon: float, population: int, sampled: int, rounds: int, delta:
 
 
 def dp_rows(out: Path, clients: int, sampled: int, rounds: int, epsilons: Sequence[float], clip: float,
-            delta: float, source_dir: Path | None, parallel: int, announce: Announce) -> list[dict[str, Any]]:
-    data = ensure_partition(None, "mnist", clients, None, source_dir, 0, out / "partitions")
+            delta: float, source_dir: Path | None, parallel: int, announce: Announce,
+            dataset: str = "mnist") -> list[dict[str, Any]]:
+    data = ensure_partition(None, dataset, clients, None, source_dir, 0, out / "partitions")
     fraction = sampled / clients
     rows = []
     for eps in [math.inf, *epsilons]:
@@ -134,9 +135,9 @@ def dp_rows(out: Path, clients: int, sampled: int, rounds: int, epsilons: Sequen
 
 # ------------------------------------------------------------------------------------------------ DP Selective SGD
 def ssgd_rows(out: Path, epsilons: Sequence[float], rounds: int, source_dir: Path | None, parallel: int,
-              announce: Announce) -> list[dict[str, Any]]:
-    clients, fraction, theta_u, gamma = 100, 0.1, 0.01, 0.01
-    data = ensure_partition(None, "mnist", clients, None, source_dir, 0, out / "partitions")
+              announce: Announce, dataset: str = "mnist", clients: int = 100) -> list[dict[str, Any]]:
+    fraction, theta_u, gamma = 0.1, 0.01, 0.01
+    data = ensure_partition(None, dataset, clients, None, source_dir, 0, out / "partitions")
     count = max(1, round(theta_u * 109_386))
     rows = []
     for eps in [0.0, *epsilons]:
@@ -147,7 +148,8 @@ def ssgd_rows(out: Path, epsilons: Sequence[float], rounds: int, source_dir: Pat
         state = out / "runs" / f"ssgd-dp-{eps:g}"
         config = BrokerConfig(model="mlp", strategy="ssgd", rounds=rounds, task=TaskConfig(1, 10, 0.1,
                                                                                             options=options),
-                              sync=SyncConfig(fraction, 10, 600.0), state_dir=state, seed=0, eval_every=5,
+                              sync=SyncConfig(fraction, max(round(fraction * clients), 1), 600.0), state_dir=state,
+                              seed=0, eval_every=5,
                               done_linger_s=1.0)
         records = _run(config, SimConfig(data, backend="torch", parallel=parallel), _evaluator(data))
         rows.append({"epsilon_per_value": eps or None, "epsilon_per_upload": eps * count if eps else None,

@@ -104,3 +104,26 @@ def test_ten_mixed_workers_three_killed_at_different_stages_match_plain_fedavg(s
     plain = read_metrics(tmp_path / "plain")
     print(f"final test accuracy: secure {secure[-1]['test_accuracy']:.4f}, plain {plain[-1]['test_accuracy']:.4f}")
     assert abs(secure[-1]["test_accuracy"] - plain[-1]["test_accuracy"]) <= 0.005
+
+
+def test_bench_privacy_smoke_writes_every_part(tmp_path: Path) -> None:
+    """`fedctl bench privacy` end to end on the bundled sample, in seconds: the three tables, the JSON, the plot."""
+    import json
+
+    from conftest import fedctl
+
+    out = tmp_path / "bench"
+    run = fedctl(tmp_path, "bench", "privacy", "--part", "secagg", "--part", "dp", "--part", "ssgd", "--out",
+                 str(out), "--models", "mlp", "--workers", "3", "--secagg-rounds", "2", "--lost", "0",
+                 "--dataset", "mnist-sample", "--dp-clients", "10", "--dp-sampled", "5", "--dp-rounds", "2",
+                 "--epsilons", "50", "--ssgd-epsilons", "10", "--ssgd-rounds", "2", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "privacy.json").read_text())
+    assert [r["run"] for r in results["secagg"]] == ["plain", "secure"]
+    assert results["secagg"][1]["bytes_ratio"] < 1.05
+    [plain, private] = results["dp"]
+    assert plain["noise_multiplier"] is None and private["epsilon"] <= 50 and private["noise_multiplier"] > 0
+    assert results["ssgd"][1]["epsilon_per_upload"] == 10 * 1094
+    text = (out / "privacy.md").read_text()
+    assert "## Secure aggregation" in text and "## DP-FedAvg" in text and "## Selective SGD" in text
+    assert (out / "privacy.png").stat().st_size > 10_000
