@@ -242,3 +242,19 @@ def test_key_file_mistakes_are_config_errors(keys: Keys, tmp_path: Path) -> None
     assert resolve_public_key(keys.worker.public.decode()) == keys.worker.public
     with pytest.raises(ConfigError, match="40-character Z85"):
         resolve_public_key("x" * 39)
+
+
+def test_secure_aggregation_over_curve(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path, keys: Keys) -> None:
+    """Secure aggregation's messages (keys, sealed shares, masked inputs, reveals) over CURVE: two workers with
+    the same allowed key pair complete a secure run."""
+    async def scenario() -> list[Any]:
+        broker = fed.start_broker(ctx, curve_config(fed, state_dir, keys, sync=SyncConfig(1.0, 2, 20.0),
+                                                    secure_aggregation=True))
+        workers = [fed.mlp_worker(ctx, broker.endpoint, i, server_key=keys.broker.public.decode(),
+                                  secret_key=keys.worker_secret) for i in range(2)]
+        return await fed.run_federation(broker, workers)
+
+    summary, *results = fed.run_async(scenario())
+    assert summary["rounds"] == 2 and summary["rejected"] == {}
+    assert all(r["rounds_trained"] == 2 for r in results)
+    assert [m["secagg"]["inputs"] for m in fed.read_metrics(state_dir)] == [2, 2]
