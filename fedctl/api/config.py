@@ -119,3 +119,16 @@ def takes_parameters_of(source: Callable[P, Any]) -> Callable[[Callable[..., R]]
 def task_ref(task: str | os.PathLike[str] | None) -> str | None:
     """A task given as a path object, as the reference string the task loader takes."""
     return None if task is None else os.fspath(task)
+
+
+def check_resume(config: BrokerConfig) -> None:
+    """Before anything starts: an existing run in the state dir must be of the same model and strategy, and a DP
+    run must not have spent its --dp-target-epsilon already (cheap: reads state.json only)."""
+    from fedctl.broker.dp import check_budget
+    from fedctl.broker.store import Checkpointer
+
+    store = Checkpointer(config.state_dir)
+    store.check_resumable(config.model, config.strategy)
+    if store.exists():
+        state = store.read_state()
+        check_budget(config.dp_config(), state.get("dp"), int(state.get("round", 0)))

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.api.background import BrokerHandle, Started, private_context, run_blocking
-from fedctl.api.config import StrategyOptions, run_config, run_options, takes_parameters_of, task_ref
+from fedctl.api.config import StrategyOptions, check_resume, run_config, run_options, takes_parameters_of, task_ref
 from fedctl.api.results import Run
 from fedctl.broker.service import Broker
 from fedctl.errors import ConfigError
@@ -98,6 +98,7 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
         self.on_round = on_round
         check_writable_dir(self.config.state_dir, "--state-dir")
         self._check_keys(keys[0], keys[1], insecure)
+        check_resume(self.config)
         self._load(eval_data, None if data_dir is None else Path(data_dir), eval_backend)
 
     def _check_keys(self, secret_key: Path | None, allowed_keys: Path | None, insecure: bool) -> None:

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from fedctl.api.background import Started, run_blocking
-from fedctl.api.config import StrategyOptions, run_config, run_options, takes_parameters_of, task_ref
+from fedctl.api.config import StrategyOptions, check_resume, run_config, run_options, takes_parameters_of, task_ref
 from fedctl.api.results import Run
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.service import Evaluator
-from fedctl.broker.store import Checkpointer
 from fedctl.data.partition import write_partition
 from fedctl.data.shards import list_shards, load_shard
 from fedctl.errors import ConfigError
@@ -158,7 +157,7 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
                               "pass --backend torch, or add gluon_model() to the task (docs/tasks.md)")
         config = self.config = run_config(model=task_.name, **run_options(arguments), done_linger_s=2.0)
         check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
-        Checkpointer(config.state_dir).check_resumable(config.model, config.strategy)
+        check_resume(config)
         with missing_dataset_fix(has_download=False):
             partition = ensure_partition(data, dataset, clients, shards_per_client, source_dir, config.seed,
                                          Path(config.state_dir).parent / "partitions", on_partition, dirichlet)

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedctl.broker.chunking import Transfers
 from fedctl.broker.config import BrokerConfig
-from fedctl.broker.dp import PrivateRounds
+from fedctl.broker.dp import PrivateRounds, check_budget
 from fedctl.broker.effects import (
     Effect,
     Send,
@@ -120,13 +120,8 @@ class BrokerCore(PushIntake):
         dp = config.dp_config()
         if dp is None:
             return None
-        private = PrivateRounds(dp, state.get("dp"))
-        spent = private.epsilon()
-        if dp.target_epsilon is not None and spent > dp.target_epsilon:
-            raise ConfigError(f"--dp-target-epsilon {dp.target_epsilon:g} is already exceeded: this run has spent "
-                              f"ε = {spent:.3f} (δ = {dp.delta:g}) in {len(private.rounds)} rounds",
-                              "raise --dp-target-epsilon, or start a new run with another --state-dir")
-        return private
+        check_budget(dp, state.get("dp"), int(state.get("round", 0)))
+        return PrivateRounds(dp, state.get("dp"))
 
     def _secure_aggregation(self, config: BrokerConfig, spec: ModelSpec) -> SecureAggregation | None:
         if not config.secure_aggregation:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
 from fedctl.privacy import Accountant, AdaptiveClip, DPConfig, RoundEvent, clip_l2
 from fedctl.strategies.base import Update
@@ -104,3 +105,15 @@ def _vector(spec: ModelSpec, base: Mapping[str, np.ndarray], kind: str, update: 
         value = np.zeros(p.shape) if t is None else np.asarray(t, np.float64).reshape(p.shape)
         parts.append((value - base[p.name] if kind == C.KIND_WEIGHTS else value).reshape(-1))
     return np.concatenate(parts)
+
+
+def check_budget(config: DPConfig | None, saved: Mapping[str, Any] | None, rounds_done: int) -> None:
+    """Refuse to resume a DP run whose spent ε already exceeds ``--dp-target-epsilon`` (before anything starts)."""
+    if config is None or config.target_epsilon is None or not saved:
+        return
+    private = PrivateRounds(config, saved)
+    spent = private.epsilon()
+    if spent > config.target_epsilon:
+        raise ConfigError(f"--dp-target-epsilon {config.target_epsilon:g} is already exceeded: this run has spent "
+                          f"ε = {spent:.3f} (δ = {config.delta:g}) in {rounds_done} rounds",
+                          "raise --dp-target-epsilon, or start a new run with another --state-dir")

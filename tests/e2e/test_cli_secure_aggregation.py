@@ -127,3 +127,18 @@ def test_bench_privacy_smoke_writes_every_part(tmp_path: Path) -> None:
     text = (out / "privacy.md").read_text()
     assert "## Secure aggregation" in text and "## DP-FedAvg" in text and "## Selective SGD" in text
     assert (out / "privacy.png").stat().st_size > 10_000
+
+
+def test_a_dp_run_resumed_past_its_target_epsilon_is_one_line(tmp_path: Path) -> None:
+    from conftest import fedctl
+
+    args = ["simulate", "--dataset", "mnist-sample", "--clients", "4", "--rounds", "2", "--state-dir",
+            str(tmp_path / "state"), "--backend", "torch", "--dp-noise-multiplier", "1.0"]
+    first = fedctl(tmp_path, *args, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    spent = read_metrics(tmp_path / "state")[-1]["dp"]["epsilon"]
+    again = fedctl(tmp_path, *args, "--dp-target-epsilon", str(spent / 2), timeout=240)
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert again.returncode != 0 and "Traceback" not in again.stderr, again.stderr
+    assert len(lines) == 1 and "is already exceeded: this run has spent ε = " in lines[0], again.stderr
+    assert "raise --dp-target-epsilon" in lines[0]
