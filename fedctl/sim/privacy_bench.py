@@ -78,6 +78,8 @@ def _secagg_compare(model: str, n: int, runs: dict[str, list[dict[str, Any]]]) -
                 "bytes_per_worker": statistics.median((r["bytes_in"] + r["bytes_out"]) / max(r["selected"], 1)
                                                       for r in later),
                 "broker_s": statistics.median((r.get("secagg") or {}).get("broker_s", 0.0) for r in later),
+                "worker_s": statistics.median(r["update_metrics"].get("secagg_s", 0.0) for r in later),
+                "train_s": statistics.median(r["update_metrics"].get("train_time_s", 0.0) for r in later),
                 "inputs": statistics.median(r["participants"] for r in later),
                 "lost": sum((r.get("secagg") or {}).get("dropped", 0) for r in records),
                 "abandoned": max(((r.get("secagg") or {}).get("abandoned", 0) for r in records), default=0)}

@@ -29,12 +29,13 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("secagg"):
         lines += ["## Secure aggregation against the same run without it", "",
                   "| model | workers | run | round (median) | ratio | bytes / worker / round | ratio | broker "
-                  "secure-aggregation compute | inputs summed | abandoned attempts |",
-                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "secure-aggregation compute | each worker's (mean) | training (mean) | inputs summed | abandoned "
+                  "attempts |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["secagg"]:
             lines.append(f"| {r['model']} | {r['workers']} | {r['run']} | {r['round_s']:.3f} s | "
                          f"{r['round_ratio']:.2f}× | {r['bytes_per_worker'] / 1e3:,.1f} kB | {r['bytes_ratio']:.3f}× | "
-                         f"{r['broker_s'] * 1e3:.1f} ms | {r['inputs']:g} | {r.get('abandoned', 0)} |")
+                         f"{r['broker_s'] * 1e3:.1f} ms | {r.get('worker_s', 0) * 1e3:.1f} ms | "
+                         f"{r.get('train_s', 0) * 1e3:.0f} ms | {r['inputs']:g} | {r.get('abandoned', 0)} |")
         lines += ["", "Published cost figures, for comparison (asymptotic; n users, m-element vectors):", ""]
         lines += [f"* **{name}**: {text}" for name, text in PUBLISHED]
         lines.append("")

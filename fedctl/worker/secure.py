@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,13 +82,17 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         peers = await ask(C.SA_KEYS, c=c_pk, s=s_pk)
         if peers is None or peers.type != C.SA_PEERS:
             return peers
+        crypto_started = time.perf_counter()
         sealed = session.share(peers["index"], {int(v): (c, s) for v, c, s in peers["peers"]}, peers["threshold"])
+        crypto_s = time.perf_counter() - crypto_started
         log.info("round %d, secure aggregation attempt %x: shares sealed to %d neighbours (threshold %d)", round_no,
                  attempt, len(sealed), peers["threshold"])
         inbox = await ask(C.SA_SHARES, shares=[[v, b] for v, b in sealed.items()])
         if inbox is None or inbox.type != C.SA_INBOX:
             return inbox
+        crypto_started = time.perf_counter()
         session.receive({int(v): b for v, b in inbox["shares"]})
+        crypto_s += time.perf_counter() - crypto_started
         trained = await worker.train(strategy, weights, task, round_no)
         if trained is None:
             return None
@@ -105,12 +110,14 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         if clipped:
             log.warning("round %d: %d of %d update values were clipped to ±%g (--secagg-clip on the broker)",
                         round_no, clipped, len(encoded), field.clip)
+        crypto_started = time.perf_counter()
         masked = session.mask(encoded)
+        crypto_s += time.perf_counter() - crypto_started
         log.info("round %d, secure aggregation attempt %x: masked input sent (%d values, masked with %d neighbours)",
                  round_no, attempt, len(masked), len(session.maskers))
         unmask = await ask(C.SA_INPUT, tensors={"masked": masked}, base_version=int(model["version"]),
                            num_examples=result.num_examples, weight=weight,
-                           metrics={**metrics, "clipped": float(clipped)})
+                           metrics={**metrics, "clipped": float(clipped), "secagg_s": round(crypto_s, 6)})
         if unmask is None or unmask.type != C.SA_UNMASK:
             return unmask
         seeds, keys = session.reveal(unmask["survivors"], unmask["dropped"])
