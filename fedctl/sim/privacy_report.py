@@ -44,7 +44,8 @@ def markdown(res: dict[str, Any]) -> str:
                   "| target ε | ε spent | noise multiplier z | clip S | clients K | per round m | q | rounds | δ | "
                   "test accuracy |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["dp"]:
-            lines.append(f"| {_num(r['epsilon_target'])} | {_num(r['epsilon'])} | {_num(r['noise_multiplier'])} | "
+            lines.append(f"| {_num(r['epsilon_target'])} | {_num(r['epsilon'], '–')} | "
+                         f"{_num(r['noise_multiplier'], '0 (no noise)')} | "
                          f"{r['clip']} | {r['clients']} | {r['sampled']} | {r['q']:g} | {r['rounds']} | "
                          f"{r['delta']:g} | {r['final_accuracy']:.4f} |")
         lines.append("")
@@ -53,15 +54,15 @@ def markdown(res: dict[str, Any]) -> str:
                   "| ε per value | ε per upload (c values) | ε spent by a worker (max) | uploaded values c | γ | "
                   "rounds | test accuracy |", "|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["ssgd"]:
-            lines.append(f"| {_num(r['epsilon_per_value'])} | {_num(r['epsilon_per_upload'])} | "
-                         f"{_num(r['epsilon_max'])} | {r['uploaded_values']} | {r['gamma']} | {r['rounds']} | "
+            lines.append(f"| {_num(r['epsilon_per_value'])} | {_num(r['epsilon_per_upload'], '–')} | "
+                         f"{_num(r['epsilon_max'], '–')} | {r['uploaded_values']} | {r['gamma']} | {r['rounds']} | "
                          f"{r['final_accuracy']:.4f} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _num(v: Any) -> str:
-    return "∞ (no DP)" if v is None else f"{v:,.3g}" if isinstance(v, float) else str(v)
+def _num(v: Any, none: str = "∞ (no DP)") -> str:
+    return none if v is None else f"{v:,.3g}" if isinstance(v, float) else str(v)
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
