@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ Announce = Callable[[str], None]
 
 
 def _run(config: BrokerConfig, sim: SimConfig, evaluator: Any = None) -> list[dict[str, Any]]:
+    """One measured run from scratch (a state dir left by an earlier benchmark would be resumed, not re-run)."""
+    shutil.rmtree(config.state_dir, ignore_errors=True)
     run_simulation(config, sim, evaluator, None, None)
     return Checkpointer(config.state_dir).read_metrics()
 
