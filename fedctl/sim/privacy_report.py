@@ -74,17 +74,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
     panels = [k for k in ("secagg", "dp", "ssgd") if res.get(k)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.8), squeeze=False)
     for ax, key in zip(axes[0], panels):
         if key == "secagg":
             rows = [r for r in res["secagg"] if r["run"] != "plain"]
-            labels = [f"{r['model']}\n{r['workers']} w, {r['run'].replace('secure', 'sa')}" for r in rows]
+            labels = [f"{r['model']} {r['workers']}" + ("" if r["run"] == "secure" else
+                                                        " " + r["run"].replace("secure, ", "")) for r in rows]
             xs = range(len(rows))
             ax.bar([x - 0.2 for x in xs], [r["round_ratio"] for r in rows], 0.4, label="round time ratio")
             ax.bar([x + 0.2 for x in xs], [r["bytes_ratio"] for r in rows], 0.4, label="bytes/worker ratio")
             ax.axhline(1.5, color="tab:red", ls="--", lw=1, label="round-time goal 1.5×")
             ax.axhline(1.15, color="tab:purple", ls=":", lw=1, label="bytes goal 1.15×")
-            ax.set_xticks(list(xs), labels, fontsize=6)
+            ax.set_xticks(list(xs), labels, fontsize=7, rotation=60, ha="right")
             ax.set_ylabel("secure / plain")
             ax.set_title("Secure aggregation overhead")
             ax.legend(fontsize=7)
