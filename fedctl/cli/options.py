@@ -142,3 +142,9 @@ def class_list(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if not all(names):
         raise click.BadParameter("an empty class name; list the names comma-separated, e.g. benign,malignant")
     return names
+
+
+def dp_phrase(summary: dict[str, Any]) -> str:
+    """``, (ε = 2.31, δ = 1e-05)-DP`` for a run summary with differential privacy, else nothing."""
+    dp = summary.get("dp")
+    return "" if not dp else f", (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:g})-DP for each worker"

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from fedctl.api.serving import Server
-from fedctl.cli.options import run_options
+from fedctl.cli.options import dp_phrase, run_options
 from fedctl.cli.tasking import model_given, task_option
 
 
@@ -61,5 +61,5 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
     summary = server.run().summary
     acc = summary["last"].get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"
-               + (f", test accuracy {acc:.4f}" if acc is not None else "")
+               + (f", test accuracy {acc:.4f}" if acc is not None else "") + dp_phrase(summary)
                + f"; metrics in {server.config.state_dir}/metrics.jsonl")

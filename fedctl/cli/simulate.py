@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedctl.api import simulation as api
 from fedctl.broker.config import BrokerConfig
-from fedctl.cli.options import run_options
+from fedctl.cli.options import dp_phrase, run_options
 from fedctl.cli.tasking import model_given, task_option
 from fedctl.data.datasets import DATASETS
 from fedctl.sim.runner import SimConfig
@@ -125,5 +125,6 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     acc = last.get("test_accuracy") if last else None
     click.echo(f"simulated {summary['workers']} workers ({summary['workers_that_trained']} trained): "
                f"{summary['rounds']} rounds" + (f", test accuracy {acc:.4f}" if acc is not None else "")
+               + dp_phrase(summary)
                + f", {wall:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MiB; metrics in "
                f"{config.state_dir}/metrics.jsonl")
