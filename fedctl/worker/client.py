@@ -225,6 +225,11 @@ class Worker:
             self.trainer = self.make_trainer(self.spec)
             set_local_state(self.trainer, self.state.local)
         result = strategy.client_update(weights, self.trainer, task, self.state.strategy)
+        for name, tensor in result.tensors.items():
+            values = tensor.values if isinstance(tensor, SparseTensor) else np.asarray(tensor)
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"training diverged: the update's {name} holds NaN or infinite values "
+                                         "(lower --lr, or check the data)")
         return result, local_state(self.trainer)
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:

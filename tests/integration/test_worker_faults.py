@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
@@ -151,3 +152,36 @@ def test_a_refused_join_raises_remote_error_and_closes_the_socket(fed: Any, ctx:
                 await run
 
     fed.run_async(scenario())
+
+
+def test_a_diverged_update_is_reported_as_a_failed_training_not_pushed(fed: Any, ctx: zmq.asyncio.Context,
+                                                                       state_dir: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Training that produced NaN (too high a learning rate, or DP noise) is a failed round for that worker: it
+    reports `failed` and the round goes on with the others; nothing non-finite reaches the broker."""
+    def diverge(trainer: Any) -> Any:
+        fit = trainer.fit
+
+        calls = []
+
+        def nan_fit(*args: Any, **kwargs: Any) -> Any:
+            result = fit(*args, **kwargs)
+            calls.append(1)
+            if len(calls) == 1:  # its first training diverges
+                result.params["fc1.weight"][0, 0] = np.nan
+            return result
+
+        trainer.fit = nan_fit
+        return trainer
+
+    async def scenario() -> Any:
+        broker = fed.start_broker(ctx, fed.broker_config(state_dir, rounds=2, sync=SyncConfig(1.0, 2, 20.0)))
+        workers = [fed.mlp_worker(ctx, broker.endpoint, 0), fed.mlp_worker(ctx, broker.endpoint, 1, wrap=diverge)]
+        summary, *_ = await fed.run_federation(broker, workers)
+        return summary
+
+    with caplog.at_level("WARNING"):
+        summary = fed.run_async(scenario())
+    assert summary["rejected"] == {}, "nothing non-finite was pushed"
+    assert "training diverged: the update's fc1.weight holds NaN" in caplog.text
+    assert [m["participants"] for m in fed.read_metrics(state_dir)] == [2, 2]  # round 1 retried without the NaN
