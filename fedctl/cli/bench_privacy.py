@@ -49,7 +49,8 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[floa
               help="dp: clients per round (m).")
 @click.option("--dp-rounds", type=click.IntRange(min=1), default=50, show_default=True, help="dp: rounds.")
 @click.option("--epsilons", default="1,2,4,8", show_default=True, callback=_floats, help="dp: target ε values.")
-@click.option("--dp-clip", type=float, default=0.5, show_default=True, help="dp: the L2 clip S.")
+@click.option("--dp-clip", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True,
+              help="dp: the L2 clip S.")
 @click.option("--ssgd-epsilons", default="0.1,1,10,100", show_default=True, callback=_floats,
               help="ssgd: ε per uploaded value.")
 @click.option("--ssgd-rounds", type=click.IntRange(min=1), default=100, show_default=True, help="ssgd: rounds.")
