@@ -34,6 +34,7 @@ from fedctl.broker.intake import PushIntake
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import ClockPolicy, OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
+from fedctl.broker.secure import EXTRA as SECURE_EXTRA
 from fedctl.broker.secure import Reply, SecureAggregation
 from fedctl.errors import ConfigError, ProtocolError
 from fedctl.models import ModelSpec, first_difference
@@ -131,7 +132,7 @@ class BrokerCore(PushIntake):
                               f"bytes) goes in chunks above --chunk-above-mb ({config.chunk_above:,} bytes)",
                               "raise --max-message-mb and --chunk-above-mb above the model's size")
         dp = None if config.dp_noise_multiplier is None else (config.dp_noise_multiplier, config.dp_clip)
-        return SecureAggregation(spec.num_params, config.secagg_clip, config.secagg_neighbours,
+        return SecureAggregation(spec.num_params + len(SECURE_EXTRA), config.secagg_clip, config.secagg_neighbours,
                                  config.secagg_threshold, dp)
 
     # ------------------------------------------------------------------ inputs

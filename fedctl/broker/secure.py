@@ -26,6 +26,10 @@ from fedctl.wire.messages import Message
 
 log = logging.getLogger(__name__)
 STAGES = ("keys", "shares", "inputs", "reveals")
+EXTRA = ("train_loss",)
+"""Values summed securely after the model's: a worker's training loss reaches the broker only inside the sum."""
+PLAIN_METRICS = frozenset({"train_time_s", "clipped", "secagg_s"})
+"""The only metrics an ``sa_input`` carries in the clear (none of them computed from the data's values)."""
 _ANSWERS = {"keys": C.SA_PEERS, "shares": C.SA_INBOX, "inputs": C.SA_UNMASK, "reveals": C.ACK}
 
 
@@ -75,7 +79,7 @@ class SecureAggregation:
     Parameters
     ----------
     length:
-        Elements of the model (the length of every input vector).
+        Elements of every input vector: the model's, then :data:`EXTRA`.
     clip, neighbours, threshold:
         ``--secagg-clip`` (the fixed-point range), ``--secagg-neighbours`` (k; None: O(log n)) and
         ``--secagg-threshold`` (t as a fraction of k).
@@ -175,7 +179,11 @@ class SecureAggregation:
             workers = summed.workers
             keys = sorted({k for w in workers for k in a.metrics.get(w, {})})
             metrics = {k: sum(a.metrics[w].get(k, 0.0) for w in workers) / len(workers) for k in keys}
-            outcome = Outcome(summed.total / weight, workers, sum(a.examples[w] for w in workers), metrics,
+            mean = summed.total / weight
+            model_values = self.length - len(EXTRA)
+            if self.dp is None:  # under DP the workers send zeros there: a loss would escape the noise
+                metrics.update(zip(EXTRA, (float(v) for v in mean[model_values:])))
+            outcome = Outcome(mean[:model_values], workers, sum(a.examples[w] for w in workers), metrics,
                               dropped=a.handed - len(workers), clipped=int(sum(a.metrics[w].get("clipped", 0)
                                                                                for w in workers)),
                               attempt=a.attempt, base_version=a.base_version)
@@ -241,7 +249,7 @@ class SecureAggregation:
                 raise SecAggError("an sa_input carries one dense frame named 'masked'")
             s.add_input(worker, masked.reshape(-1), float(msg["weight"]))
             a.examples[worker] = int(msg["num_examples"])
-            a.metrics[worker] = {k: float(v) for k, v in (msg.get("metrics") or {}).items()}
+            a.metrics[worker] = {k: float(v) for k, v in (msg.get("metrics") or {}).items() if k in PLAIN_METRICS}
         else:
             s.add_reveal(worker, {int(v): b for v, b in msg["seeds"]}, {int(v): b for v, b in msg["keys"]})
 

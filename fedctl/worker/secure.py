@@ -105,8 +105,11 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         else:  # distributed DP: uniform weights, the update clipped to L2 norm S, this worker's share of the noise
             weight = 1.0
             vector = clip_l2(vector, float(dp["clip"]))[0] + _noise.normal(0.0, float(dp["noise"]), vector.shape)
+        # The training loss goes inside the sum too (zero under DP, whose noise does not cover it): the broker learns
+        # the round's mean loss, not this worker's.
+        loss = 0.0 if dp is not None else float(metrics.get("train_loss", 0.0)) * weight
         field = Field(float(sa["clip"]), int(sa["max_inputs"]))
-        encoded, clipped = field.encode(vector)
+        encoded, clipped = field.encode(np.append(vector, loss))
         if clipped:
             log.warning("round %d: %d of %d update values were clipped to ±%g (--secagg-clip on the broker)",
                         round_no, clipped, len(encoded), field.clip)
@@ -117,7 +120,8 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
                  round_no, attempt, len(masked), len(session.maskers))
         unmask = await ask(C.SA_INPUT, tensors={"masked": masked}, base_version=int(model["version"]),
                            num_examples=result.num_examples, weight=weight,
-                           metrics={**metrics, "clipped": float(clipped), "secagg_s": round(crypto_s, 6)})
+                           metrics={"train_time_s": metrics["train_time_s"], "clipped": float(clipped),
+                                    "secagg_s": round(crypto_s, 6)})
         if unmask is None or unmask.type != C.SA_UNMASK:
             return unmask
         seeds, keys = session.reveal(unmask["survivors"], unmask["dropped"])

@@ -238,6 +238,10 @@ def test_the_broker_never_holds_an_individual_update(fed: Any, ctx: zmq.asyncio.
     assert not [m for m in decoded if m.type in (C.PUSH, C.CHUNK)]
     masked = [m.tensors["masked"].astype(np.float64) for m in decoded if m.type == C.SA_INPUT]
     assert len(masked) == 15 and all(v.std() > 2**29 for v in masked), "uniform over Z_2^32"
+    # No metric computed from a worker's data travels in the clear: its training loss is inside the sum.
+    assert {k for m in decoded if m.type == C.SA_INPUT for k in m["metrics"]} == {"train_time_s", "clipped",
+                                                                                  "secagg_s"}
+    assert all(0 < line["train_loss"] < 3 for line in fed.read_metrics(state_dir)), "the loss, summed securely"
     # 3. The pending store: never written.  4. The journal: only the aggregate.  5. Checkpoints: the global models.
     assert pending_writes == []
     journal = [line for line in (state_dir / "journal.jsonl").read_text().splitlines() if line.strip()]

@@ -52,7 +52,7 @@ def test_one_attempt_through_the_core() -> None:
         p.send(C.SA_SHARES, round=1, attempt=sa["attempt"], shares=[[v, b] for v, b in sealed.items()])
     advance(sim)
     field = Field(4.0, 3)
-    xs = {p.name: np.full(sim.core.spec.num_params, 0.01 * (i + 1)) for i, p in enumerate(peers)}
+    xs = {p.name: np.full(sim.core.spec.num_params + 1, 0.01 * (i + 1)) for i, p in enumerate(peers)}
     for p in peers:
         sessions[p.name].receive({v: b for v, b in p.last()["shares"]})
         masked = sessions[p.name].mask(field.encode(xs[p.name])[0])
@@ -68,7 +68,9 @@ def test_one_attempt_through_the_core() -> None:
     outcome = advance(sim)
     assert [p.last().type for p in peers] == [C.ACK] * 3 and sim.core.secure.current is None  # type: ignore[union-attr]
     # Each worker sent x_k (already weighted); the outcome is Σ x_k / Σ w_k.
-    np.testing.assert_allclose(outcome.mean, sum(xs.values()) / (0.5 + 0.75 + 1.0), atol=1e-6)
+    expected = sum(xs.values()) / (0.5 + 0.75 + 1.0)
+    np.testing.assert_allclose(outcome.mean, expected[:-1], atol=1e-6)
+    assert outcome.metrics["train_loss"] == pytest.approx(expected[-1], abs=1e-6), "the last value: the loss"
     assert outcome.workers == ["a", "b", "c"] and outcome.num_examples == 450
 
 
@@ -141,7 +143,7 @@ def test_the_reveals_close_once_every_secret_has_t_shares_and_a_late_reveal_is_a
     field = Field(4.0, 4)
     for p in peers:
         sessions[p.name].receive({v: b for v, b in p.last()["shares"]})
-        masked = sessions[p.name].mask(field.encode(np.zeros(sim.core.spec.num_params))[0])
+        masked = sessions[p.name].mask(field.encode(np.zeros(sim.core.spec.num_params + 1))[0])
         p.send(C.SA_INPUT, tensors={"masked": masked}, round=1, attempt=sa["attempt"], base_version=0,
                num_examples=100, weight=1.0)
     advance(sim)
