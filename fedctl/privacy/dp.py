@@ -5,7 +5,8 @@ Adaptive clipping (Andrew et al., "Differentially Private Learning with Adaptive
 round also releases the noisy fraction of updates that were *not* clipped, b̄ = (Σ 1[‖Δ_k‖ ≤ S] + N(0, σ_b²)) / m,
 and moves the bound geometrically towards the target quantile γ: S ← S · exp(−η (b̄ − γ)). The two releases
 together are a Gaussian mechanism with noise multiplier z when the update sum gets z_Δ = (z^−2 − (2σ_b)^−2)^−1/2
-(their Theorem 1), so the accountant charges z for the round.
+(as Andrew et al. show), so the accountant charges z for
+the round.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 PUBLISHED = [
-    ("Bonawitz et al. 2017 (SecAgg, complete graph)", "client: O(n + m) compute, O(n + m) communication; server: "
-     "O(m·n²) compute; 1.73× the data expansion at 2^10 users with 2^14-element vectors (their Table 1, 16-bit)"),
-    ("Bell et al. 2020 (SecAgg+, k = O(log n) neighbours)", "client: O(log² n + m·log n) compute, O(log n + m) "
-     "communication; server: O(n·log² n + m·n·log n) compute"),
+    ("Bonawitz et al. 2017 (SecAgg, complete graph)", "communication expansion 1.73× for 2^10 users with "
+     "2^20-dimensional vectors, 1.98× for 2^14 users with 2^24 dimensions (16-bit inputs); server cost quadratic "
+     "in n"),
+    ("Bell et al. 2020 (SecAgg+, k = O(log n) neighbours)", "client cost polylogarithmic in n; server "
+     "O(n log² n + n log n · m)"),
 ]
 
 
@@ -36,7 +37,7 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{r['round_ratio']:.2f}× | {r['bytes_per_worker'] / 1e3:,.1f} kB | {r['bytes_ratio']:.3f}× | "
                          f"{r['broker_s'] * 1e3:.1f} ms | {r.get('worker_s', 0) * 1e3:.1f} ms | "
                          f"{r.get('train_s', 0) * 1e3:.0f} ms | {r['inputs']:g} | {r.get('abandoned', 0)} |")
-        lines += ["", "Published cost figures, for comparison (asymptotic; n users, m-element vectors):", ""]
+        lines += ["", "Published figures, for comparison (n users, m-element vectors):", ""]
         lines += [f"* **{name}**: {text}" for name, text in PUBLISHED]
         lines.append("")
     if res.get("dp"):
