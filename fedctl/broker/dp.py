@@ -23,8 +23,7 @@ from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
 from fedctl.privacy import Accountant, AdaptiveClip, DPConfig, RoundEvent, clip_l2
 from fedctl.strategies.base import Update
-from fedctl.wire import constants as C
-from fedctl.wire.tensors import densify
+from fedctl.strategies.kernels import change_vector, from_change_vector
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +72,14 @@ class PrivateRounds:
         total = np.zeros(spec.num_params, np.float64)
         unclipped = 0
         for u in updates:
-            clipped, within = clip_l2(_vector(spec, base, kind, u), bound)
+            clipped, within = clip_l2(change_vector(spec, base, kind, u.tensors), bound)
             total += clipped
             unclipped += within
         total += self._rng.normal(0.0, z_update * bound, size=total.shape)
         mean = total / max(len(updates), 1)
         fraction = self.clip.update(unclipped, sampled, self.config.count_noise(sampled), self._rng)
         self.rounds.append(RoundEvent(population, sampled, self.config.noise_multiplier))
-        tensors = {}
-        offset = 0
-        for p in spec.params:
-            values = mean[offset:offset + p.numel].reshape(p.shape)
-            offset += p.numel
-            tensors[p.name] = (base[p.name] + values if kind == C.KIND_WEIGHTS else values).astype(np.float32)
+        tensors = from_change_vector(spec, base, kind, mean)
         metrics = {"epsilon": round(self.epsilon(), 6), "delta": self.config.delta,
                    "noise_multiplier": self.config.noise_multiplier, "clip": bound, "next_clip": self.clip.bound,
                    "mode": self.config.mode, "population": population, "sampled": sampled}
@@ -94,17 +88,6 @@ class PrivateRounds:
         update = Update("dp-aggregate", sum(u.num_examples for u in updates), tensors, kind,
                         updates[0].base_version if updates else 0, {}, round_no, 0)
         return update, metrics
-
-
-def _vector(spec: ModelSpec, base: Mapping[str, np.ndarray], kind: str, update: Update) -> np.ndarray:
-    """An update's change as one float64 vector in the model's order (a tensor it leaves out: zeros)."""
-    dense = densify(update.tensors)
-    parts = []
-    for p in spec.params:
-        t = dense.get(p.name)
-        value = np.zeros(p.shape) if t is None else np.asarray(t, np.float64).reshape(p.shape)
-        parts.append((value - base[p.name] if kind == C.KIND_WEIGHTS else value).reshape(-1))
-    return np.concatenate(parts)
 
 
 def check_budget(config: DPConfig | None, saved: Mapping[str, Any] | None, rounds_done: int) -> None:

@@ -7,13 +7,11 @@ import asyncio
 import logging
 from typing import Any
 
-import numpy as np
-
 from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
 from fedctl.strategies.base import Update
-from fedctl.wire import constants as C
+from fedctl.strategies.kernels import from_change_vector
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +171,7 @@ class RoundDriver(Driver):
         """The round's one update: the survivors' weighted mean, as the strategy's kind (a mean of weight changes
         on top of the model they trained, or a mean gradient), counting all their examples."""
         core = self.core
-        tensors: dict[str, np.ndarray] = {}
-        offset = 0
-        base = core.store.weights
-        for p in core.spec.params:
-            values = outcome.mean[offset:offset + p.numel].reshape(p.shape)
-            offset += p.numel
-            kind = core.strategy.update_kind
-            tensors[p.name] = (base[p.name] + values if kind == C.KIND_WEIGHTS else values).astype(np.float32)
+        tensors = from_change_vector(core.spec, core.store.weights, core.strategy.update_kind, outcome.mean)
         return Update("secure-aggregate", outcome.num_examples, tensors, core.strategy.update_kind,
                       outcome.base_version, outcome.metrics, round_no, 0)
 

@@ -92,29 +92,27 @@ def plot(res: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=7)
         elif key == "dp":
             private = [r for r in res["dp"] if r["epsilon_target"] is not None]
-            ax.plot([r["epsilon"] for r in private], [r["final_accuracy"] for r in private], marker="o",
-                    label="DP-FedAvg")
-            for r in res["dp"]:
-                if r["epsilon_target"] is None:
-                    ax.axhline(r["final_accuracy"], color="gray", ls="--", label="no DP")
-            ax.set_xscale("log")
-            ax.set_xlabel(f"ε (δ = {private[0]['delta']:g})" if private else "ε")
-            ax.set_ylabel("test accuracy")
-            ax.set_title(f"DP-FedAvg, MNIST MLP, {res['dp'][0]['clients']} clients")
-            ax.legend(fontsize=7)
+            _accuracy_vs_epsilon(ax, res["dp"], "epsilon", "DP-FedAvg",
+                                 f"ε (δ = {private[0]['delta']:g})" if private else "ε",
+                                 f"DP-FedAvg, MNIST MLP, {res['dp'][0]['clients']} clients")
         else:
-            private = [r for r in res["ssgd"] if r["epsilon_per_value"]]
-            ax.plot([r["epsilon_per_value"] for r in private], [r["final_accuracy"] for r in private], marker="o",
-                    label="DP Selective SGD")
-            for r in res["ssgd"]:
-                if not r["epsilon_per_value"]:
-                    ax.axhline(r["final_accuracy"], color="gray", ls="--", label="no DP")
             ax.axhline(0.1, color="tab:red", ls=":", lw=1, label="chance")
-            ax.set_xscale("log")
-            ax.set_xlabel("ε per uploaded value (an upload spends c·ε)")
-            ax.set_ylabel("test accuracy")
-            ax.set_title("Selective SGD (θ_u = 0.01, γ = 0.01)")
-            ax.legend(fontsize=7)
+            _accuracy_vs_epsilon(ax, res["ssgd"], "epsilon_per_value", "DP Selective SGD",
+                                 "ε per uploaded value (an upload spends c·ε)", "Selective SGD (θ_u = 0.01, γ = 0.01)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _accuracy_vs_epsilon(ax: Any, rows: list[dict[str, Any]], key: str, label: str, xlabel: str, title: str) -> None:
+    """Final accuracy against ε (``key``) for the private rows, the non-private row (``key`` empty) as a line."""
+    private = [r for r in rows if r[key]]
+    ax.plot([r[key] for r in private], [r["final_accuracy"] for r in private], marker="o", label=label)
+    for r in rows:
+        if not r[key]:
+            ax.axhline(r["final_accuracy"], color="gray", ls="--", label="no DP")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)

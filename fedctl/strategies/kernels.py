@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.models.zoo import ModelSpec
+from fedctl.wire.constants import KIND_WEIGHTS
 from fedctl.wire.tensors import SparseTensor, Tensor
 
 Params = dict[str, np.ndarray]
@@ -72,4 +74,29 @@ def axpy(alpha: float, x: Mapping[str, Tensor], y: Mapping[str, np.ndarray]) -> 
         acc = y[name].astype(np.float64)
         accumulate(acc, x[name], alpha)
         out[name] = acc.astype(y[name].dtype)
+    return out
+
+
+def change_vector(spec: ModelSpec, base: Mapping[str, np.ndarray], kind: str,
+                  tensors: Mapping[str, Tensor]) -> np.ndarray:
+    """An update as one float64 vector in the model's order: a weights update as its change from ``base`` (the
+    model it trained on), a gradient or delta as it is; a tensor it leaves out (frozen) is zeros. Secure aggregation
+    and DP-FedAvg work on this vector."""
+    dense = {k: t.to_dense() if isinstance(t, SparseTensor) else t for k, t in tensors.items()}
+    parts = []
+    for p in spec.params:
+        t = dense.get(p.name)
+        value = np.zeros(p.shape) if t is None else np.asarray(t, np.float64).reshape(p.shape)
+        parts.append((value - base[p.name] if kind == KIND_WEIGHTS else value).reshape(-1))
+    return np.concatenate(parts)
+
+
+def from_change_vector(spec: ModelSpec, base: Mapping[str, np.ndarray], kind: str, vector: np.ndarray) -> Params:
+    """The inverse of :func:`change_vector`: float32 tensors of ``kind`` (``base`` plus the change for weights)."""
+    out: Params = {}
+    offset = 0
+    for p in spec.params:
+        values = vector[offset:offset + p.numel].reshape(p.shape)
+        offset += p.numel
+        out[p.name] = (base[p.name] + values if kind == KIND_WEIGHTS else values).astype(np.float32)
     return out

@@ -18,8 +18,8 @@ import numpy as np
 from fedctl.privacy import clip_l2
 from fedctl.secagg import ClientSession, Field, SecAggError
 from fedctl.strategies import Strategy
+from fedctl.strategies.kernels import change_vector
 from fedctl.wire import constants as C
-from fedctl.wire import densify
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.frameworks.base import Params
@@ -36,19 +36,6 @@ _OUT_OF_STEP = (ErrorCode.SECAGG_ABORTED, ErrorCode.SECAGG_REFUSED, ErrorCode.ST
 
 class Vanished(Exception):
     """An emulated device loss (``WorkerConfig.vanish_before``): the worker stops where it stood."""
-
-
-def update_vector(worker: Worker, kind: str, tensors: Any, weights: Params) -> np.ndarray:
-    """The strategy's update as one float64 vector in the model's order: weights become their change since
-    ``weights`` (what the round handed out); a tensor a gradient leaves out (frozen) is zeros."""
-    assert worker.spec is not None
-    parts = []
-    dense = densify(tensors)
-    for p in worker.spec.params:
-        t = dense.get(p.name)
-        value = np.zeros(p.shape) if t is None else np.asarray(t, np.float64).reshape(p.shape)
-        parts.append((value - weights[p.name] if kind == C.KIND_WEIGHTS else value).reshape(-1))
-    return np.concatenate(parts)
 
 
 async def secure_round(worker: Worker, model: Message, strategy: Strategy, task: dict[str, Any],
@@ -97,7 +84,8 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
         if trained is None:
             return None
         result, local, metrics = trained
-        vector = update_vector(worker, result.kind, result.tensors, weights)
+        assert worker.spec is not None
+        vector = change_vector(worker.spec, weights, result.kind, result.tensors)
         dp = model.get("dp")
         if dp is None:
             weight = min(1.0, result.num_examples / int(sa["weight_ref"]))

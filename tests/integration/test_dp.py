@@ -52,6 +52,23 @@ def run(fed: Any, ctx: zmq.asyncio.Context, state_dir: Path, rounds: int, record
     return fed.run_async(scenario()), initial
 
 
+def round_one_noise(state_dir: Path, initial: dict[str, np.ndarray], recorders: list[Recorder],
+                    clip: float) -> np.ndarray:
+    """How far round 1's model is from the initial one plus the uniform mean of the workers' changes clipped to L2
+    norm ``clip`` (their first trainings): the noise DP added."""
+    from fedctl.broker.store import Checkpointer
+
+    after = Checkpointer(state_dir).load_version(1)
+    names = sorted(initial)
+    changes = []
+    for r in recorders:
+        base, new = r.fits[0]
+        v = np.concatenate([(new[k] - base[k]).ravel() for k in names]).astype(np.float64)
+        changes.append(v * min(1.0, clip / np.linalg.norm(v)))
+    moved = np.concatenate([(after[k] - initial[k]).ravel() for k in names]).astype(np.float64)
+    return moved - np.mean(changes, axis=0)
+
+
 def test_epsilon_after_every_round_and_the_noise_on_the_mean(fed: Any, ctx: zmq.asyncio.Context,
                                                              state_dir: Path) -> None:
     recorders = [Recorder() for _ in range(4)]
@@ -62,18 +79,7 @@ def test_epsilon_after_every_round_and_the_noise_on_the_mean(fed: Any, ctx: zmq.
     assert eps == pytest.approx(expected, rel=1e-6) and eps[0] < eps[1] < eps[2]
     assert summary["dp"]["epsilon"] == pytest.approx(eps[-1]) and all(m["participants"] == 4 for m in metrics)
     # Round 1: the model moved by the mean of the clipped changes plus N(0, (z·S/4)²) per value.
-    from fedctl.broker.store import Checkpointer
-
-    after = Checkpointer(state_dir).load_version(1)
-    names = sorted(initial)
-    changes = []
-    for r in recorders:
-        base, new = r.fits[0]
-        v = np.concatenate([(new[k] - base[k]).ravel() for k in names]).astype(np.float64)
-        changes.append(v * min(1.0, 0.05 / np.linalg.norm(v)))
-    clipped_mean = np.mean(changes, axis=0)
-    moved = np.concatenate([(after[k] - initial[k]).ravel() for k in names]).astype(np.float64)
-    noise = moved - clipped_mean
+    noise = round_one_noise(state_dir, initial, recorders, clip=0.05)
     assert float(np.std(noise)) == pytest.approx(0.5 * 0.05 / 4, rel=0.02)
     assert abs(float(np.mean(noise))) < 1e-4
 
@@ -100,15 +106,5 @@ def test_distributed_dp_under_secure_aggregation(fed: Any, ctx: zmq.asyncio.Cont
     assert [m["dp"]["mode"] for m in metrics] == ["distributed"] * 2
     assert [m["dp"]["epsilon"] for m in metrics] == pytest.approx(
         [Accountant(1e-5).epsilon([RoundEvent(4, 4, 0.5)] * r) for r in (1, 2)], rel=1e-6)
-    from fedctl.broker.store import Checkpointer
-
-    after = Checkpointer(state_dir).load_version(1)
-    names = sorted(initial)
-    changes = []
-    for r in recorders:
-        base, new = r.fits[0]
-        v = np.concatenate([(new[k] - base[k]).ravel() for k in names]).astype(np.float64)
-        changes.append(v * min(1.0, 0.05 / np.linalg.norm(v)))
-    moved = np.concatenate([(after[k] - initial[k]).ravel() for k in names]).astype(np.float64)
-    noise = moved - np.mean(changes, axis=0)
+    noise = round_one_noise(state_dir, initial, recorders, clip=0.05)
     assert float(np.std(noise)) == pytest.approx(0.5 * 0.05 / 4, rel=0.02)
