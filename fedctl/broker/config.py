@@ -44,6 +44,9 @@ class BrokerConfig:
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
+    gather: int = 0
+    """Sync rounds: the first round this process opens waits until this many workers have a pull waiting, so that its
+    sample is drawn from all of them (``fedctl simulate`` sets its worker count; 0: only ``sync.min_workers``)."""
     durable_updates: bool = True
     """Write each acknowledged update (and the open round) to ``<state_dir>/pending`` before acknowledging it, so a
     broker killed mid-round resumes the round without losing anything it acknowledged."""

@@ -84,6 +84,7 @@ class BrokerCore(PushIntake):
         self.shapes = {p.name: p.shape for p in spec.params}
         self.registry = WorkerRegistry(config.liveness_s)
         self.rng = np.random.default_rng([config.seed, state["round"]])
+        self._gathered = config.gather <= 0
         self.durable = durable
         self.open_spool = open_spool
         self.updates: list[Update] = []
@@ -325,6 +326,10 @@ class BrokerCore(PushIntake):
         lets it start now; any update left from before is discarded."""
         assert isinstance(self.policy, SyncRoundPolicy)
         ready = [r.worker for r in self.registry.waiting()]
+        if not self._gathered:
+            if len(ready) < self.config.gather:
+                return None
+            self._gathered = True  # later rounds sample whoever waits then
         opened = self.policy.try_start(round_no, ready, len(self.registry), now, self.rng)
         if opened is not None:
             self.updates = []

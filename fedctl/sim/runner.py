@@ -114,7 +114,7 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
     ctx = zmq.asyncio.Context()
     ctx.set(zmq.MAX_SOCKETS, max(1024, 2 * len(shards) + 64))
     bind = "inproc://fedctl-sim" if sim.transport == "inproc" else "tcp://127.0.0.1:*"
-    config = dataclasses.replace(broker_config, bind=bind)
+    config = dataclasses.replace(broker_config, bind=bind, gather=len(shards))  # round 1 samples every worker
     try:
         broker = Broker(config, evaluator, on_round=on_round, ctx=ctx, model=model)
         if broker.is_complete():  # resumed a finished run: nothing to train, no worker to start

@@ -68,6 +68,19 @@ def test_a_whole_sync_round_then_a_delta_downlink() -> None:
     assert delta.type == C.MODEL and delta["base"] == 1 and delta.tensors == {}
 
 
+def test_gather_holds_the_first_round_until_every_expected_worker_is_connected() -> None:
+    """``fedctl simulate`` knows its workers: its first round samples all of them, never the first to connect."""
+    sim = CoreSim(config(gather=3))
+    a, b = joined(sim, "a", "b")
+    a.pull(), b.pull()
+    assert sim.core.try_open_round(1, sim.clock()) is None, "two of the three expected workers"
+    [c] = joined(sim, "c")
+    assert sim.core.try_open_round(1, sim.clock()) is None, "c is connected but its pull has not arrived"
+    c.pull()
+    opened = sim.core.try_open_round(1, sim.clock())
+    assert opened is not None and opened.selected == ("a", "b", "c")
+
+
 def test_a_refused_update_changes_nothing_and_a_resent_one_is_a_duplicate() -> None:
     sim = CoreSim()
     a, b = joined(sim, "a", "b")
