@@ -15,6 +15,7 @@ from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
 from fedctl.cli.bench_policies import bench_heartbeat, bench_policies
 from fedctl.cli.bench_privacy import bench_privacy
+from fedctl.cli.bench_round import bench_round
 from fedctl.cli.simulate import console, ensure_partition, quiet_workers, run_with_progress
 from fedctl.data.datasets import DATASETS
 from fedctl.data.shards import read_manifest
@@ -247,3 +248,4 @@ def write_scale_report(rows: list[dict[str, Any]], out: Path) -> None:
 bench_group.add_command(bench_policies)
 bench_group.add_command(bench_heartbeat)
 bench_group.add_command(bench_privacy)
+bench_group.add_command(bench_round)

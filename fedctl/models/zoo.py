@@ -140,7 +140,15 @@ def _wide1g() -> ModelSpec:
                      "than one message; no framework trains it (scripts/big_update.py uses a no-op trainer)")
 
 
-MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5, "wide1g": _wide1g}
+def _wide5m() -> ModelSpec:
+    # 784-1635-10: 1,299,835 float32 parameters, 5.2 MB — the large model of `fedctl bench round`.
+    params = (*_dense("fc1", 784, 1635), *_dense("fc2", 1635, 10))
+    return ModelSpec("wide5m", (1, 28, 28), 10, params,
+                     "MLP 784-1635-10 (5.2 MB of float32): a benchmark model for round cost (`fedctl bench round`); "
+                     "no framework trains it")
+
+
+MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5, "wide5m": _wide5m, "wide1g": _wide1g}
 
 
 def get_model(name: str) -> ModelSpec:

@@ -6,7 +6,7 @@ or PyTorch. The numpy MLP is exact (float64 maths, float32 results) and small en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -91,9 +91,19 @@ class NoOpTrainer:
     spec: ModelSpec
     num_examples: int = 600
     backend: str = "noop"
+    noise: float = 0.0
+    """With noise > 0, ``fit`` returns w + ν, ν ~ N(0, noise²) drawn once per trainer (so each round costs one add,
+    and the update is not the model it was given: what `fedctl bench round` and Flower's client both send)."""
+    _nu: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
-        return TrainResult({k: np.asarray(v) for k, v in weights.items()}, self.num_examples, {"train_loss": 0.0})
+        if not self.noise:
+            return TrainResult({k: np.asarray(v) for k, v in weights.items()}, self.num_examples, {"train_loss": 0.0})
+        if not self._nu:
+            rng = np.random.default_rng(seed)
+            self._nu = {k: (self.noise * rng.standard_normal(np.shape(v), dtype=np.float32)) for k, v in weights.items()}
+        return TrainResult({k: np.add(v, self._nu[k], dtype=np.float32) for k, v in weights.items()},
+                           self.num_examples, {"train_loss": 0.0})
 
     def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
         return TrainResult({k: np.zeros_like(v) for k, v in weights.items()}, self.num_examples, {"train_loss": 0.0})
