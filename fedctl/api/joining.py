@@ -61,8 +61,9 @@ class Participant:
         The run's class names in id order, the same list on every worker (a table's label values, an image
         folder's sub-folder names), so that a data holder without some class still numbers the others as the
         rest do; default: the dataset's own names in sorted order (:func:`fedctl.data.local.with_classes`).
-    backend, device, worker_id, threads, connect_timeout, state_dir, slowdown, server_key, secret_key:
-        As for ``fedctl join`` (``threads``: ``"auto"`` or a count; ``connect_timeout`` in seconds).
+    backend, device, worker_id, threads, connect_timeout, state_dir, slowdown, server_key, secret_key, compress:
+        As for ``fedctl join`` (``threads``: ``"auto"`` or a count; ``connect_timeout`` in seconds; ``compress``:
+        ``"auto"``, ``"always"`` or ``"never"``).
 
     Raises
     ------
@@ -75,7 +76,7 @@ class Participant:
                  device: str = "cpu", worker_id: str | None = None, threads: int | str = "auto",
                  connect_timeout: float = 60.0, state_dir: PathLike | None = None, slowdown: float = 1.0,
                  server_key: str | None = None, secret_key: PathLike | None = None, label_column: str | None = None,
-                 classes: Sequence[str] | None = None) -> None:
+                 classes: Sequence[str] | None = None, compress: str = "auto") -> None:
         from fedctl.api.inputs import check_endpoint, resolve_backend
 
         check_endpoint(connect, "--connect", bind=False)
@@ -94,7 +95,8 @@ class Participant:
                                    num_examples=self.shard.num_examples, connect_timeout_s=connect_timeout,
                                    state_dir=None if state_dir is None else Path(state_dir), slowdown=slowdown,
                                    server_key=curve[0].decode("ascii") if curve else None,
-                                   secret_key=None if secret_key is None else Path(secret_key), spec=spec)
+                                   secret_key=None if secret_key is None else Path(secret_key), spec=spec,
+                                   compress=compress)
         self._build(device, str(threads))
 
     def _build(self, device: str, threads: str) -> None:

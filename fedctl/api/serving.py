@@ -49,8 +49,10 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
     eval_data, data_dir, eval_backend:
         Evaluate the global model after every ``eval_every`` rounds on this shard of ``data_dir`` (``"test"``) or
         dataset split (``"mnist:test"``), with this framework (``"auto"``: the first installed).
-    heartbeat_interval, liveness, max_message_mb, chunk_above_mb, chunk_kb, secret_key, allowed_keys, insecure:
-        Transport and security options, as for ``fedctl serve``.
+    heartbeat_interval, liveness, max_message_mb, chunk_above_mb, chunk_kb, compress, secret_key, allowed_keys, \
+insecure:
+        Transport and security options, as for ``fedctl serve`` (``compress``: ``"auto"``, ``"always"`` or
+        ``"never"``).
     on_round:
         Called with each round's metrics record (a dict), in the broker's thread.
 
@@ -74,7 +76,8 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
                  dp_adaptive_quantile: float | None = None, dp_clip_lr: float = 0.2,
                  eval_data: str | None = None, data_dir: PathLike | None = None, eval_backend: str = "auto",
                  heartbeat_interval: float = 1.0, liveness: float = 10.0, max_message_mb: float = 256.0,
-                 chunk_above_mb: float | None = None, chunk_kb: int = 256, secret_key: PathLike | None = None,
+                 chunk_above_mb: float | None = None, chunk_kb: int = 256, compress: str = "auto",
+                 secret_key: PathLike | None = None,
                  allowed_keys: PathLike | None = None, insecure: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
@@ -94,7 +97,8 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
                                  heartbeat_interval_s=heartbeat_interval, liveness_s=liveness,
                                  max_message_bytes=max_message_bytes,
                                  chunk_above=int(chunk_above_mb * 2**20) if chunk_above_mb else 0,
-                                 chunk_bytes=chunk_kb * 1024, curve_secret_key=keys[0], allowed_keys=keys[1])
+                                 chunk_bytes=chunk_kb * 1024, compress=compress, curve_secret_key=keys[0],
+                                 allowed_keys=keys[1])
         self.on_round = on_round
         check_writable_dir(self.config.state_dir, "--state-dir")
         self._check_keys(keys[0], keys[1], insecure)

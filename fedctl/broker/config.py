@@ -11,6 +11,7 @@ from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
 from fedctl.errors import ConfigError
 from fedctl.privacy.dp import DPConfig
 from fedctl.strategies.base import TaskConfig
+from fedctl.wire.compression import check_mode
 from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECAGG_PEERS
 
 SECURE_STRATEGIES = ("fedavg", "fedsgd")
@@ -44,6 +45,9 @@ class BrokerConfig:
     """End the run after the first evaluated round whose test accuracy reaches this (needs an evaluator)."""
     done_linger_s: float = 2.0
     """After the last round: how long to keep answering so every worker hears ``done``."""
+    compress: str = "auto"
+    """Dense models and downlink deltas through the zlib codec: ``auto`` (per worker, where its link is slow enough
+    that the bytes saved outweigh deflate and inflate; docs/protocol.md §4.4), ``always`` or ``never``."""
     gather: int = 0
     """Sync rounds: the first round this process opens waits until this many workers have a pull waiting, so that its
     sample is drawn from all of them (``fedctl simulate`` sets its worker count; 0: only ``sync.min_workers``)."""
@@ -96,6 +100,7 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be at least 1, got {self.rounds}")
+        check_mode(self.compress)
         if not 0 < self.heartbeat_interval_s < self.liveness_s:
             raise ConfigError("heartbeat interval must be positive and shorter than the liveness timeout",
                               "e.g. --heartbeat-interval 1 --liveness 10")

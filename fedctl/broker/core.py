@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from fedctl.models import ModelSpec, first_difference
 from fedctl.strategies.base import Strategy, Update
 from fedctl.wire import chunks, decode, encode, make, payload_bytes, peek_id
 from fedctl.wire import constants as C
+from fedctl.wire.compression import CodecCost, worth_compressing
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message, peek
 from fedctl.wire.tensors import Tensor
@@ -51,8 +52,16 @@ REFUSAL_LOG_EVERY_S = 1.0
 SpoolOpener = Callable[[str, bool], Mapping[str, np.ndarray]]
 """``(spool name, owned) -> tensors``: the shell's reader of a completed chunked push (``owned``: delete the file
 when the update is dropped; False when the pending store keeps it)."""
-Downlink = tuple[dict[str, Tensor], list[bytes], bool]
-"""What a worker holding some model version is sent: tensors, their encoded frames, and whether it is a delta."""
+
+
+class Downlink(NamedTuple):
+    """What a worker holding some model version is sent: tensors, their encoded frames, whether they are a delta,
+    and the same frames through the zlib codec when some worker's link makes that worth it (None otherwise)."""
+
+    tensors: dict[str, Tensor]
+    frames: list[bytes]
+    is_delta: bool
+    zframes: list[bytes] | None = None
 
 
 class BrokerCore(PushIntake):
@@ -85,6 +94,8 @@ class BrokerCore(PushIntake):
         self.registry = WorkerRegistry(config.liveness_s)
         self.rng = np.random.default_rng([config.seed, state["round"]])
         self._gathered = config.gather <= 0
+        self.codec = CodecCost()
+        """This broker's measured deflate speed and ratio (the shell's downlink builds update it)."""
         self.durable = durable
         self.open_spool = open_spool
         self.updates: list[Update] = []
@@ -240,6 +251,7 @@ class BrokerCore(PushIntake):
         self.evaluations.gone(record.worker)
         record.pending_pull = msg.id
         record.holds_version = msg.get("version")
+        record.link_bps = msg.get("link_bps", record.link_bps)
         return [Wake()]
 
     def _on_heartbeat(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
@@ -370,7 +382,9 @@ class BrokerCore(PushIntake):
                              mtype: str, **fields: Any) -> list[Effect]:
         """Answer ``record``'s pull with ``mtype`` carrying the weights: the delta on its version, or the dense model
         (in chunks, paced by the worker's credits, when large)."""
-        tensors, frames, is_delta = downlinks[record.holds_version]
+        tensors, frames, is_delta, zframes = downlinks[record.holds_version]
+        if zframes is not None and self.compress_for(record, frames):
+            frames = zframes
         in_chunks = self.chunked_model() if not is_delta else 0
         msg = make(mtype, self.next_id(), re=record.pending_pull, tensors=None if in_chunks else tensors, **fields,
                    base=record.holds_version if is_delta else None, chunks=in_chunks or None)
@@ -380,6 +394,11 @@ class BrokerCore(PushIntake):
             self.transfers.open_model(record.identity, msg.id, record.worker, now)
             effects.append(StartModelTransfer(record.identity, record.worker, msg.id))
         return effects
+
+    def compress_for(self, record: WorkerRecord, frames: Sequence[bytes]) -> bool:
+        """Whether ``record``'s model goes through the zlib codec: by --compress, and under ``auto`` by its link's
+        measured throughput against this broker's measured deflate cost (:mod:`fedctl.wire.compression`)."""
+        return worth_compressing(sum(map(len, frames)), record.link_bps, self.codec, self.config.compress)
 
     def chunk_message(self, xfer: int, index: int, piece: Mapping[str, Any]) -> list[bytes]:
         """The frames of chunk ``index`` of model transfer ``xfer``."""

@@ -1,4 +1,5 @@
-"""What a worker is sent as the model: dense, or only what changed since the version it holds when smaller.
+"""What a worker is sent as the model: dense, or only what changed since the version it holds when smaller; and,
+for the workers whose links make it worth it, the same through the zlib codec (docs/protocol.md §4.4).
 
 Pure (numpy and the wire codec): the shell runs :func:`build` in a thread, since diffing and encoding touch the
 whole model, and hands the result to :meth:`fedctl.broker.core.BrokerCore.hand_out`.
@@ -6,34 +7,60 @@ whole model, and hands the result to :meth:`fedctl.broker.core.BrokerCore.hand_o
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 
 from fedctl.broker.core import BrokerCore, Downlink
+from fedctl.broker.registry import WorkerRecord
 from fedctl.wire.messages import encode_tensors
 from fedctl.wire.tensors import SparseTensor, Tensor, pack_sparse
 
 
-def build(core: BrokerCore, held: Iterable[int | None]) -> dict[int | None, Downlink]:
-    """For each model version some worker holds (None: nothing): the tensors to send it, their frames, and
-    whether they are a delta on that version. Frames are encoded once per distinct held version."""
+def _frames(core: BrokerCore, tensors: Mapping[str, Tensor], compress: bool) -> tuple[list[bytes], list[bytes] | None]:
+    """The plain frames, and the zlib ones when ``compress`` (timed: the broker's deflate cost is measured)."""
+    frames = encode_tensors(tensors)
+    if not compress:
+        return frames, None
+    start = time.perf_counter()
+    zframes = encode_tensors(tensors, compress=True)
+    core.codec.observe(sum(map(len, frames)), sum(map(len, zframes)), time.perf_counter() - start)
+    return frames, zframes
+
+
+def build(core: BrokerCore, records: Iterable[WorkerRecord]) -> dict[int | None, Downlink]:
+    """For each model version one of ``records`` holds (None: nothing): the tensors to send it, their frames,
+    whether they are a delta, and their zlib frames if one of its holders' links wants them. Frames are encoded
+    once per distinct held version (and codec)."""
     store, strategy = core.store, core.strategy
     chunked = core.chunked_model() > 0
-    # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
-    dense: Downlink = (dict(store.weights), [] if chunked else encode_tensors(store.weights, compress=True), False)
+    by_version: dict[int | None, list[WorkerRecord]] = {}
+    for record in records:
+        by_version.setdefault(record.holds_version, []).append(record)
+    dense_raw: list[bytes] = [] if chunked else encode_tensors(store.weights)
+    dense_z: list[bytes] | None = None
     out: dict[int | None, Downlink] = {}
-    for version in set(held):
+
+    def dense(holders: list[WorkerRecord]) -> Downlink:
+        # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
+        nonlocal dense_z
+        if not chunked and dense_z is None and any(core.compress_for(r, dense_raw) for r in holders):
+            _, dense_z = _frames(core, store.weights, True)
+        return Downlink(dict(store.weights), dense_raw, False, dense_z)
+
+    for version, holders in by_version.items():
         base = None if version is None else store.at(version)
         delta = None if base is None else strategy.downlink(store.weights, base)
         if delta is None:
-            out[version] = dense
+            out[version] = dense(holders)
             continue
         # Unchanged tensors are left out: the worker keeps its copy of them.
         changed: dict[str, Tensor] = {k: t for k, t in delta.items()
                                       if not (isinstance(t, SparseTensor) and t.nnz == 0)}
         changed = pack_sparse(changed, core.shapes)  # one frame when every change is sparse
-        frames = encode_tensors(changed, compress=True)
-        size = sum(map(len, frames))
+        raw = encode_tensors(changed)
+        frames, zframes = _frames(core, changed, any(core.compress_for(r, raw) for r in holders))
+        size = min(sum(map(len, frames)), sum(map(len, zframes or frames)))
         # A delta goes whole: when the dense model needs chunks, it must itself stay below the chunking size.
-        smaller = size <= core.config.chunk_above if chunked else size < sum(map(len, dense[1]))
-        out[version] = (changed, frames, True) if smaller else dense
+        smaller = size <= core.config.chunk_above if chunked else size < sum(map(len, dense_raw))
+        out[version] = Downlink(changed, frames, True, zframes) if smaller else dense(holders)
     return out

@@ -119,7 +119,7 @@ class Driver(ABC):
         if not records:
             log.warning("round %d: no worker waited for work; no federated evaluation", number)
             return skipped
-        downlinks = await asyncio.to_thread(downlink.build, core, [r.holds_version for r in records])
+        downlinks = await asyncio.to_thread(downlink.build, core, records)
         await host.execute(core.open_evaluation(number, records, downlinks, host.now()))
         await host.wait_until(lambda: core.evaluations.complete(host.now()), core.evaluations.time_left(host.now()))
         closed = core.evaluations.close()

@@ -18,6 +18,8 @@ class WorkerRecord:
     """Message id of the worker's unanswered pull (it waits for a model), or None."""
     holds_version: int | None = None
     """The model version the worker said (in its pull) it holds exactly, for a downlink delta; None: nothing."""
+    link_bps: float | None = None
+    """The worker's link throughput as it last measured it (bytes/s, its pull's ``link_bps``); None: unknown."""
 
 
 class WorkerRegistry:

@@ -273,7 +273,7 @@ class Broker:
         """Answer each worker's waiting pull with the model for round (or clock tick) ``n``: dense, or only what
         changed since the version it holds when that is smaller (built in a thread)."""
         if jobs:
-            downlinks = await asyncio.to_thread(downlink.build, self.core, [r.holds_version for r, _ in jobs])
+            downlinks = await asyncio.to_thread(downlink.build, self.core, [r for r, _ in jobs])
             await self.execute(self.core.hand_out(jobs, downlinks, self.now()))
 
     # ------------------------------------------------------------------ tasks

@@ -43,6 +43,10 @@ from fedctl.cli.tasking import task_option
               help="Keep the worker's state here (held model, compression residuals) so a restart resumes it.")
 @click.option("--slowdown", type=click.FloatRange(min=1), default=1.0, show_default=True,
               help="Emulate a slower device (benchmarks): each update takes this many times longer.")
+@click.option("--compress", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Updates sent to the broker through zlib: auto (only where this worker's measured link is slow "
+                   "enough that the bytes saved outweigh deflating and inflating; docs/protocol.md §4.4), always "
+                   "or never.")
 @click.option("--server-key", default=None, metavar="PATH|Z85",
               help="The broker's CURVE public key: its NAME.key file or the 40-character key it prints. "
                    "With --secret-key, the connection is encrypted and authenticated.")
@@ -52,10 +56,10 @@ from fedctl.cli.tasking import task_option
 def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | None, backend: str, device: str,
              worker_id: str | None, threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
              server_key: str | None, secret_key: Path | None, holdout: float | None, label_column: str | None,
-             classes: tuple[str, ...] | None) -> None:
+             classes: tuple[str, ...] | None, compress: str) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     done = join(task_ref, data=data, connect=connect, data_dir=data_dir, holdout=holdout, backend=backend,
                 device=device, worker_id=worker_id, threads=threads, connect_timeout=connect_timeout,
                 state_dir=state_dir, slowdown=slowdown, server_key=server_key, secret_key=secret_key,
-                label_column=label_column, classes=classes)
+                label_column=label_column, classes=classes, compress=compress)
     click.echo(f"done: trained {done.rounds_trained} rounds; run finished at round {done.final_round}")

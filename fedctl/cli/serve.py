@@ -36,6 +36,10 @@ from fedctl.cli.tasking import model_given, task_option
                    "[default: 64, or 3/4 of --max-message-mb when that is smaller].")
 @click.option("--chunk-kb", type=click.IntRange(min=1), default=256, show_default=True,
               help="Tensor data per chunk message.")
+@click.option("--compress", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Models sent to workers through zlib: auto (per worker, only where its measured link is slow "
+                   "enough that the bytes saved outweigh deflating and inflating; docs/protocol.md §4.4), always "
+                   "or never.")
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The broker's NAME.key_secret (`fedctl keygen`): encrypt with CURVE and admit only the workers "
                    "in --allowed-keys. Required unless --bind is loopback, ipc or inproc.")
@@ -44,7 +48,7 @@ from fedctl.cli.tasking import model_given, task_option
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
-              liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int,
+              liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int, compress: str,
               secret_key: Path | None, allowed_keys: Path | None,
               insecure: bool, task_ref: str | None, **run: Any) -> None:
     """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
@@ -56,7 +60,7 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
     server = Server(task_ref, bind=bind, model=model if model_given(click.get_current_context()) else None,
                     eval_data=eval_data, data_dir=data_dir, eval_backend=eval_backend,
                     heartbeat_interval=heartbeat_interval, liveness=liveness, max_message_mb=max_message_mb,
-                    chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, secret_key=secret_key, allowed_keys=allowed_keys,
+                    chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress, secret_key=secret_key, allowed_keys=allowed_keys,
                     insecure=insecure, **run)
     summary = server.run().summary
     acc = summary["last"].get("test_accuracy")

@@ -105,7 +105,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
              "num_examples": (_int(0), True), "model": (_str(C.MAX_MODEL_NAME_CHARS), False),
              "host": (_str(C.MAX_HOST_CHARS), False), "params": (_signature, False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
-    C.PULL: {"version": (_int(0), False)},
+    C.PULL: {"version": (_int(0), False), "link_bps": (_int(1), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
               "chunks": (_chunks, False), "secagg": (_secagg, False), "dp": (_dp, False)},
     C.PUSH: {"round": (_int(0), True), "base_version": (_int(0), True), "seq": (_int(0), True),

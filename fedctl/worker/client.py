@@ -28,8 +28,9 @@ from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
 from fedctl.wire import SparseTensor, check_against_spec, densify, pack_sparse, unpack_sparse
 from fedctl.wire import constants as C
+from fedctl.wire.compression import CodecCost, check_mode, worth_compressing
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
-from fedctl.wire.messages import Message
+from fedctl.wire.messages import Message, encode_tensors
 from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
 from fedctl.worker.frameworks.base import Params, Trainer, local_state, set_local_state
 from fedctl.worker.secure import Vanished, secure_round
@@ -103,6 +104,9 @@ class WorkerConfig:
     """The broker's CURVE public key (40 Z85 characters); with ``secret_key``, the connection is CURVE."""
     secret_key: Path | None = None
     """This worker's ``NAME.key_secret`` file (``fedctl keygen``); only with ``server_key``."""
+    compress: str = "auto"
+    """Pushes through the zlib codec: ``auto`` (when the measured link is slow enough, docs/protocol.md §4.4),
+    ``always`` or ``never``."""
 
     def __post_init__(self) -> None:
         if not self.connect.startswith(("tcp://", "ipc://", "inproc://")):
@@ -115,6 +119,7 @@ class WorkerConfig:
             raise ConfigError("CURVE needs both --server-key and --secret-key", "pass both, or neither")
         if self.server_key is not None:
             check_z85_key(self.server_key, "--server-key")
+        check_mode(self.compress)
 
 
 def check_spec(announced: dict[str, Any], local: ModelSpec | None = None) -> ModelSpec:
@@ -153,6 +158,10 @@ class Worker:
         self.run: dict[str, Any] = {}
         self.rounds_trained = 0
         self.conn: Connection | None = None
+        self.link_bps: int | None = None
+        """The link's throughput as last measured (a push's bytes over the time to its ack), told to the broker in
+        each pull so it can judge whether compressing this worker's model pays (docs/protocol.md §4.4)."""
+        self.codec = CodecCost()
         self.bytes_out = 0
         self.bytes_in = 0
         self.unacked: Push | None = None
@@ -377,7 +386,17 @@ class Worker:
                                       int(self.run.get("chunk_bytes", C.DEFAULT_CHUNK_BYTES)), self._liveness_s)
         else:
             tensors = pack_sparse(push.tensors, self._shapes())
-            reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, **push.fields))
+            frames = encode_tensors(tensors)
+            raw = sum(map(len, frames))
+            if worth_compressing(raw, self.link_bps, self.codec, self.config.compress):
+                start = time.perf_counter()
+                frames = encode_tensors(tensors, compress=True)
+                self.codec.observe(raw, sum(map(len, frames)), time.perf_counter() - start)
+            sent = time.perf_counter()
+            reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames,
+                                                                       **push.fields))
+            # A lower bound on the link's throughput: it includes the latency and the broker's durable write.
+            self.link_bps = max(int(sum(map(len, frames)) / max(time.perf_counter() - sent, 1e-6)), 1)
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:
@@ -403,7 +422,7 @@ class Worker:
                 return answer
         while True:
             held = self.state.version if self.state.model else None
-            reply = await conn.wait_reply(await conn.request(C.PULL, version=held))
+            reply = await conn.wait_reply(await conn.request(C.PULL, version=held, link_bps=self.link_bps))
             if reply.type == C.DONE:
                 return reply
             self.check_error(reply)

@@ -266,7 +266,7 @@ class Connection:
         return msg.id
 
     async def request(self, mtype: str, tensors: Any = None, msg_id: int | None = None,
-                      **fields: Any) -> asyncio.Future[Message]:
+                      tensor_frames: list[bytes] | None = None, **fields: Any) -> asyncio.Future[Message]:
         """Send a message and return the future of its reply (the caller decides how long to wait).
 
         Raises TransportError when the socket takes no more messages: libzmq ended the connection for good, as it
@@ -275,7 +275,7 @@ class Connection:
         if self.failure is not None:
             raise TransportError(*self.failure)
         msg_id = self.next_id() if msg_id is None else msg_id
-        frames = encode(make(mtype, msg_id, tensors=tensors, **fields))
+        frames = encode(make(mtype, msg_id, tensors=tensors, **fields), tensor_frames)
         if not await self._send_now(frames):
             raise TransportError(*(self.failure or (
                 f"the connection to {self.endpoint} was closed and takes no more messages (a failed handshake?)",

@@ -139,7 +139,7 @@ class CoreSim:
     def hand_out(self, number: int, workers: list[str] | None = None) -> None:
         records = [r for r in self.core.registry.waiting() if workers is None or r.worker in workers]
         jobs = [(r, number) for r in records]
-        self.run(self.core.hand_out(jobs, downlink.build(self.core, [r.holds_version for r in records]),
+        self.run(self.core.hand_out(jobs, downlink.build(self.core, records),
                                     self.clock()))
 
     def open_evaluation(self, number: int) -> list[str]:
@@ -148,8 +148,7 @@ class CoreSim:
         waiting = {r.worker: r for r in self.core.registry.waiting()}
         sample = self.core.evaluations.sample(list(waiting), len(self.core.registry), self.core.rng)
         records = [waiting[w] for w in sample]
-        self.run(self.core.open_evaluation(number, records, downlink.build(self.core, [r.holds_version
-                                                                                       for r in records]),
+        self.run(self.core.open_evaluation(number, records, downlink.build(self.core, records),
                                            self.clock()))
         return sample
 
