@@ -181,6 +181,11 @@ class PendingStore:
         gone = set(keys)
         self._forget(lambda w, r: (w, r) in gone)
 
+    def forget_through(self, through_round: int) -> None:
+        """Delete the updates of rounds ≤ ``through_round`` (committed), not the round file."""
+        if self.dir.is_dir():
+            self._forget(lambda w, r: r <= through_round)
+
     def clear(self, through_round: int | None = None) -> None:
         """Forget the round file and the updates of rounds ≤ ``through_round`` (all when None)."""
         if not self.dir.is_dir():

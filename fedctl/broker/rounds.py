@@ -26,6 +26,29 @@ class RoundDriver(Driver):
 
     population = 0
     """Workers connected when the open round sampled its own (DP accounting's K)."""
+    _forgetting: asyncio.Task[None] | None = None
+    """Deleting a committed round's pending updates, off the critical path (see :meth:`_forget_committed`)."""
+
+    def _forget_committed(self, number: int) -> None:
+        """Delete the pending updates of committed round ``number`` in a thread while the next round runs: the
+        checkpoint already holds them, and a broker restarted before they are gone forgets them anyway (they
+        belong to a committed round, docs/architecture.md). Its round file is left to be replaced by the next
+        round's."""
+        pending = self.host.pending
+        assert pending is not None
+        previous = self._forgetting
+
+        async def forget() -> None:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(pending.forget_through, number)
+
+        self._forgetting = asyncio.ensure_future(forget())
+
+    async def _forgotten(self) -> None:
+        if self._forgetting is not None:
+            await self._forgetting
+            self._forgetting = None
 
     @property
     def policy(self) -> SyncRoundPolicy:
@@ -65,9 +88,11 @@ class RoundDriver(Driver):
                             self.policy.quorum(closed))
                 core.take_updates()
                 if host.pending is not None:
+                    await self._forgotten()
                     await asyncio.to_thread(host.pending.clear)
                 continue
             last = await self._complete(closed, before)
+        await self._forgotten()
         summary = self.summary(last)
         if core.dp is not None:
             eps = core.dp.epsilon()
@@ -200,7 +225,7 @@ class RoundDriver(Driver):
                              failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed, **extra)
         await asyncio.to_thread(host.checkpointer.save, core.store, core.state, [applied_entry(u) for u in updates])
         if host.pending is not None:
-            await asyncio.to_thread(host.pending.clear, closed.number)
+            self._forget_committed(closed.number)
         host.checkpointer.append_metrics(record)
         acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
         log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,

@@ -21,6 +21,7 @@ from fedctl.cli.serve import serve_cmd
 from fedctl.cli.simulate import simulate_cmd
 from fedctl.cli.strategies import strategies_cmd
 from fedctl.errors import FedctlError
+from fedctl.memory import reuse_large_buffers
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "FEDCTL"})
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     full, permission denied) rather than a bug — ``-v`` logs its traceback. Anything else is a bug and keeps its
     traceback.
     """
+    reuse_large_buffers()
     try:
         cli.main(args=argv, prog_name="fedctl", standalone_mode=False)
     except BaseException as err:

@@ -16,6 +16,7 @@ import sys
 import zmq
 import zmq.asyncio
 
+from fedctl.memory import reuse_large_buffers
 from fedctl.testing.trainers import NoOpTrainer
 from fedctl.worker.client import Worker, WorkerConfig
 
@@ -41,6 +42,7 @@ def main(argv: list[str]) -> int:
     if len(argv) not in (2, 3):
         print("usage: python -m fedctl.sim.noop_worker ENDPOINT PREFIX [COUNT]", file=sys.stderr)
         return 2
+    reuse_large_buffers()
     logging.basicConfig(level=logging.WARNING, format=f"[{argv[1]}] %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(argv[0], argv[1], int(argv[2]) if len(argv) == 3 else 1))
     return 0

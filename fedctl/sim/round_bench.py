@@ -64,13 +64,18 @@ class RoundBench:
 
 
 # ---------------------------------------------------------------------------------------------- /proc readers
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 once it is gone)."""
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a live process (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 once it is gone)."""
+    return sum(cpu_split(pid))
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -140,8 +145,11 @@ class Watch:
             self.worker_peak_mb[w.pid] = max(self.worker_peak_mb.get(w.pid, 0.0), peak_rss_mb(w.pid))
 
     def mark(self, round_no: int) -> None:
-        self.marks.append({"round": round_no, "t": time.monotonic(), "server_cpu": cpu_s(self.server.pid),
-                           "worker_cpu": sum(cpu_s(w.pid) for w in self.workers), "lo": loopback_bytes()})
+        user, system = cpu_split(self.server.pid)
+        workers = [cpu_split(w.pid) for w in self.workers]
+        self.marks.append({"round": round_no, "t": time.monotonic(), "server_cpu": user + system,
+                           "server_sys": system, "worker_cpu": sum(u + s for u, s in workers),
+                           "worker_sys": sum(s for _, s in workers), "lo": loopback_bytes()})
 
 
 def _stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
@@ -182,7 +190,9 @@ def _figures(watch: Watch, ends: list[float], n: int, model_bytes: int) -> dict[
     return {"s_per_round": (ends[-1] - ends[0]) / (len(ends) - 1), "round_gaps_s": gaps,
             "median_gap_s": statistics.median(gaps),
             "server_cpu_s_per_round": (last["server_cpu"] - first["server_cpu"]) / rounds,
+            "server_sys_share": (last["server_sys"] - first["server_sys"]) / max(last["server_cpu"] - first["server_cpu"], 1e-9),
             "worker_cpu_ms_per_round": 1e3 * (last["worker_cpu"] - first["worker_cpu"]) / rounds / n,
+            "worker_sys_share": (last["worker_sys"] - first["worker_sys"]) / max(last["worker_cpu"] - first["worker_cpu"], 1e-9),
             "server_peak_rss_mb": watch.server_peak_mb,
             "worker_peak_rss_mb": statistics.mean(watch.worker_peak_mb.values()) if watch.worker_peak_mb else 0.0,
             "loopback_bytes_per_round": (last["lo"] - first["lo"]) / rounds,
