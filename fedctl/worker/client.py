@@ -159,8 +159,8 @@ class Worker:
         self.rounds_trained = 0
         self.conn: Connection | None = None
         self.link_bps: int | None = None
-        """The link's throughput as last measured (a push's bytes over the time to its ack), told to the broker in
-        each pull so it can judge whether compressing this worker's model pays (docs/protocol.md §4.4)."""
+        """The link's throughput as the kernel last measured it after a push (TCP_INFO delivery rate), told to the
+        broker in each pull so it can judge whether compressing this worker's model pays (docs/protocol.md §4.4)."""
         self.codec = CodecCost()
         self.bytes_out = 0
         self.bytes_in = 0
@@ -392,11 +392,9 @@ class Worker:
                 start = time.perf_counter()
                 frames = encode_tensors(tensors, compress=True)
                 self.codec.observe(raw, sum(map(len, frames)), time.perf_counter() - start)
-            sent = time.perf_counter()
             reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames,
                                                                        **push.fields))
-            # A lower bound on the link's throughput: it includes the latency and the broker's durable write.
-            self.link_bps = max(int(sum(map(len, frames)) / max(time.perf_counter() - sent, 1e-6)), 1)
+        self.link_bps = self.conn.link_bps() or self.link_bps  # measured sending what was just acknowledged
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:

@@ -25,6 +25,7 @@ from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
+from fedctl.worker.link import delivery_rate
 
 log = logging.getLogger(__name__)
 INBOX_MESSAGES = 1024
@@ -107,6 +108,8 @@ class Connection:
         self.failure: tuple[str, str] | None = None
         """Why the connection is gone for good (cause, fix), when a CURVE handshake told."""
         self._monitor: zmq.asyncio.Socket | None = None
+        self._tcp_fd: int | None = None
+        """libzmq's TCP socket of the current connection (from the monitor), for :meth:`link_bps`."""
         self._public_key = ""
         self._warned_handshake = False
         try:
@@ -116,9 +119,12 @@ class Connection:
                 self._sock.curve_publickey = pair.public
                 self._sock.curve_serverkey = server_public
                 self._public_key = pair.public.decode("ascii")
-                self._monitor = self._sock.get_monitor_socket(
-                    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            events = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED if endpoint.startswith("tcp://") else 0
+            if curve is not None:
+                events |= (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                           | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            if events:
+                self._monitor = self._sock.get_monitor_socket(events)
             self._sock.connect(endpoint)
         except BaseException:
             if self._monitor is not None:
@@ -144,10 +150,16 @@ class Connection:
         self.bytes_in = 0
 
     def start(self, tasks: Background) -> None:
-        """Run the reader (and, with CURVE, the handshake watcher) among the owner's background tasks."""
+        """Run the reader (and, over TCP or with CURVE, the connection-event watcher) among the owner's background
+        tasks."""
         tasks.start(self._read(), name=f"read {self.endpoint}")
         if self._monitor is not None:
-            tasks.start(self._watch_handshakes(self._monitor), name=f"watch handshakes {self.endpoint}")
+            tasks.start(self._watch_events(self._monitor), name=f"watch connection {self.endpoint}")
+
+    def link_bps(self) -> int | None:
+        """The connection's throughput as the kernel last measured it (bytes/s, ``TCP_INFO``); None over ipc or
+        inproc, or before a measurement."""
+        return None if self._tcp_fd is None else delivery_rate(self._tcp_fd)
 
     def _interrupt(self) -> None:
         if not self._interrupted.done():
@@ -227,11 +239,16 @@ class Connection:
                     self.inbox.get_nowait()
                 self.inbox.put_nowait(msg)
 
-    async def _watch_handshakes(self, monitor: zmq.asyncio.Socket) -> None:
-        """Note why a CURVE handshake failed: libzmq gives up on a refused key for good, retries a wrong server key."""
+    async def _watch_events(self, monitor: zmq.asyncio.Socket) -> None:
+        """Keep the TCP connection's descriptor (for :meth:`link_bps`), and note why a CURVE handshake failed:
+        libzmq gives up on a refused key for good, retries a wrong server key."""
         while True:
             event = await recv_monitor_message(monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self._tcp_fd = int(event["value"])
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._tcp_fd = None
+            elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self.failure = (f"the broker at {self.endpoint} refused this worker's CURVE key "
                                 f"{self._public_key} (ZAP status {event['value']})",
                                 "copy this worker's NAME.key into the broker's --allowed-keys directory, "
