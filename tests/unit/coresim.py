@@ -85,6 +85,8 @@ class CoreSim:
         self.core = BrokerCore(self.cfg, spec, get_strategy(self.cfg.strategy, self.cfg.task), policy, self.store,
                                self.state, open_spool=self._open_spool, durable=durable)
         self.outbox: dict[bytes, list[Message]] = {}
+        self.sent_bytes: dict[bytes, list[int]] = {}
+        """The size of every message sent to each peer, encoded."""
         self.unreachable: set[bytes] = set()
         self.wakes = 0
         self.transfers: list[StartModelTransfer] = []
@@ -104,6 +106,7 @@ class CoreSim:
                 msg = decode(e.frames, C.BROKER_TO_WORKER)
                 assert msg.type == e.type
                 self.outbox.setdefault(e.identity, []).append(msg)
+                self.sent_bytes.setdefault(e.identity, []).append(sum(map(len, e.frames)))
             elif isinstance(e, Persist):
                 self.disk.persisted.append(e)
                 self.run(list(e.then))
@@ -181,8 +184,8 @@ class Peer:
     def join(self) -> list[Message]:
         return self.send(C.JOIN, worker=self.name, backend="numpy", num_examples=self.num_examples)
 
-    def pull(self, version: int | None = None) -> list[Message]:
-        return self.send(C.PULL, version=version)
+    def pull(self, version: int | None = None, link_bps: int | None = None) -> list[Message]:
+        return self.send(C.PULL, version=version, link_bps=link_bps)
 
     def push(self, tensors: Mapping[str, Any], round_no: int, base: int = 0, kind: str = C.KIND_WEIGHTS,
              seq: int = 1, **fields: Any) -> list[Message]:

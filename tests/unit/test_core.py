@@ -81,6 +81,23 @@ def test_gather_holds_the_first_round_until_every_expected_worker_is_connected()
     assert opened is not None and opened.selected == ("a", "b", "c")
 
 
+def test_the_model_goes_through_zlib_only_to_a_worker_whose_link_is_slow() -> None:
+    """Each worker's pull says its measured link (``link_bps``); the broker deflates the model for the slow one and
+    sends the same round plain to the fast one and to the one that has not measured yet (docs/protocol.md §4.4)."""
+    sim = CoreSim()
+    slow, fast, unknown = joined(sim, "slow", "fast", "unknown")
+    slow.pull(link_bps=125_000)  # 1 Mbit/s
+    fast.pull(link_bps=3_000_000_000)  # loopback
+    unknown.pull()
+    assert sim.core.try_open_round(1, sim.clock()) is not None
+    sim.hand_out(1)
+    sent = {p.name: sim.sent_bytes[p.identity][-1] for p in (slow, fast, unknown)}
+    assert sent["fast"] == sent["unknown"] > 109_386 * 4
+    assert sent["slow"] < 0.95 * sent["fast"], sent
+    weights = [{k: v.copy() for k, v in p.last().tensors.items()} for p in (slow, fast)]
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0]), "the same model either way"
+
+
 def test_a_refused_update_changes_nothing_and_a_resent_one_is_a_duplicate() -> None:
     sim = CoreSim()
     a, b = joined(sim, "a", "b")
