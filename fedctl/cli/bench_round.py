@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -79,7 +80,12 @@ def bench_round(workers: tuple[int, ...], models: tuple[str, ...], rounds: int, 
         def on_cell(title: str) -> None:
             progress.reset(bar, description=title, total=rounds)
 
-        rows = rb.run(bench, out, python, on_cell, lambda n: progress.update(bar, completed=n))
-    command = "fedctl bench round " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 2 else ""
-    write_round_report(out, {"environment": env, "command": command.strip() or "fedctl bench round", "rows": rows})
+        command = ("fedctl bench round " + " ".join(shlex.quote(a) for a in sys.argv[3:])).strip()
+
+        def on_row(row: dict[str, Any]) -> None:  # the report grows cell by cell: a stopped run keeps its rows
+            write_round_report(out, {"environment": env, "command": command, "rows": [row]})
+            if row.get("error"):
+                console.print(f"[yellow]{row['system']}, {row['workers']} workers, {row['model']}: {row['error']}")
+
+        rb.run(bench, out, python, on_cell, lambda n: progress.update(bar, completed=n), on_row)
     click.echo(f"results in {out / 'round.md'} (and .json, .png); {time.perf_counter() - started:.0f} s")

@@ -163,27 +163,30 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float) -> None:
 
 
 def _watch(watch: Watch, rounds_done: Callable[[], int], rounds: int, timeout_s: float,
-           on_round: Callable[[int], None]) -> None:
+           on_round: Callable[[int], None]) -> str | None:
+    """Sample at every round end until ``rounds`` are done; returns why it stopped early (None: it did not)."""
     deadline = time.monotonic() + timeout_s
     seen = 0
     while seen < rounds:
         if time.monotonic() > deadline:
-            raise FedctlError(f"the run did not finish {rounds} rounds within {timeout_s:.0f} s",
-                              "pass fewer --workers or a longer --timeout")
+            return f"did not finish {rounds} rounds within {timeout_s:.0f} s"
         if watch.server.poll() is not None:
-            raise FedctlError(f"the server exited with code {watch.server.returncode} after round {seen}",
-                              "see its log in the cell's directory")
+            code = watch.server.returncode
+            return f"the server exited with code {code} after round {seen}" + (
+                " (killed: out of memory?)" if code == -signal.SIGKILL else "")
         done = rounds_done()
         if done > seen:
-            if seen == 0 or done >= rounds:
-                watch.mark(done)
+            watch.mark(done)
             seen = done
             on_round(seen)
         watch.poll_peaks()
         time.sleep(0.02)
+    return None
 
 
 def _figures(watch: Watch, ends: list[float], n: int, model_bytes: int) -> dict[str, Any]:
+    if len(watch.marks) < 2 or len(ends) < 2:
+        return {}
     first, last = watch.marks[0], watch.marks[-1]
     rounds = last["round"] - first["round"]
     gaps = [b - a for a, b in zip(ends, ends[1:])]
@@ -225,19 +228,20 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
             return 0
 
     try:
-        _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
-        _stop([server, *workers], 60.0)
+        error = _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
+        _stop([server, *workers], 0.0 if error else 60.0)
     finally:
         _stop([server, *workers], 0.0)
         log.close(), wlog.close()
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    ends = [r["elapsed_s"] for r in records[watch.marks[0]["round"] - 1:]]
-    later = records[1:]
-    return {**_figures(watch, ends, n, get_model(model).nbytes),
-            "update_bytes_per_round": statistics.median(r["update_bytes_in"] for r in later),
-            "model_bytes_per_round": statistics.median(r["model_bytes_out"] for r in later),
-            "wire_bytes_per_round": statistics.median(r["bytes_in"] + r["bytes_out"] for r in later),
-            "participants": min(r["participants"] for r in records), "processes": len(per)}
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    ends = [r["elapsed_s"] for r in records[watch.marks[0]["round"] - 1:watch.marks[-1]["round"]]] if watch.marks else []
+    later = records[1:] or records
+    return {**_figures(watch, ends, n, get_model(model).nbytes), "completed_rounds": len(records), "error": error,
+            **({"update_bytes_per_round": statistics.median(r["update_bytes_in"] for r in later),
+                "model_bytes_per_round": statistics.median(r["model_bytes_out"] for r in later),
+                "wire_bytes_per_round": statistics.median(r["bytes_in"] + r["bytes_out"] for r in later),
+                "participants": min(r["participants"] for r in records)} if records else {}),
+            "processes": len(per)}
 
 
 def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Path,
@@ -264,18 +268,21 @@ def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Pa
             return 0
 
     try:
-        _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
-        _stop([server, *workers], 60.0)
+        error = _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
+        _stop([server, *workers], 0.0 if error else 60.0)
     finally:
         _stop([server, *workers], 0.0)
         log.close(), wlog.close()
-    rows = [line.split() for line in times.read_text().splitlines()]
-    ends = [float(r[1]) for r in rows[watch.marks[0]["round"] - 1:]]
-    return {**_figures(watch, ends, n, spec.nbytes), "participants": min(int(r[2]) for r in rows), "processes": n}
+    rows = [line.split() for line in times.read_text().splitlines()] if times.exists() else []
+    ends = [float(r[1]) for r in rows[watch.marks[0]["round"] - 1:watch.marks[-1]["round"]]] if watch.marks else []
+    return {**_figures(watch, ends, n, spec.nbytes), "completed_rounds": len(rows), "error": error,
+            **({"participants": min(int(r[2]) for r in rows)} if rows else {}), "processes": n}
 
 
 def run(bench: RoundBench, out: Path, flower_python: Path | None,
-        on_cell: Callable[[str], None], on_round: Callable[[int], None]) -> list[dict[str, Any]]:
+        on_cell: Callable[[str], None], on_round: Callable[[int], None],
+        on_row: Callable[[dict[str, Any]], None] = lambda row: None) -> list[dict[str, Any]]:
+    """Every cell, fedctl then Flower; ``on_row`` hears each row as it is measured (the report is rewritten)."""
     rows: list[dict[str, Any]] = []
     for model in bench.models:
         for n in bench.workers:
@@ -288,6 +295,7 @@ def run(bench: RoundBench, out: Path, flower_python: Path | None,
                 on_cell(f"{system}: {n} workers, {model}")
                 rows.append({"system": system, "workers": n, "model": model, "model_bytes": get_model(model).nbytes,
                              "rounds": bench.rounds, **go()})
+                on_row(rows[-1])
     return rows
 
 

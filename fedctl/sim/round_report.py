@@ -28,6 +28,16 @@ def _mb(b: float) -> str:
     return f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.0f} KB"
 
 
+def _v(row: dict[str, Any] | None, key: str, fmt: str, unit: str = "") -> str:
+    return "—" if row is None or key not in row else format(row[key], fmt) + unit
+
+
+def _lo(row: dict[str, Any] | None) -> str:
+    if row is None or "loopback_bytes_per_round" not in row:
+        return "—"
+    return f"{row['loopback_bytes_per_round'] / row['raw_payload_per_round']:.3f}×"
+
+
 def _pairs(res: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
     flower = {(r["model"], r["workers"]): r for r in res["rows"] if r["system"] == "flower"}
     return [(r, flower.get((r["model"], r["workers"]))) for r in res["rows"]
@@ -45,31 +55,36 @@ def markdown(res: dict[str, Any]) -> str:
              "Flower server CPU s/round | fedctl server peak RSS | Flower server peak RSS | fedctl worker CPU "
              "ms/round | Flower worker CPU ms/round | fedctl worker RSS | Flower worker RSS | fedctl wire ÷ raw "
              "payload |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    notes: list[str] = []
     for f, w in _pairs(res):
-        def fl(key: str, fmt: str) -> str:
-            return "—" if w is None else format(w[key], fmt)
-
-        ratio = "—" if w is None else f"{f['s_per_round'] / w['s_per_round']:.2f}"
+        for r in (f, w):
+            if r is not None and r.get("error"):
+                notes.append(f"* {r['system']}, {r['workers']} workers, {r['model']}: {r['error']} "
+                             f"({r.get('completed_rounds', 0)} of {r['rounds']} rounds; figures, if any, from those)")
+        ratio = (f"{f['s_per_round'] / w['s_per_round']:.2f}" if w is not None and "s_per_round" in w
+                 and "s_per_round" in f else "—")
+        wire = (f"{f['wire_bytes_per_round'] / f['raw_payload_per_round']:.3f}" if "wire_bytes_per_round" in f
+                and "raw_payload_per_round" in f else "—")
         lines.append(
-            f"| {f['workers']} | {f['model']} ({_mb(f['model_bytes'])}) | {f['s_per_round']:.3f} | "
-            f"{fl('s_per_round', '.3f')} | {ratio} | {f['server_cpu_s_per_round']:.3f} | "
-            f"{fl('server_cpu_s_per_round', '.3f')} | {f['server_peak_rss_mb']:.0f} MB | "
-            f"{'—' if w is None else format(w['server_peak_rss_mb'], '.0f') + ' MB'} | "
-            f"{f['worker_cpu_ms_per_round']:.1f} | {fl('worker_cpu_ms_per_round', '.1f')} | "
-            f"{f['worker_peak_rss_mb']:.0f} MB | {'—' if w is None else format(w['worker_peak_rss_mb'], '.0f') + ' MB'}"
-            f" | {f['wire_bytes_per_round'] / f['raw_payload_per_round']:.3f} |")
+            f"| {f['workers']} | {f['model']} ({_mb(f['model_bytes'])}) | {_v(f, 's_per_round', '.3f')} | "
+            f"{_v(w, 's_per_round', '.3f')} | {ratio} | {_v(f, 'server_cpu_s_per_round', '.3f')} | "
+            f"{_v(w, 'server_cpu_s_per_round', '.3f')} | {_v(f, 'server_peak_rss_mb', '.0f', ' MB')} | "
+            f"{_v(w, 'server_peak_rss_mb', '.0f', ' MB')} | {_v(f, 'worker_cpu_ms_per_round', '.1f')} | "
+            f"{_v(w, 'worker_cpu_ms_per_round', '.1f')} | {_v(f, 'worker_peak_rss_mb', '.0f', ' MB')} | "
+            f"{_v(w, 'worker_peak_rss_mb', '.0f', ' MB')} | {wire} |")
+    if notes:
+        lines += ["", "Cells that did not finish:", "", *notes]
     shared = [r for r in res["rows"] if r["system"] == "fedctl" and r.get("processes") != r["workers"]]
     if shared:
         lines += ["", "Workers sharing processes (the broker's overhead without the workers' own cost: not a "
                   "deployment shape):", "", "| N | model | processes | fedctl s/round | server CPU s/round |",
                   "|---:|---|---:|---:|---:|"]
-        lines += [f"| {r['workers']} | {r['model']} | {r['processes']} | {r['s_per_round']:.3f} | "
-                  f"{r['server_cpu_s_per_round']:.3f} |" for r in shared]
+        lines += [f"| {r['workers']} | {r['model']} | {r['processes']} | {_v(r, 's_per_round', '.3f')} | "
+                  f"{_v(r, 'server_cpu_s_per_round', '.3f')} |" for r in shared]
     lines += ["", "Loopback bytes per round (TCP/IP included) against the raw payload 2·N·model:", "",
               "| N | model | fedctl | Flower |", "|---:|---|---:|---:|"]
     for f, w in _pairs(res):
-        lines.append(f"| {f['workers']} | {f['model']} | {f['loopback_bytes_per_round'] / f['raw_payload_per_round']:.3f}× | "
-                     f"{'—' if w is None else format(w['loopback_bytes_per_round'] / w['raw_payload_per_round'], '.3f') + '×'} |")
+        lines.append(f"| {f['workers']} | {f['model']} | {_lo(f)} | {_lo(w)} |")
     lines += ["", f"Command: `{res.get('command', 'fedctl bench round')}`", ""]
     return "\n".join(lines)
 
@@ -90,8 +105,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     panels = [("s_per_round", "seconds per round"), ("server_cpu_s_per_round", "server CPU s per round"),
               ("server_peak_rss_mb", "server peak RSS (MB)")]
     for ax, (key, title) in zip(axes, panels):
-        ax.bar(x - 0.2, [f[key] for f, _ in pairs], 0.4, label="fedctl")
-        ax.bar(x + 0.2, [w[key] if w else 0 for _, w in pairs], 0.4, label="Flower 1.42")
+        ax.bar(x - 0.2, [f.get(key, 0) for f, _ in pairs], 0.4, label="fedctl")
+        ax.bar(x + 0.2, [w.get(key, 0) if w else 0 for _, w in pairs], 0.4, label="Flower 1.42")
         ax.set_xticks(x, labels)
         ax.set_yscale("log")
         ax.set_title(title)
