@@ -54,6 +54,9 @@ class Host(Protocol):
     pending: PendingStore | None
     evaluator: Callable[[Params], dict[str, float]] | None
     on_round: Callable[[dict[str, Any]], None] | None
+    ack_gate: asyncio.Event
+    """Set while updates may be acknowledged: the durable writer waits on it before writing a group (the round
+    driver clears it while a round's checkpoint and the next round's record are not yet durable)."""
 
     def now(self) -> float: ...
 

@@ -10,6 +10,7 @@ from typing import Any
 from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
+from fedctl.broker.store import ModelSnapshot
 from fedctl.strategies.base import Update
 from fedctl.strategies.kernels import from_change_vector
 
@@ -26,6 +27,8 @@ class RoundDriver(Driver):
 
     population = 0
     """Workers connected when the open round sampled its own (DP accounting's K)."""
+    _committing: asyncio.Future[None] | None = None
+    """Writing the last aggregated round's checkpoint (and its metrics line), overlapped with the next hand-out."""
     _forgetting: asyncio.Task[None] | None = None
     """Deleting a committed round's pending updates, off the critical path (see :meth:`_forget_committed`)."""
 
@@ -77,9 +80,7 @@ class RoundDriver(Driver):
                 opened = await self._wait_open(round_no)
                 if self._over_budget(opened):
                     break
-                if host.pending is not None:
-                    await asyncio.to_thread(host.pending.save_round, opened.number, opened.selected)
-                await self._hand_out(opened.number, opened.selected)
+                await self._open(opened)
             await self._wait_close(opened)
             closed, ok = self.policy.close()
             if not ok:
@@ -90,8 +91,10 @@ class RoundDriver(Driver):
                 if host.pending is not None:
                     await self._forgotten()
                     await asyncio.to_thread(host.pending.clear)
+                    host.ack_gate.set()
                 continue
             last = await self._complete(closed, before)
+        await self._committed()
         await self._forgotten()
         summary = self.summary(last)
         if core.dp is not None:
@@ -101,6 +104,23 @@ class RoundDriver(Driver):
                      "rounds, noise multiplier %g)", eps, core.dp.config.delta, len(core.dp.rounds),
                      core.dp.config.noise_multiplier)
         return summary
+
+    async def _open(self, opened: OpenRound) -> None:
+        """Hand out the round's models while the previous round's checkpoint is still being written, then record
+        the round (``pending/round.json``). Until both are durable no update of this round is acknowledged (the
+        shell's durable writer waits on ``ack_gate``), so a crash in between loses nothing acknowledged: a restart
+        finds the previous round still open with all its acknowledged updates, and completes it again."""
+        host = self.host
+        if host.pending is None:
+            await self._hand_out(opened.number, opened.selected)
+            return
+        host.ack_gate.clear()
+        try:
+            await self._hand_out(opened.number, opened.selected)
+            await self._committed()
+            await asyncio.to_thread(host.pending.save_round, opened.number, opened.selected)
+        finally:
+            host.ack_gate.set()
 
     async def _wait_open(self, round_no: int) -> OpenRound:
         """Wait until the policy opens round ``round_no`` with the workers whose pulls wait (the K connected then
@@ -223,15 +243,35 @@ class RoundDriver(Driver):
         fed = await self.fed_evaluate(closed.number)
         record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
                              failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed, **extra)
-        await asyncio.to_thread(host.checkpointer.save, core.store, core.state, [applied_entry(u) for u in updates])
-        if host.pending is not None:
-            self._forget_committed(closed.number)
-        host.checkpointer.append_metrics(record)
-        acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
-        log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
-                 host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
-                 _mb(record["bytes_out"]), record["duration_s"])
-        await self.keep_best(record)
-        if host.on_round is not None:
-            host.on_round(record)
+        # The checkpoint is written while the next round's models go out (see run(): no update of the next round is
+        # acknowledged before it is durable); what it writes is this round's, copied now.
+        store = ModelSnapshot(dict(core.store.weights), core.store.version)
+        state = {**core.state, "strategy_state": dict(core.state.get("strategy_state") or {})}
+        applied = [applied_entry(u) for u in updates]
+        previous = self._committing
+
+        async def commit() -> None:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(host.checkpointer.save, store, state, applied)
+            if host.pending is not None:
+                self._forget_committed(closed.number)
+            host.checkpointer.append_metrics(record)
+            acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
+            log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
+                     host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
+                     _mb(record["bytes_out"]), record["duration_s"])
+            await self.keep_best(record)
+            if host.on_round is not None:
+                host.on_round(record)
+
+        self._committing = asyncio.ensure_future(commit())
+        if core.secure is not None or core.is_complete():
+            await self._committed()  # (secure rounds: no overlap; the last round: committed before the summary)
         return record
+
+    async def _committed(self) -> None:
+        """Wait for the checkpoint of the last aggregated round (and what follows it) to be written."""
+        if self._committing is not None:
+            task, self._committing = self._committing, None
+            await task

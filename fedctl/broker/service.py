@@ -110,6 +110,8 @@ class Broker:
         self.bytes_out_by_type: dict[str, int] = {}
         self.changed = asyncio.Event()
         self.durable_queue: asyncio.Queue[Persist] = asyncio.Queue()
+        self.ack_gate = asyncio.Event()
+        self.ack_gate.set()
         self.credited: dict[tuple[bytes, int], asyncio.Event] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._senders: set[asyncio.Task[None]] = set()
@@ -312,6 +314,7 @@ class Broker:
         assert self.pending is not None
         while True:
             batch = [await self.durable_queue.get()]
+            await self.ack_gate.wait()  # the previous round's checkpoint and this round's record come first
             while not self.durable_queue.empty() and len(batch) < DURABLE_GROUP:
                 batch.append(self.durable_queue.get_nowait())
             try:

@@ -18,7 +18,7 @@ import re
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,13 @@ _MODEL_FILE = re.compile(r"^model-(\d+)\.npz$")
 _FIX = "pass a fresh --state-dir or remove the damaged one"
 
 
+
+class ModelSnapshot(NamedTuple):
+    """A model version as it was when its round was aggregated, for a checkpoint written while the next round runs."""
+
+    weights: dict[str, np.ndarray]
+    version: int
+
 class Checkpointer:
     """Saves and loads the store and run state under one directory."""
 
@@ -53,7 +60,7 @@ class Checkpointer:
         self._best: dict[str, Any] | None = None
         self._best_read = False
 
-    def save(self, store: ParameterStore, state: dict[str, Any],
+    def save(self, store: ParameterStore | ModelSnapshot, state: dict[str, Any],
              applied: Sequence[dict[str, Any]] = ()) -> None:
         """Checkpoint: weights (and the strategy's array state) to ``model-<version>.npz``, the journal lines of
         the ``applied`` updates, then ``state.json`` naming that model file — the commit point. A crash before the

@@ -60,7 +60,8 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
     server = Server(task_ref, bind=bind, model=model if model_given(click.get_current_context()) else None,
                     eval_data=eval_data, data_dir=data_dir, eval_backend=eval_backend,
                     heartbeat_interval=heartbeat_interval, liveness=liveness, max_message_mb=max_message_mb,
-                    chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress, secret_key=secret_key, allowed_keys=allowed_keys,
+                    chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress,
+                    secret_key=secret_key, allowed_keys=allowed_keys,
                     insecure=insecure, **run)
     summary = server.run().summary
     acc = summary["last"].get("test_accuracy")

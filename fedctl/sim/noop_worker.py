@@ -17,6 +17,7 @@ import zmq
 import zmq.asyncio
 
 from fedctl.memory import reuse_large_buffers
+from fedctl.models import ModelSpec
 from fedctl.testing.trainers import NoOpTrainer
 from fedctl.worker.client import Worker, WorkerConfig
 
@@ -27,9 +28,11 @@ NOISE = 1e-3
 async def serve(endpoint: str, prefix: str, count: int) -> None:
     ctx = zmq.asyncio.Context()
     try:
+        def trainer(spec: ModelSpec) -> NoOpTrainer:
+            return NoOpTrainer(spec, EXAMPLES, noise=NOISE)
+
         crew = [Worker(WorkerConfig(endpoint, f"{prefix}-{i:03d}" if count > 1 else prefix, "noop", EXAMPLES,
-                                    connect_timeout_s=300.0, max_backoff_s=2.0),
-                       lambda spec, i=i: NoOpTrainer(spec, EXAMPLES, noise=NOISE), ctx=ctx)
+                                    connect_timeout_s=300.0, max_backoff_s=2.0), trainer, ctx=ctx)
                 for i in range(count)]
         async with asyncio.TaskGroup() as tg:
             for worker in crew:

@@ -184,6 +184,18 @@ def _watch(watch: Watch, rounds_done: Callable[[], int], rounds: int, timeout_s:
     return None
 
 
+def _share(first: dict[str, float], last: dict[str, float], who: str) -> float:
+    """The system (kernel) share of ``who``'s CPU time between two marks."""
+    return (last[f"{who}_sys"] - first[f"{who}_sys"]) / max(last[f"{who}_cpu"] - first[f"{who}_cpu"], 1e-9)
+
+
+def _measured(watch: Watch, items: Sequence[Any]) -> list[Any]:
+    """The items (one per completed round) from the first marked round to the last."""
+    if not watch.marks:
+        return []
+    return list(items[int(watch.marks[0]["round"]) - 1:int(watch.marks[-1]["round"])])
+
+
 def _figures(watch: Watch, ends: list[float], n: int, model_bytes: int) -> dict[str, Any]:
     if len(watch.marks) < 2 or len(ends) < 2:
         return {}
@@ -193,9 +205,9 @@ def _figures(watch: Watch, ends: list[float], n: int, model_bytes: int) -> dict[
     return {"s_per_round": (ends[-1] - ends[0]) / (len(ends) - 1), "round_gaps_s": gaps,
             "median_gap_s": statistics.median(gaps),
             "server_cpu_s_per_round": (last["server_cpu"] - first["server_cpu"]) / rounds,
-            "server_sys_share": (last["server_sys"] - first["server_sys"]) / max(last["server_cpu"] - first["server_cpu"], 1e-9),
+            "server_sys_share": _share(first, last, "server"),
             "worker_cpu_ms_per_round": 1e3 * (last["worker_cpu"] - first["worker_cpu"]) / rounds / n,
-            "worker_sys_share": (last["worker_sys"] - first["worker_sys"]) / max(last["worker_cpu"] - first["worker_cpu"], 1e-9),
+            "worker_sys_share": _share(first, last, "worker"),
             "server_peak_rss_mb": watch.server_peak_mb,
             "worker_peak_rss_mb": statistics.mean(watch.worker_peak_mb.values()) if watch.worker_peak_mb else 0.0,
             "loopback_bytes_per_round": (last["lo"] - first["lo"]) / rounds,
@@ -232,9 +244,10 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
         _stop([server, *workers], 0.0 if error else 60.0)
     finally:
         _stop([server, *workers], 0.0)
-        log.close(), wlog.close()
+        log.close()
+        wlog.close()
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    ends = [r["elapsed_s"] for r in records[watch.marks[0]["round"] - 1:watch.marks[-1]["round"]]] if watch.marks else []
+    ends = [r["elapsed_s"] for r in _measured(watch, records)]
     later = records[1:] or records
     return {**_figures(watch, ends, n, get_model(model).nbytes), "completed_rounds": len(records), "error": error,
             **({"update_bytes_per_round": statistics.median(r["update_bytes_in"] for r in later),
@@ -272,9 +285,10 @@ def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Pa
         _stop([server, *workers], 0.0 if error else 60.0)
     finally:
         _stop([server, *workers], 0.0)
-        log.close(), wlog.close()
+        log.close()
+        wlog.close()
     rows = [line.split() for line in times.read_text().splitlines()] if times.exists() else []
-    ends = [float(r[1]) for r in rows[watch.marks[0]["round"] - 1:watch.marks[-1]["round"]]] if watch.marks else []
+    ends = [float(r[1]) for r in _measured(watch, rows)]
     return {**_figures(watch, ends, n, spec.nbytes), "completed_rounds": len(rows), "error": error,
             **({"participants": min(int(r[2]) for r in rows)} if rows else {}), "processes": n}
 
@@ -286,15 +300,13 @@ def run(bench: RoundBench, out: Path, flower_python: Path | None,
     rows: list[dict[str, Any]] = []
     for model in bench.models:
         for n in bench.workers:
-            systems: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-                ("fedctl", lambda: run_fedctl(n, model, bench, out / "runs" / "round" / f"fedctl-{model}-{n}", on_round))]
-            if flower_python is not None:
-                systems.append(("flower", lambda: run_flower(flower_python, n, model, bench,
-                                                             out / "runs" / "round" / f"flower-{model}-{n}", on_round)))
-            for system, go in systems:
+            for system in ("fedctl", "flower") if flower_python is not None else ("fedctl",):
                 on_cell(f"{system}: {n} workers, {model}")
+                cell = out / "runs" / "round" / f"{system}-{model}-{n}"
+                figures = (run_fedctl(n, model, bench, cell, on_round) if system == "fedctl" else
+                           run_flower(flower_python, n, model, bench, cell, on_round))  # type: ignore[arg-type]
                 rows.append({"system": system, "workers": n, "model": model, "model_bytes": get_model(model).nbytes,
-                             "rounds": bench.rounds, **go()})
+                             "rounds": bench.rounds, **figures})
                 on_row(rows[-1])
     return rows
 

@@ -101,7 +101,8 @@ class NoOpTrainer:
             return TrainResult({k: np.asarray(v) for k, v in weights.items()}, self.num_examples, {"train_loss": 0.0})
         if not self._nu:
             rng = np.random.default_rng(seed)
-            self._nu = {k: (self.noise * rng.standard_normal(np.shape(v), dtype=np.float32)) for k, v in weights.items()}
+            self._nu = {k: self.noise * rng.standard_normal(np.shape(v), dtype=np.float32)
+                        for k, v in weights.items()}
         return TrainResult({k: np.add(v, self._nu[k], dtype=np.float32) for k, v in weights.items()},
                            self.num_examples, {"train_loss": 0.0})
 

@@ -48,7 +48,7 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
     sa = model["secagg"]
     round_no, attempt = int(model["round"]), int(sa["attempt"])
     session = ClientSession(round_no, attempt)
-    ids = {"round": round_no, "attempt": attempt}
+    ids: dict[str, Any] = {"round": round_no, "attempt": attempt}
 
     async def ask(mtype: str, tensors: Any = None, **fields: Any) -> Message | None:
         vanish = worker.config.vanish_before

@@ -306,7 +306,11 @@ class Connection:
         """Close the socket (its tasks end with the owner's :func:`background` block) and cancel pending requests."""
         for future in self._pending.values():
             future.cancel()
+        if self._sock.closed:  # closed already (a second close is a no-op)
+            return
         if self._monitor is not None:
             self._sock.disable_monitor()
             self._monitor.close(0)
+            self._monitor = None
+        self._tcp_fd = None
         self._sock.close(0)

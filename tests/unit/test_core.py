@@ -170,7 +170,6 @@ def test_ssp_clocks_hold_a_fast_worker_and_admission_counts_the_version_being_ma
 
 def _downlinks(sim: CoreSim, held: int | None) -> Any:
     from fedctl.broker import downlink
-
     from fedctl.broker.registry import WorkerRecord
 
     return downlink.build(sim.core, [WorkerRecord("w", b"w", "noop", 1, holds_version=held)])
