@@ -64,6 +64,7 @@ bench: install
 	$(PY) bench/task_overhead.py
 	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
 	$(VENV)/bin/fedctl bench privacy --part secagg
+	$(VENV)/bin/fedctl bench round
 
 # Coverage-guided fuzzing of the decoder. atheris is a fuzzing-only dependency, installed here and nowhere else;
 # the corpus and any crash-* reproducer go to FUZZ_DIR (under runs/, which git ignores).

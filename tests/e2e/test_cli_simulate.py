@@ -98,3 +98,37 @@ def test_bench_comm_smoke_compares_dgc_with_dense_fedsgd(tmp_path: Path) -> None
     assert 0.005 < dgc["density"] < 0.02 and dgc["bytes_per_kept"] < 12
     assert "fedctl bench comm --preset smoke-dgc" in (out / "comm.md").read_text()
     assert (out / "comm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_round_measures_separate_processes(tmp_path: Path) -> None:
+    """`fedctl bench round` without Flower, scaled down: `fedctl serve` and 3 worker processes, the table and the
+    JSON with every figure; on loopback the wire carries the raw payload plus framing (nothing is compressed)."""
+    out = tmp_path / "bench"
+    run = fedctl(tmp_path, "bench", "round", "--workers", "3", "--model", "mlp", "--rounds", "4", "--no-flower",
+                 "--out", str(out), timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    [row] = json.loads((out / "round.json").read_text())["rows"]
+    assert (row["system"], row["workers"], row["processes"], row["participants"], row["error"]) == \
+        ("fedctl", 3, 3, 3, None)
+    assert row["s_per_round"] > 0 and row["server_cpu_s_per_round"] > 0 and row["worker_cpu_ms_per_round"] > 0
+    assert row["server_peak_rss_mb"] > 20 and row["worker_peak_rss_mb"] > 20
+    assert 1.0 <= row["wire_bytes_per_round"] / row["raw_payload_per_round"] < 1.02, row
+    table = (out / "round.md").read_text()
+    assert "| 3 | mlp (438 KB) |" in table and (out / "round.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_round_beside_flower(tmp_path: Path) -> None:
+    """The side-by-side row: Flower 1.42 installed from PyPI into its own virtual environment (never into fedctl's),
+    its server and clients as separate processes with the same workload, in the same run."""
+    out = tmp_path / "bench"
+    run = fedctl(tmp_path, "bench", "round", "--workers", "3", "--model", "mlp", "--rounds", "4", "--out", str(out),
+                 "--flower-venv", str(tmp_path / "flwr"), timeout=840)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["system"]: r for r in json.loads((out / "round.json").read_text())["rows"]}
+    assert set(rows) == {"fedctl", "flower"} and rows["flower"]["participants"] == 3
+    assert rows["flower"]["s_per_round"] > 0 and rows["flower"]["server_peak_rss_mb"] > 20
+    assert "| 3 | mlp (438 KB) |" in (out / "round.md").read_text()
+    import importlib.util
+    assert importlib.util.find_spec("flwr") is None, "Flower must not be installed beside fedctl"
