@@ -60,6 +60,14 @@ class RoundDriver(Driver):
         return policy
 
     async def run(self) -> dict[str, Any]:
+        try:
+            return await self._run()
+        finally:  # stopped or failed: the checkpoint and deletions still in flight are abandoned (each is atomic)
+            for task in (self._committing, self._forgetting):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def _run(self) -> dict[str, Any]:
         core, host = self.core, self.host
         last: dict[str, Any] = {}
         while not core.is_complete():

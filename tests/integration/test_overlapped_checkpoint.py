@@ -20,7 +20,7 @@ from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(200)
 def test_a_broker_killed_while_the_checkpoint_is_written_loses_no_acknowledged_update(
         fed: Any, ctx: zmq.asyncio.Context, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_save = Checkpointer.save
@@ -36,18 +36,22 @@ def test_a_broker_killed_while_the_checkpoint_is_written_loses_no_acknowledged_u
         real_save(self, store, state, applied)
 
     monkeypatch.setattr(Checkpointer, "save", slow_disk)
-    config = fed.broker_config(state_dir, rounds=4, sync=SyncConfig(1.0, 3, 20.0), keep_models=None)
+    config = fed.broker_config(state_dir, rounds=4, sync=SyncConfig(1.0, 3, 60.0), keep_models=None)
 
     async def first_life() -> int:
         broker = fed.start_broker(ctx, config)
         tasks = [asyncio.ensure_future(broker.run()),
                  *(asyncio.ensure_future(fed.mlp_worker(ctx, broker.endpoint, i).serve()) for i in range(3))]
-        # Checkpoint 2 hangs; round 3's models went out, the workers trained and pushed: their updates wait for
-        # the ack gate in the durable writer's queue (none acknowledged).
-        while not (blocked.is_set() and broker.durable_queue.qsize() >= 3):
+        # Checkpoint 2 hangs; round 3's models went out, the workers trained and pushed, the broker admitted all
+        # three — but their updates wait for the ack gate in the durable writer (none acknowledged).
+        def round_3_answered() -> bool:
+            current = broker.core.policy.current
+            return current is not None and current.number == 3 and len(current.received) == 3
+
+        while not (blocked.is_set() and round_3_answered()):
             assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
             await asyncio.sleep(0.01)
-        waiting = broker.durable_queue.qsize()
+        waiting = broker.durable_queue._unfinished_tasks  # queued or taken by the gated writer, none written
         killed.set()
         for t in tasks:  # kill -9: nothing more runs; only the disk survives
             t.cancel()
@@ -55,7 +59,7 @@ def test_a_broker_killed_while_the_checkpoint_is_written_loses_no_acknowledged_u
         release.set()
         return waiting
 
-    waiting = fed.run_async(first_life())
+    waiting = fed.run_async(first_life(), 80.0)
     assert waiting >= 3
     state = json.loads((state_dir / "state.json").read_text())
     assert state["round"] == 1, "checkpoint 2 never reached the disk"
@@ -71,7 +75,7 @@ def test_a_broker_killed_while_the_checkpoint_is_written_loses_no_acknowledged_u
         await fed.run_federation(broker, crew)
         return broker
 
-    fed.run_async(second_life())
+    fed.run_async(second_life(), 80.0)
     metrics = fed.read_metrics(state_dir)
     assert [m["round"] for m in metrics] == [1, 2, 3, 4]
     with np.load(state_dir / "model-2.npz") as redone:  # round 2 completed again from the same updates
