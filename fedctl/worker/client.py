@@ -33,6 +33,7 @@ from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
 from fedctl.wire.messages import Message, encode_tensors
 from fedctl.worker.chunked import push_chunks, receive_model, wants_chunks
 from fedctl.worker.frameworks.base import Params, Trainer, local_state, set_local_state
+from fedctl.worker.link import throughput
 from fedctl.worker.secure import Vanished, secure_round
 from fedctl.worker.state import WorkerState
 from fedctl.worker.transport import BrokerLost, Connection, Rejoin, background
@@ -381,6 +382,7 @@ class Worker:
     async def _push(self, push: Push) -> Message:
         """Send an update and act on the answer: commit the worker state on ``ack``, drop it when refused."""
         assert self.conn is not None
+        before = self.conn.tcp_sample()
         if wants_chunks(push.tensors, self.run.get("chunk_above")):
             reply = await push_chunks(self.conn, push.tensors, push.fields, self._shapes(),
                                       int(self.run.get("chunk_bytes", C.DEFAULT_CHUNK_BYTES)), self._liveness_s)
@@ -394,13 +396,17 @@ class Worker:
                 self.codec.observe(raw, sum(map(len, frames)), time.perf_counter() - start)
             reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames,
                                                                        **push.fields))
-        self.link_bps = self.conn.link_bps() or self.link_bps  # measured sending what was just acknowledged
+        after = self.conn.tcp_sample()  # the link, measured on what was just acknowledged
+        if before is not None and after is not None:
+            self.link_bps = throughput(before, after) or self.link_bps
         self.unacked = None
         round_no = push.fields["round"]
         if reply.type == C.ACK:
             await self.committed(push.result, push.local)
-            log.info("round %d: pushed %s (%s; loss %.4f, %.2f s)", round_no, push.result.kind, reply["status"],
-                     push.fields["metrics"].get("train_loss", float("nan")), push.fields["metrics"]["train_time_s"])
+            log.info("round %d: pushed %s (%s; loss %.4f, %.2f s; link %s)", round_no, push.result.kind,
+                     reply["status"], push.fields["metrics"].get("train_loss", float("nan")),
+                     push.fields["metrics"]["train_time_s"],
+                     "not measured" if self.link_bps is None else f"{self.link_bps / 1e6:.2f} MB/s")
         elif reply.type == C.ERROR and reply["code"] in (ErrorCode.STALE_UPDATE, ErrorCode.NOT_SELECTED,
                                                           ErrorCode.RUN_FINISHED):
             log.warning("round %d: the broker did not use the update: %s", round_no, reply["reason"])

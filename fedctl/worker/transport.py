@@ -25,7 +25,7 @@ from fedctl.wire import constants as C
 from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
-from fedctl.worker.link import delivery_rate
+from fedctl.worker.link import TcpSample, sample
 
 log = logging.getLogger(__name__)
 INBOX_MESSAGES = 1024
@@ -156,10 +156,9 @@ class Connection:
         if self._monitor is not None:
             tasks.start(self._watch_events(self._monitor), name=f"watch connection {self.endpoint}")
 
-    def link_bps(self) -> int | None:
-        """The connection's throughput as the kernel last measured it (bytes/s, ``TCP_INFO``); None over ipc or
-        inproc, or before a measurement."""
-        return None if self._tcp_fd is None else delivery_rate(self._tcp_fd)
+    def tcp_sample(self) -> TcpSample | None:
+        """The TCP connection's counters now (``TCP_INFO``, :mod:`fedctl.worker.link`); None over ipc or inproc."""
+        return None if self._tcp_fd is None else sample(self._tcp_fd)
 
     def _interrupt(self) -> None:
         if not self._interrupted.done():
