@@ -29,7 +29,9 @@ def run_async(coro: Coroutine[Any, Any, T], timeout_s: float = 50.0) -> T:
     """Run ``coro`` in a fresh event loop with a hard timeout (no pytest-asyncio here)."""
 
     async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout_s)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races the result
+        async with asyncio.timeout(timeout_s):
+            return await coro
 
     return asyncio.run(bounded())
 
