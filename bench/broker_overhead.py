@@ -34,31 +34,19 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
 from fedctl.models import get_model, init_params
+from fedctl.sim.noop_worker import EXAMPLES
+from fedctl.sim.noop_worker import serve as noop_workers
 from fedctl.strategies import TaskConfig, Update, get_strategy
-from fedctl.testing.trainers import NoOpTrainer
-from fedctl.worker.client import Worker, WorkerConfig
 
 TARGET_ROUND_S = 0.3  # at 100 workers
-EXAMPLES_PER_WORKER = 600
+EXAMPLES_PER_WORKER = EXAMPLES  # what each no-op worker reports
 
 
 # ---------------------------------------------------------------------------------------------- worker process
 def worker_process(endpoint: str, k: int) -> None:
     """Entry point of the child process: K no-op workers in one event loop until the broker says done."""
     logging.basicConfig(level=logging.WARNING, format="[workers] %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_workers(endpoint, k))
-
-
-async def _workers(endpoint: str, k: int) -> None:
-    ctx = zmq.asyncio.Context()
-    try:
-        crew = [Worker(WorkerConfig(endpoint, f"noop-{i:03d}", "noop", EXAMPLES_PER_WORKER, connect_timeout_s=60),
-                       lambda spec: NoOpTrainer(spec, EXAMPLES_PER_WORKER), ctx=ctx) for i in range(k)]
-        async with asyncio.TaskGroup() as tg:
-            for worker in crew:
-                tg.create_task(worker.serve())
-    finally:
-        ctx.destroy(linger=0)
+    asyncio.run(noop_workers(endpoint, "noop", k, noise=0.0, connect_timeout_s=60, max_backoff_s=10.0))
 
 
 # ---------------------------------------------------------------------------------------------- broker side

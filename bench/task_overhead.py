@@ -48,11 +48,10 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.service import Broker
 from fedctl.models import ModelSpec
+from fedctl.sim.noop_worker import serve as noop_workers
 from fedctl.strategies import TaskConfig, Update, get_strategy
-from fedctl.testing.trainers import NoOpTrainer
 from fedctl.wire.constants import MAX_TENSORS
 from fedctl.wire.messages import encode_tensors
-from fedctl.worker.client import Worker, WorkerConfig
 from fedctl.worker.frameworks.base import Params
 
 HERE = Path(__file__).resolve().parent
@@ -89,20 +88,7 @@ def load_arm(label: str, path: Path) -> Arm:
 def worker_process(endpoint: str, k: int, spec: ModelSpec | None) -> None:
     """Entry point of the child process: K no-op workers (with the task's spec, if any) until the broker is done."""
     logging.basicConfig(level=logging.WARNING, format="[workers] %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_workers(endpoint, k, spec))
-
-
-async def _workers(endpoint: str, k: int, spec: ModelSpec | None) -> None:
-    ctx = zmq.asyncio.Context()
-    try:
-        crew = [Worker(WorkerConfig(endpoint, f"noop-{i:03d}", "noop", EXAMPLES_PER_WORKER, spec=spec,
-                                    connect_timeout_s=60), lambda s: NoOpTrainer(s, EXAMPLES_PER_WORKER), ctx=ctx)
-                for i in range(k)]
-        async with asyncio.TaskGroup() as tg:
-            for worker in crew:
-                tg.create_task(worker.serve())
-    finally:
-        ctx.destroy(linger=0)
+    asyncio.run(noop_workers(endpoint, "noop", k, spec=spec, noise=0.0, connect_timeout_s=60, max_backoff_s=10.0))
 
 
 # ---------------------------------------------------------------------------------------------- broker side

@@ -16,15 +16,13 @@ from fedctl.wire.messages import encode_tensors
 from fedctl.wire.tensors import SparseTensor, Tensor, pack_sparse
 
 
-def _frames(core: BrokerCore, tensors: Mapping[str, Tensor], compress: bool) -> tuple[list[bytes], list[bytes] | None]:
-    """The plain frames, and the zlib ones when ``compress`` (timed: the broker's deflate cost is measured)."""
-    frames = encode_tensors(tensors)
-    if not compress:
-        return frames, None
+def _deflated(core: BrokerCore, tensors: Mapping[str, Tensor], frames: list[bytes]) -> list[bytes]:
+    """The zlib frames of ``tensors`` (whose plain ``frames`` are given), timed: the broker's deflate cost is
+    measured."""
     start = time.perf_counter()
     zframes = encode_tensors(tensors, compress=True)
     core.codec.observe(sum(map(len, frames)), sum(map(len, zframes)), time.perf_counter() - start)
-    return frames, zframes
+    return zframes
 
 
 def build(core: BrokerCore, records: Iterable[WorkerRecord]) -> dict[int | None, Downlink]:
@@ -44,7 +42,7 @@ def build(core: BrokerCore, records: Iterable[WorkerRecord]) -> dict[int | None,
         # A model sent in chunks is never encoded whole (that would copy it): its chunks are views of the weights.
         nonlocal dense_z
         if not chunked and dense_z is None and any(core.compress_for(r, dense_raw) for r in holders):
-            _, dense_z = _frames(core, store.weights, True)
+            dense_z = _deflated(core, store.weights, dense_raw)
         return Downlink(dict(store.weights), dense_raw, False, dense_z)
 
     for version, holders in by_version.items():
@@ -57,8 +55,8 @@ def build(core: BrokerCore, records: Iterable[WorkerRecord]) -> dict[int | None,
         changed: dict[str, Tensor] = {k: t for k, t in delta.items()
                                       if not (isinstance(t, SparseTensor) and t.nnz == 0)}
         changed = pack_sparse(changed, core.shapes)  # one frame when every change is sparse
-        raw = encode_tensors(changed)
-        frames, zframes = _frames(core, changed, any(core.compress_for(r, raw) for r in holders))
+        frames = encode_tensors(changed)
+        zframes = _deflated(core, changed, frames) if any(core.compress_for(r, frames) for r in holders) else None
         size = min(sum(map(len, frames)), sum(map(len, zframes or frames)))
         # A delta goes whole: when the dense model needs chunks, it must itself stay below the chunking size.
         smaller = size <= core.config.chunk_above if chunked else size < sum(map(len, dense_raw))

@@ -25,14 +25,18 @@ EXAMPLES = 600
 NOISE = 1e-3
 
 
-async def serve(endpoint: str, prefix: str, count: int) -> None:
+async def serve(endpoint: str, prefix: str, count: int, *, spec: ModelSpec | None = None, noise: float = NOISE,
+                connect_timeout_s: float = 300.0, max_backoff_s: float = 2.0) -> None:
+    """``count`` no-op workers on one event loop (named PREFIX-000…, or PREFIX alone) until the broker is done;
+    ``spec``: a user task's model (None: the broker's built-in model)."""
     ctx = zmq.asyncio.Context()
     try:
-        def trainer(spec: ModelSpec) -> NoOpTrainer:
-            return NoOpTrainer(spec, EXAMPLES, noise=NOISE)
+        def trainer(model: ModelSpec) -> NoOpTrainer:
+            return NoOpTrainer(model, EXAMPLES, noise=noise)
 
         crew = [Worker(WorkerConfig(endpoint, f"{prefix}-{i:03d}" if count > 1 else prefix, "noop", EXAMPLES,
-                                    connect_timeout_s=300.0, max_backoff_s=2.0), trainer, ctx=ctx)
+                                    spec=spec, connect_timeout_s=connect_timeout_s, max_backoff_s=max_backoff_s),
+                       trainer, ctx=ctx)
                 for i in range(count)]
         async with asyncio.TaskGroup() as tg:
             for worker in crew:

@@ -73,11 +73,6 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a live process (0 once it is gone)."""
-    return sum(cpu_split(pid))
-
-
 def peak_rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -214,6 +209,28 @@ def _figures(watch: Watch, ends: list[float], n: int, model_bytes: int) -> dict[
             "raw_payload_per_round": 2 * n * model_bytes}
 
 
+def _run_cell(server: subprocess.Popen[bytes], workers: list[subprocess.Popen[bytes]], logs: Sequence[Any],
+              rounds_file: Path, bench: RoundBench, on_round: Callable[[int], None]) -> tuple[Watch, str | None]:
+    """Watch a started cell until its server has ended ``bench.rounds`` rounds (one line each in ``rounds_file``),
+    then stop every process and close the logs; returns the samples and why it stopped early (None: it did not)."""
+    watch = Watch(server, workers)
+
+    def rounds_done() -> int:
+        try:
+            return rounds_file.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    try:
+        error = _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
+        _stop([server, *workers], 0.0 if error else 60.0)
+    finally:
+        _stop([server, *workers], 0.0)
+        for log in logs:
+            log.close()
+    return watch, error
+
+
 def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
                on_round: Callable[[int], None]) -> dict[str, Any]:
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -230,22 +247,8 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
     env = {**os.environ, **WORKER_ENV}
     workers = [subprocess.Popen([sys.executable, "-m", "fedctl.sim.noop_worker", endpoint, f"w{i:03d}", str(k)],
                                 stdout=wlog, stderr=subprocess.STDOUT, env=env) for i, k in enumerate(per)]
-    watch = Watch(server, workers)
     metrics = state / "metrics.jsonl"
-
-    def rounds_done() -> int:
-        try:
-            return metrics.read_bytes().count(b"\n")
-        except FileNotFoundError:
-            return 0
-
-    try:
-        error = _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
-        _stop([server, *workers], 0.0 if error else 60.0)
-    finally:
-        _stop([server, *workers], 0.0)
-        log.close()
-        wlog.close()
+    watch, error = _run_cell(server, workers, (log, wlog), metrics, bench, on_round)
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     ends = [r["elapsed_s"] for r in _measured(watch, records)]
     later = records[1:] or records
@@ -272,21 +275,7 @@ def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Pa
     wlog = (cell_dir / "clients.log").open("wb")
     workers = [subprocess.Popen([str(python), str(PEER), "client", str(port), str(i), shapes],
                                 stdout=wlog, stderr=subprocess.STDOUT, env=env) for i in range(n)]
-    watch = Watch(server, workers)
-
-    def rounds_done() -> int:
-        try:
-            return times.read_bytes().count(b"\n")
-        except FileNotFoundError:
-            return 0
-
-    try:
-        error = _watch(watch, rounds_done, bench.rounds, bench.timeout_s, on_round)
-        _stop([server, *workers], 0.0 if error else 60.0)
-    finally:
-        _stop([server, *workers], 0.0)
-        log.close()
-        wlog.close()
+    watch, error = _run_cell(server, workers, (log, wlog), times, bench, on_round)
     rows = [line.split() for line in times.read_text().splitlines()] if times.exists() else []
     ends = [float(r[1]) for r in _measured(watch, rows)]
     return {**_figures(watch, ends, n, spec.nbytes), "completed_rounds": len(rows), "error": error,

@@ -160,8 +160,9 @@ class Worker:
         self.rounds_trained = 0
         self.conn: Connection | None = None
         self.link_bps: int | None = None
-        """The link's throughput as the kernel last measured it after a push (TCP_INFO delivery rate), told to the
-        broker in each pull so it can judge whether compressing this worker's model pays (docs/protocol.md §4.4)."""
+        """The link's throughput as measured from the kernel's TCP counters around the last push
+        (:func:`fedctl.worker.link.throughput`), told to the broker in each pull so it can judge whether compressing
+        this worker's model pays (docs/protocol.md §4.4)."""
         self.codec = CodecCost()
         self.bytes_out = 0
         self.bytes_in = 0
