@@ -119,8 +119,8 @@ def ensure_flower(venv: Path, say: Callable[[str], None]) -> Path:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise FedctlError(f"could not install {FLOWER} into {venv}: {last}",
-                              "check that --flower-venv is writable and pip can reach PyPI, or pass --no-flower to measure "
-                              "fedctl alone")
+                              "check that --flower-venv is writable and pip can reach PyPI, or pass --no-flower to "
+                              "measure fedctl alone")
     return python
 
 
