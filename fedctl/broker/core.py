@@ -78,7 +78,8 @@ class BrokerCore(PushIntake):
     open_spool:
         How the shell reads back a completed chunked push (see :data:`SpoolOpener`).
     durable:
-        Whether accepted updates are made durable (:class:`Persist`) before they are acknowledged.
+        Whether accepted updates are durable before they are acknowledged: written under ``pending/``
+        (:class:`Persist`, clock policies) or, in sync rounds, held in the round's checkpoint (``hold_acks``).
     """
 
     def __init__(self, config: BrokerConfig, spec: ModelSpec, strategy: Strategy,
@@ -97,6 +98,8 @@ class BrokerCore(PushIntake):
         self.codec = CodecCost()
         """This broker's measured deflate speed and ratio (the shell's downlink builds update it)."""
         self.durable = durable
+        self.hold_acks = durable and policy.driver == "rounds"
+        self.held = {}
         self.open_spool = open_spool
         self.updates: list[Update] = []
         """Accepted updates of the open round (sync) or buffer (ssp/async), until a driver takes them."""

@@ -1,6 +1,12 @@
 """The core's intake of updates: ``push`` (whole, or the header of a chunked one), its ``chunk``s and the ``credit``s
 of models going out — admission by the policy, acceptance, acknowledgement once durable.
 
+When is an update durable? With clock policies (SSP, async), once it is written under ``pending/`` (the shell's
+writer, :class:`~fedctl.broker.effects.Persist`). With sync rounds, once the round's checkpoint holds it: the ack
+is *held* until the driver has written that checkpoint (:meth:`PushIntake.release_acks`) — the only durable
+write a round then makes is its model, instead of every update's bytes (docs/reliability.md). A sync worker waits
+for the next round's model anyway, so holding its ack costs it nothing but the checkpoint's write.
+
 A part of :class:`fedctl.broker.core.BrokerCore` (a mixin it inherits), split out along the update path so that
 each module stays small; sans-IO like the rest of the core.
 """
@@ -40,6 +46,11 @@ class PushIntake:
     transfers: Transfers
     updates: list[Update]
     durable: bool
+    hold_acks: bool
+    """Sync rounds with durable updates: acks wait for the round's checkpoint (see the module docstring)."""
+    held: dict[int, dict[str, tuple[bytes, Message, str]]]
+    """Held acks: round → worker → (routing identity, push header, ack status) of its latest push (a resend from a
+    new connection replaces the first)."""
     finished: bool
     applying: bool
     open_spool: Callable[[str, bool], Any]
@@ -68,7 +79,7 @@ class PushIntake:
             check_against_spec(tensors, self.shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
         admission = self._admit(record, msg)
         if admission.duplicate:
-            return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")]
+            return self._duplicate(identity, msg, record)
         if admission.code is not None:
             raise ProtocolError(admission.code, admission.reason)
         if msg["kind"] == C.KIND_WEIGHTS and self.store.at(msg["base_version"]) is None:
@@ -92,10 +103,34 @@ class PushIntake:
         shell's writer stores queued updates in groups, one sync per group, then sends their acks)."""
         self.updates.append(update)
         self.policy.record(record.worker)
+        log.debug("update of round %d from %s accepted", msg["round"], record.worker)
+        if self.hold_acks:
+            self.held.setdefault(int(msg["round"]), {})[record.worker] = (identity, msg, "accepted")
+            return [Wake()]
         ack = self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="accepted")
         if not self.durable:
             return [ack, Wake()]
         return [Persist(update, list(frames), (ack,), spool), Wake()]
+
+    def _duplicate(self, identity: bytes, msg: Message, record: WorkerRecord) -> list[Effect]:
+        """A push the broker already has (a worker resending after a reconnect): its ack answers this push — held
+        like the first one's while the round's checkpoint is not yet written, at once otherwise."""
+        waiting = self.held.get(int(msg["round"]), {})
+        if record.worker in waiting:
+            waiting[record.worker] = (identity, msg, "duplicate")
+            return []
+        return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status="duplicate")]
+
+    def release_acks(self, round_no: int) -> list[Effect]:
+        """The held acks of round ``round_no``, whose checkpoint is now durable."""
+        return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status=status)
+                for identity, msg, status in self.held.pop(round_no, {}).values()]
+
+    def refuse_held(self, round_no: int, reason: str, now: float) -> list[Effect]:
+        """Round ``round_no`` failed: its held pushes are refused ``STALE_UPDATE`` (their updates were not used)."""
+        refused = ProtocolError(ErrorCode.STALE_UPDATE, reason, "nothing to do: the worker pulls the next round")
+        return [effect for identity, msg, _ in self.held.pop(round_no, {}).values()
+                for effect in self._refuse(identity, refused, msg.id, now)]
 
     # ------------------------------------------------------------------ chunked pushes (docs/protocol.md §7.1)
     def _open_inbound(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
@@ -118,14 +153,13 @@ class PushIntake:
         if not admission.admitted:  # the round closed (or the update went stale) while the chunks came
             effects.append(CloseTransfer(spool, delete=True))
             if admission.duplicate:
-                return [*effects, self._reply(identity, header, C.ACK, round=header["round"], seq=header["seq"],
-                                              status="duplicate")]
+                return [*effects, *self._duplicate(identity, header, record)]
             late = ProtocolError(admission.code or ErrorCode.STALE_UPDATE, admission.reason)
             return [*effects, *self._refuse(identity, late, header.id, now)]
         effects.append(CloseTransfer(spool, delete=False))
         log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker, cursor.total * 4 / 1e6,
                  cursor.chunks, now - got.inbound.started)
-        update = Update.from_push(record.worker, header, self.open_spool(spool, not self.durable))
+        update = Update.from_push(record.worker, header, self.open_spool(spool, self.hold_acks or not self.durable))
         return [*effects, *self._accept(identity, header, record, update, got.inbound.header_frames, spool)]
 
     def _on_credit(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:

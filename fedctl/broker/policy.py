@@ -87,6 +87,9 @@ class SyncRoundPolicy:
     def __init__(self, config: SyncConfig) -> None:
         self.config = config
         self.current: OpenRound | None = None
+        self.committed: tuple[int, frozenset[str]] = (0, frozenset())
+        """The last aggregated round and the workers whose updates it used: a push of theirs for it that comes
+        again (its ack was lost with a connection or a broker restart) is a duplicate, not a stale update."""
 
     def sample_size(self, connected: int) -> int:
         return max(int(math.floor(self.config.fraction * connected + 1e-9)), 1)
@@ -107,7 +110,10 @@ class SyncRoundPolicy:
         """After a restart at committed round ``done``: reopen round ``done + 1`` if the broker had opened it
         (``opened``: its number and sample), with the updates it had acknowledged. Nobody holds its model: each
         selected worker that pulls is handed it again; the deadline starts over. ``applied`` is not needed here:
-        a committed round's updates are those of rounds up to ``done``."""
+        a committed round's updates are those of rounds up to ``done`` — except to know who took part in round
+        ``done``, whose acks a crash may have cut off."""
+        if done > 0:
+            self.committed = (done, frozenset(w for w, r in applied() if r == done))
         if opened is None or opened[0] != done + 1:
             return Restored([], forget_all=True)
         keep = [u for u in stored if u.round == done + 1 and u.worker in opened[1]]
@@ -137,6 +143,8 @@ class SyncRoundPolicy:
               version: int | None = None) -> Admission:
         """Decide on an update from ``worker`` for ``round_no`` trained on ``base_version`` (current: ``version``)."""
         cur = self.current
+        if round_no == self.committed[0] and worker in self.committed[1]:
+            return Admission(duplicate=True)
         if cur is None or round_no != cur.number:
             return Admission(ErrorCode.STALE_UPDATE, f"round {round_no} is not open"
                              + (f" (round {cur.number} is)" if cur else " (no round is open)"))
@@ -182,7 +190,10 @@ class SyncRoundPolicy:
         if cur is None:
             raise RuntimeError("no round is open")
         self.current = None
-        return cur, len(cur.received) >= max(self.quorum(cur), 1)
+        ok = len(cur.received) >= max(self.quorum(cur), 1)
+        if ok:
+            self.committed = (cur.number, frozenset(cur.received))
+        return cur, ok
 
     def quorum(self, cur: OpenRound) -> int:
         """Updates a round needs to be aggregated: min(--min-workers, sampled)."""

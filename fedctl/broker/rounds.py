@@ -96,6 +96,9 @@ class RoundDriver(Driver):
                             "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
                             self.policy.quorum(closed))
                 core.take_updates()
+                await host.execute(core.refuse_held(round_no, f"round {round_no} failed: {len(closed.received)} of "
+                                                    f"{len(closed.selected)} sampled workers answered before its "
+                                                    "deadline; the update was not used", host.now()))
                 if host.pending is not None:
                     await self._forgotten()
                     await asyncio.to_thread(host.pending.clear)
@@ -262,6 +265,7 @@ class RoundDriver(Driver):
             if previous is not None:
                 await previous
             await asyncio.to_thread(host.checkpointer.save, store, state, applied)
+            await host.execute(core.release_acks(closed.number))  # (sync rounds hold them until now: intake.py)
             if host.pending is not None:
                 self._forget_committed(closed.number)
             host.checkpointer.append_metrics(record)

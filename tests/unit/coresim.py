@@ -156,11 +156,14 @@ class CoreSim:
         return sample
 
     def aggregate_round(self) -> list[Update]:
+        """What the round driver does with a closed round: aggregate, checkpoint (here: nothing to write), then
+        send the acks the core held until the checkpoint."""
         updates = sorted(self.core.take_updates(), key=lambda u: u.worker)
         result = self.core.strategy.aggregate(self.store.weights, updates, self.state["strategy_state"],
                                               self.core.rng)
         self.core.finish_apply(result.weights, len(updates))
         self.state["round"] += 1
+        self.run(self.core.release_acks(self.state["round"]))
         return updates
 
 

@@ -49,12 +49,14 @@ def test_a_whole_sync_round_then_a_delta_downlink() -> None:
         model = p.last()
         assert model.type == C.MODEL and model.re == 2 and model["round"] == 1 and model.get("base") is None
         assert all(np.array_equal(model.tensors[k], start[k]) for k in start)
-        [ack] = p.push(shifted(start, i + 1), 1)
-        assert (ack.type, ack["status"], ack.re) == (C.ACK, "accepted", p.ids)
-    assert [e.update.worker for e in sim.disk.persisted] == ["a", "b", "c"], "durable before acknowledged"
+        assert p.push(shifted(start, i + 1), 1) == [], "the ack waits for the round's checkpoint"
+    assert sim.disk.persisted == [], "sync rounds write no update: the checkpoint holds them"
     assert sim.core.policy.should_close(sim.clock())
     sim.core.policy.close()
     sim.aggregate_round()
+    for p in (a, b, c):
+        ack = p.last()
+        assert (ack.type, ack["status"], ack.re) == (C.ACK, "accepted", p.ids)
     expected = (1 * 100 + 2 * 200 + 3 * 700) / 1000
     assert sim.store.version == 1
     for k in start:
@@ -104,14 +106,40 @@ def test_a_refused_update_changes_nothing_and_a_resent_one_is_a_duplicate() -> N
     a.pull(), b.pull()
     sim.core.try_open_round(1, sim.clock())
     sim.hand_out(1)
-    [ack] = a.push(sim.store.weights, 1)
-    assert ack["status"] == "accepted"
-    [again] = a.push(sim.store.weights, 1)
-    assert again.type == C.ACK and again["status"] == "duplicate"
-    assert len(sim.disk.persisted) == 1 and [u.worker for u in sim.core.updates] == ["a"]
+    assert a.push(sim.store.weights, 1) == []
+    # a resend (the worker reconnected) replaces the held ack: the answer goes to the push still waiting
+    assert a.push(sim.store.weights, 1) == []
+    assert [u.worker for u in sim.core.updates] == ["a"]
     [err] = b.push({"nope": np.zeros(3, np.float32)}, 1)
     assert err.type == C.ERROR and err["code"] == ErrorCode.MODEL_MISMATCH and err.re == b.ids
     assert sim.core.policy.current is not None and sim.core.policy.current.received == ["a"]
+    sim.core.policy.close()
+    sim.aggregate_round()
+    [ack] = [m for m in a.inbox() if m.type == C.ACK]
+    assert (ack["status"], ack.re) == ("duplicate", a.ids), "one answer, to the push still waiting"
+    # its ack lost again, the worker resends once more after the round was committed: a duplicate, acked at once
+    [late] = a.push(sim.store.weights, 1)
+    assert (late.type, late["status"]) == (C.ACK, "duplicate")
+    [stale] = b.push(sim.store.weights, 1)
+    assert stale["code"] == ErrorCode.STALE_UPDATE, "b took no part in round 1"
+
+
+def test_a_failed_round_refuses_the_pushes_whose_acks_it_held() -> None:
+    sim = CoreSim(config(sync=SyncConfig(1.0, 2, 20.0)))  # quorum 2
+    a, b = joined(sim, "a", "b")
+    a.pull(), b.pull()
+    sim.core.try_open_round(1, sim.clock())
+    sim.hand_out(1)
+    assert a.push(sim.store.weights, 1) == []
+    sim.clock.advance(30)
+    closed, ok = sim.core.policy.close()
+    assert not ok
+    sim.run(sim.core.refuse_held(1, "round 1 failed", sim.clock()))
+    err = a.last()
+    assert (err.type, err["code"], err.re) == (C.ERROR, ErrorCode.STALE_UPDATE, a.ids)
+    assert sim.core.held == {} and sim.core.policy.committed == (0, frozenset())
+    [again] = a.push(sim.store.weights, 1)
+    assert again["code"] == ErrorCode.STALE_UPDATE, "a failed round's update is not a duplicate"
 
 
 def test_not_durable_acknowledges_at_once() -> None:
@@ -196,14 +224,15 @@ def test_a_chunked_push_is_spooled_and_acknowledged_after_its_last_chunk(durable
     for index, piece in enumerate(pieces):
         replies = a.send(C.CHUNK, slices=piece, xfer=header_id, index=index)
         assert replies[0].type == C.CREDIT and replies[0]["received"] == index + 1
-    ack = a.last()
-    assert ack.type == C.ACK and ack.re == header_id and ack["status"] == "accepted"
     [got] = sim.core.updates
     assert all(np.array_equal(got.tensors[k], update[k]) for k in update)
-    assert sim.core.inbound == {}
+    assert sim.core.inbound == {} and sim.disk.persisted == []
     if durable:
-        [stored] = sim.disk.persisted
-        assert stored.spool is not None and stored.spool in sim.disk.spools and len(stored.frames) == 1
+        assert a.last().type == C.CREDIT, "the ack waits for the round's checkpoint"
+        sim.core.policy.close()
+        sim.aggregate_round()
+    ack = a.last()
+    assert ack.type == C.ACK and ack.re == header_id and ack["status"] == "accepted"
 
 
 def test_a_bad_chunk_answers_the_push_and_drops_its_spool() -> None:
@@ -378,8 +407,9 @@ def test_refusals_are_logged_at_most_once_a_second_per_code(caplog: pytest.LogCa
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 2
 
 
-def test_a_restarted_core_resumes_the_open_round_with_what_it_acknowledged() -> None:
-    """Crash after two of three pushes were persisted: a new core, restored from what was on disk, finishes the
+def test_a_restarted_core_resumes_the_open_round_and_takes_the_resent_updates() -> None:
+    """Crash after two of three pushes arrived (held, not acknowledged): a new core, restored from the round file
+    and the checkpoint of round 0, takes the two workers' resent updates and the third one's, and finishes the
     round with the same result as a run that never stopped."""
 
     def round_one(sim: CoreSim) -> list[Peer]:
@@ -399,30 +429,40 @@ def test_a_restarted_core_resumes_the_open_round_with_what_it_acknowledged() -> 
     first = CoreSim()
     start = dict(first.store.weights)
     a, b, _ = round_one(first)
-    a.push(shifted(start, 1), 1)
-    b.push(shifted(start, 2), 1)
+    assert a.push(shifted(start, 1), 1) == [] and b.push(shifted(start, 2), 1) == []
     opened = first.core.policy.current
     assert opened is not None
-    # kill -9: only the disk survives (the pending store and the round file), and the checkpoint of round 0.
-    stored = [p.update for p in first.disk.persisted]
+    # kill -9: only the disk survives (the round file), and the checkpoint of round 0.
     second = CoreSim(disk=first.disk, store=ParameterStore(start), state={**first.state})
-    restored = second.core.policy.restore(0, (1, opened.selected), stored, set, second.clock())
-    assert not restored.forget_all and restored.forget == []
-    second.core.restore(restored.updates)
+    restored = second.core.policy.restore(0, (1, opened.selected), [], set, second.clock())
+    assert not restored.forget_all and restored.updates == []
     a2, b2, c2 = joined(second, "a", "b", "c", examples=(100, 200, 700))
     for p in (a2, b2, c2):
         p.pull()
-    assert second.core.policy.needs_model("c") and not second.core.policy.needs_model("a")
+    assert all(second.core.policy.needs_model(w) for w in "abc")
     second.hand_out(1, ["a", "b", "c"])
-    [dup] = a2.push(shifted(start, 1), 1)
-    assert dup["status"] == "duplicate", "an update acknowledged before the crash is never counted twice"
-    [ack] = c2.push(shifted(start, 3), 1)
-    assert ack["status"] == "accepted"
+    for i, p in enumerate((a2, b2, c2)):
+        assert p.push(shifted(start, i + 1), 1) == []
     assert second.core.policy.should_close(second.clock())
     second.core.policy.close()
     second.aggregate_round()
+    assert [p.last()["status"] for p in (a2, b2, c2)] == ["accepted"] * 3
     for k in start:
         assert np.array_equal(second.store.weights[k], whole.store.weights[k]), k
+
+
+def test_a_restart_after_the_checkpoint_acks_a_resent_update_of_the_committed_round() -> None:
+    """Killed after round 1's checkpoint but before its acks went out: the restarted broker knows from the journal
+    who took part in round 1 and acks their resent updates as duplicates instead of refusing them as stale."""
+    sim = CoreSim(state={"run_id": "r", "round": 1, "strategy_state": {}})
+    restored = sim.core.policy.restore(1, (1, ("a", "b")), [], lambda: {("a", 1), ("b", 1), ("a", 0)},
+                                       sim.clock())
+    assert restored.forget_all
+    a, c = joined(sim, "a", "c")
+    [dup] = a.push(sim.store.weights, 1)
+    assert (dup.type, dup["status"]) == (C.ACK, "duplicate")
+    [err] = c.push(sim.store.weights, 1)
+    assert err["code"] == ErrorCode.STALE_UPDATE
 
 
 def test_a_restart_forgets_a_round_that_was_not_open_and_clock_updates_already_applied() -> None:
@@ -489,9 +529,8 @@ def test_effects_of_a_chunked_push_in_order() -> None:
                                sim.clock())
         sim.run(last)
     kinds = [type(e).__name__ for e in last]
-    assert kinds == ["WriteChunk", "Send", "CloseTransfer", "Persist", "Wake"]
+    assert kinds == ["WriteChunk", "Send", "CloseTransfer", "Wake"], "(sync: the ack is held)"
     assert isinstance(last[0], WriteChunk) and isinstance(last[2], CloseTransfer) and not last[2].delete
-    assert isinstance(last[3], Persist) and last[3].then[0].type == C.ACK
 
 
 def test_messages_are_fully_validated_before_the_core_acts() -> None:
