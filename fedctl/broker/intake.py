@@ -126,11 +126,12 @@ class PushIntake:
         return [self._reply(identity, msg, C.ACK, round=msg["round"], seq=msg["seq"], status=status)
                 for identity, msg, status in self.held.pop(round_no, {}).values()]
 
-    def refuse_held(self, round_no: int, reason: str, now: float) -> list[Effect]:
-        """Round ``round_no`` failed: its held pushes are refused ``STALE_UPDATE`` (their updates were not used)."""
-        refused = ProtocolError(ErrorCode.STALE_UPDATE, reason, "nothing to do: the worker pulls the next round")
-        return [effect for identity, msg, _ in self.held.pop(round_no, {}).values()
-                for effect in self._refuse(identity, refused, msg.id, now)]
+    def refuse_held(self, round_no: int, reason: str) -> list[Effect]:
+        """Round ``round_no`` failed: its held pushes are answered ``STALE_UPDATE`` (their updates were accepted,
+        then not used; not counted as refused messages)."""
+        return [self._send(identity, make(C.ERROR, self.next_id(), re=msg.id, code=ErrorCode.STALE_UPDATE,
+                                          reason=reason[:1000]))
+                for identity, msg, _ in self.held.pop(round_no, {}).values()]
 
     # ------------------------------------------------------------------ chunked pushes (docs/protocol.md §7.1)
     def _open_inbound(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:

@@ -98,7 +98,7 @@ class RoundDriver(Driver):
                 core.take_updates()
                 await host.execute(core.refuse_held(round_no, f"round {round_no} failed: {len(closed.received)} of "
                                                     f"{len(closed.selected)} sampled workers answered before its "
-                                                    "deadline; the update was not used", host.now()))
+                                                    "deadline; the update was not used"))
                 if host.pending is not None:
                     await self._forgotten()
                     await asyncio.to_thread(host.pending.clear)
@@ -249,25 +249,31 @@ class RoundDriver(Driver):
         core.state["round"] = closed.number
         core.state["strategy_state"] = result.state
         core.state["elapsed_s"] = host.now() - self.started
-        eval_started = host.now()
-        scores = await self.evaluate(closed.number, f"in round {closed.number}")
-        fed = await self.fed_evaluate(closed.number)
-        record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
-                             failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed, **extra)
-        # The checkpoint is written while the next round's models go out (see run(): no update of the next round is
-        # acknowledged before it is durable); what it writes is this round's, copied now.
+        # The checkpoint is written while this round is evaluated and the next round's models go out; what it
+        # writes is this round's, copied now. Its workers' acks wait for it (intake.py), and no update of the next
+        # round is acknowledged before it is durable (see _open).
         store = ModelSnapshot(dict(core.store.weights), core.store.version)
         state = {**core.state, "strategy_state": dict(core.state.get("strategy_state") or {})}
         applied = [applied_entry(u) for u in updates]
         previous = self._committing
 
-        async def commit() -> None:
+        async def save() -> None:
             if previous is not None:
                 await previous
             await asyncio.to_thread(host.checkpointer.save, store, state, applied)
-            await host.execute(core.release_acks(closed.number))  # (sync rounds hold them until now: intake.py)
+            await host.execute(core.release_acks(closed.number))
             if host.pending is not None:
                 self._forget_committed(closed.number)
+
+        saving = self._committing = asyncio.ensure_future(save())  # (cancelled with the driver, as commit is)
+        eval_started = host.now()
+        scores = await self.evaluate(closed.number, f"in round {closed.number}")
+        fed = await self.fed_evaluate(closed.number)  # (the workers it asks pull after their acks)
+        record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),
+                             failed=len(closed.failed), update_metrics=mean_metrics(updates), **fed, **extra)
+
+        async def commit() -> None:
+            await saving
             host.checkpointer.append_metrics(record)
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,

@@ -22,6 +22,8 @@ from fedctl.security import WARN_AGAIN_S, AllowedKeys, load_key_pair
 log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 MAX_REMEMBERED_REFUSALS = 10_000
+ZERO_COPY_BYTES = 65536
+"""Frames at least this large are received without a copy (pyzmq's own threshold for zero-copy sends)."""
 
 
 @dataclass
@@ -133,22 +135,23 @@ class RouterTransport:
 
     async def recv(self) -> tuple[bytes, list[bytes]]:
         """Wait for the next message; returns the sender's routing identity and its frames."""
-        parts = await self._sock.recv_multipart(copy=True)
-        payload = parts[1:]
-        self.counters.bytes_in += sum(len(p) for p in payload)
-        self.counters.messages_in += 1
-        return parts[0], payload
+        return self._received(await self._sock.recv_multipart(copy=False))
 
     async def recv_ready(self) -> tuple[bytes, list[bytes]] | None:
         """The next message if one is already queued, else None (never waits)."""
         try:
-            parts = await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            parts = await self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return None
-        payload = parts[1:]
+        return self._received(parts)
+
+    def _received(self, parts: list[zmq.Frame]) -> tuple[bytes, list[bytes]]:
+        """Identity and frames of a message received without copying: a large frame (a tensor) stays in the
+        buffer libzmq received it in, read through a memoryview; small ones (identity, header) are copied out."""
+        payload = [p.buffer if len(p) >= ZERO_COPY_BYTES else p.bytes for p in parts[1:]]
         self.counters.bytes_in += sum(len(p) for p in payload)
         self.counters.messages_in += 1
-        return parts[0], payload
+        return parts[0].bytes, payload  # type: ignore[return-value]  # (a memoryview reads as bytes do)
 
     async def send(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send frames to ``identity``; False when that peer is no longer connected."""

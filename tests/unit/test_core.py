@@ -134,10 +134,10 @@ def test_a_failed_round_refuses_the_pushes_whose_acks_it_held() -> None:
     sim.clock.advance(30)
     closed, ok = sim.core.policy.close()
     assert not ok
-    sim.run(sim.core.refuse_held(1, "round 1 failed", sim.clock()))
+    sim.run(sim.core.refuse_held(1, "round 1 failed"))
     err = a.last()
     assert (err.type, err["code"], err.re) == (C.ERROR, ErrorCode.STALE_UPDATE, a.ids)
-    assert sim.core.held == {} and sim.core.policy.committed == (0, frozenset())
+    assert sim.core.held == {} and sim.core.policy.committed == (0, frozenset()) and sim.core.rejected == {}
     [again] = a.push(sim.store.weights, 1)
     assert again["code"] == ErrorCode.STALE_UPDATE, "a failed round's update is not a duplicate"
 
