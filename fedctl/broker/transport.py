@@ -18,12 +18,11 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 
 from fedctl.errors import ConfigError, TransportError
 from fedctl.security import WARN_AGAIN_S, AllowedKeys, load_key_pair
+from fedctl.zerocopy import frames_of
 
 log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 MAX_REMEMBERED_REFUSALS = 10_000
-ZERO_COPY_BYTES = 65536
-"""Frames at least this large are received without a copy (pyzmq's own threshold for zero-copy sends)."""
 
 
 @dataclass
@@ -146,12 +145,11 @@ class RouterTransport:
         return self._received(parts)
 
     def _received(self, parts: list[zmq.Frame]) -> tuple[bytes, list[bytes]]:
-        """Identity and frames of a message received without copying: a large frame (a tensor) stays in the
-        buffer libzmq received it in, read through a memoryview; small ones (identity, header) are copied out."""
-        payload = [p.buffer if len(p) >= ZERO_COPY_BYTES else p.bytes for p in parts[1:]]
+        """Identity and frames of a message received without copying its tensors (:mod:`fedctl.zerocopy`)."""
+        identity, *payload = frames_of(parts)
         self.counters.bytes_in += sum(len(p) for p in payload)
         self.counters.messages_in += 1
-        return parts[0].bytes, payload  # type: ignore[return-value]  # (a memoryview reads as bytes do)
+        return identity, payload
 
     async def send(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send frames to ``identity``; False when that peer is no longer connected."""

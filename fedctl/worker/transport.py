@@ -26,6 +26,7 @@ from fedctl.wire import decode, encode, make
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
 from fedctl.worker.link import TcpSample, sample
+from fedctl.zerocopy import frames_of
 
 log = logging.getLogger(__name__)
 INBOX_MESSAGES = 1024
@@ -207,7 +208,7 @@ class Connection:
 
     async def _read(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
+            frames = frames_of(await self._sock.recv_multipart(copy=False))
             self.bytes_in += sum(len(f) for f in frames)
             self.last_heard = time.monotonic()
             try:
