@@ -274,7 +274,7 @@ class RoundDriver(Driver):
 
         async def commit() -> None:
             await saving
-            host.checkpointer.append_metrics(record)
+            await asyncio.to_thread(host.checkpointer.append_metrics, record)  # (its fsync off the event loop)
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
                      host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
