@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -34,8 +34,6 @@ from fedctl.broker.intake import PushIntake
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import ClockPolicy, OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord, WorkerRegistry
-from fedctl.broker.secure import EXTRA as SECURE_EXTRA
-from fedctl.broker.secure import Reply, SecureAggregation
 from fedctl.errors import ConfigError, ProtocolError
 from fedctl.models import ModelSpec, first_difference
 from fedctl.strategies.base import Strategy, Update
@@ -45,6 +43,9 @@ from fedctl.wire.compression import CodecCost, worth_compressing
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message, peek
 from fedctl.wire.tensors import Tensor
+
+if TYPE_CHECKING:
+    from fedctl.broker.secure import Reply, SecureAggregation
 
 log = logging.getLogger(__name__)
 REFUSAL_LOG_EVERY_S = 1.0
@@ -146,6 +147,9 @@ class BrokerCore(PushIntake):
             raise ConfigError(f"--secure-aggregation sums each update in one message; the model ({spec.nbytes:,} "
                               f"bytes) goes in chunks above --chunk-above-mb ({config.chunk_above:,} bytes)",
                               "raise --max-message-mb and --chunk-above-mb above the model's size")
+        from fedctl.broker.secure import EXTRA as SECURE_EXTRA  # (imported only when used: its crypto costs 8 MB)
+        from fedctl.broker.secure import SecureAggregation
+
         dp = None if config.dp_noise_multiplier is None else (config.dp_noise_multiplier, config.dp_clip)
         return SecureAggregation(spec.num_params + len(SECURE_EXTRA), config.secagg_clip, config.secagg_neighbours,
                                  config.secagg_threshold, dp)

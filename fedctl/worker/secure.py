@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedctl.privacy import clip_l2
-from fedctl.secagg import ClientSession, Field, SecAggError
 from fedctl.strategies import Strategy
 from fedctl.strategies.kernels import change_vector
 from fedctl.wire import constants as C
@@ -43,6 +42,8 @@ async def secure_round(worker: Worker, model: Message, strategy: Strategy, task:
     """Take part in the attempt ``model['secagg']`` names; returns the broker's last answer (``ack`` when the sum
     was applied with this worker's input, ``error`` when the attempt went on or was abandoned without it, ``done``),
     or None when this worker gave up on it (training failed, or the broker asked for what it must not reveal)."""
+    from fedctl.secagg import ClientSession, Field, SecAggError  # (imported when used: its crypto costs 8 MB)
+
     conn = worker.conn
     assert conn is not None
     sa = model["secagg"]

@@ -399,7 +399,7 @@ def test_every_number_option_has_a_range() -> None:
 
 
 def test_serve_help_names_every_policy() -> None:
-    doc = cli.commands["serve"].help or ""
+    doc = cli.get_command(click.Context(cli), "serve").help or ""
     assert "ssp" in doc and "async" in doc and "synchronous rounds" in doc
 
 

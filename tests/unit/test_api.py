@@ -92,7 +92,7 @@ def test_the_cli_and_the_api_share_their_defaults(command: str, cls: str, rename
                                                   skipped: set[str]) -> None:
     from fedctl.cli.main import cli
 
-    cli_defaults = _click_defaults(cli.commands[command])
+    cli_defaults = _click_defaults(cli.get_command(click.Context(cli), command))
     api = inspect.signature(getattr(fedctl, cls)).parameters
     compared = 0
     for name, default in cli_defaults.items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from coresim import CoreSim, Peer, config
 
-from fedctl.broker.effects import CloseTransfer, OpenTransfer, Persist, WriteChunk
+from fedctl.broker.effects import CloseTransfer, OpenTransfer, WriteChunk
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import ClockConfig, SyncConfig
 from fedctl.wire import chunks, encode, make
