@@ -155,6 +155,8 @@ class Worker:
         """Rounds in a row whose training raised (reported with ``failed``)."""
         self._last_train_s = math.inf
         """How long the last training took (the first one runs in a thread)."""
+        self._next_pull: asyncio.Future[Message] | None = None
+        """A pull already sent with the last push, whose answer the session loop waits for."""
         self._warned_metrics = False
         self.evaluations = 0
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -407,8 +409,11 @@ class Worker:
                 start = time.perf_counter()
                 frames = encode_tensors(tensors, compress=True)
                 self.codec.observe(raw, sum(map(len, frames)), time.perf_counter() - start)
-            reply = await self.conn.wait_reply(await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames,
-                                                                       **push.fields))
+            answer = await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames, **push.fields)
+            # The next pull goes out with the push (docs/protocol.md §6): the broker hands out the next round while
+            # it still writes the checkpoint that acknowledges this one. Nothing is trained on before the ack.
+            self._next_pull = await self._pull(self.conn)
+            reply = await self.conn.wait_reply(answer)
         after = self.conn.tcp_sample()  # the link, measured on what was just acknowledged
         if before is not None and after is not None:
             self.link_bps = throughput(before, after) or self.link_bps
@@ -429,8 +434,14 @@ class Worker:
         self.check_error(reply)
         return reply
 
+    async def _pull(self, conn: Connection) -> asyncio.Future[Message]:
+        """Ask for work, saying which model version this worker holds and its measured link."""
+        held = self.state.version if self.state.model else None
+        return await conn.request(C.PULL, version=held, link_bps=self.link_bps)
+
     async def _session(self, conn: Connection) -> Message:
         """Pull → train → push on a joined connection until done; raises BrokerLost or Rejoin."""
+        self._next_pull = None  # (one sent on a previous connection is answered on none)
         if self.unacked is not None:
             push, self.unacked = self.unacked, None
             log.info("resending the update for round %d that the broker had not acknowledged", push.fields["round"])
@@ -438,8 +449,8 @@ class Worker:
             if answer.type == C.DONE:
                 return answer
         while True:
-            held = self.state.version if self.state.model else None
-            reply = await conn.wait_reply(await conn.request(C.PULL, version=held, link_bps=self.link_bps))
+            pull, self._next_pull = self._next_pull, None
+            reply = await conn.wait_reply(pull if pull is not None else await self._pull(conn))
             if reply.type == C.DONE:
                 return reply
             self.check_error(reply)
