@@ -411,8 +411,10 @@ class Worker:
                 self.codec.observe(raw, sum(map(len, frames)), time.perf_counter() - start)
             answer = await self.conn.request(C.PUSH, tensors=tensors, tensor_frames=frames, **push.fields)
             # The next pull goes out with the push (docs/protocol.md §6): the broker hands out the next round while
-            # it still writes the checkpoint that acknowledges this one. Nothing is trained on before the ack.
-            self._next_pull = await self._pull(self.conn)
+            # it still writes the checkpoint that acknowledges this one. Nothing is trained on before the ack. (Not
+            # before the link is first measured: that pull says how fast it is, for the broker's compression.)
+            if self.link_bps is not None or before is None:
+                self._next_pull = await self._pull(self.conn)
             reply = await self.conn.wait_reply(answer)
         after = self.conn.tcp_sample()  # the link, measured on what was just acknowledged
         if before is not None and after is not None:
