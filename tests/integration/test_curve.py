@@ -88,11 +88,18 @@ def raw_dealer(ctx: zmq.asyncio.Context, endpoint: str, server_key: bytes | None
 
 
 async def join_and_push(sock: zmq.asyncio.Socket) -> list[bytes] | None:
-    """Send a raw join and a raw push of a whole model; the first reply, or None after SILENCE_S of silence."""
-    await sock.send_multipart(encode(make(C.JOIN, 1, worker="raw", backend="numpy", num_examples=10)))
+    """Send a raw join and a raw push of a whole model; the first reply, or None after SILENCE_S of silence.
+
+    A DEALER whose CURVE handshake was refused may have no pipe left to queue on (libzmq tears the session down and
+    reconnects), and a send then waits for one forever: a send that cannot go out within SILENCE_S is a refusal."""
     push = make(C.PUSH, 2, tensors=init_params(get_model("mlp"), 3), round=1, base_version=0, seq=0,
                 kind="weights", num_examples=10)
-    await sock.send_multipart(encode(push))
+    try:
+        async with asyncio.timeout(SILENCE_S):
+            await sock.send_multipart(encode(make(C.JOIN, 1, worker="raw", backend="numpy", num_examples=10)))
+            await sock.send_multipart(encode(push))
+    except TimeoutError:
+        return None
     if await sock.poll(int(SILENCE_S * 1000), zmq.POLLIN):
         return list(await sock.recv_multipart())
     return None
