@@ -76,6 +76,7 @@ MISTAKES = [
     m("missing-option", "join", USAGE, "missing option '--data'", "`fedctl join --help`"),
     m("extra-argument", "serve extra", USAGE, "unexpected extra argument (extra)"),
     m("unknown-command", "bogus", USAGE, "no such command 'bogus'", "`fedctl --help`"),
+    m("misspelt-command", "servee", USAGE, "no such command 'servee'", "Did you mean 'serve'?"),
     m("unknown-model", "serve --model resnet", USAGE, "--model", "'resnet' is not one of", "mlp"),
     m("secret-key-is-a-directory", "join --data shard0 --data-dir {part} --server-key k --secret-key {part}",
       USAGE, "--secret-key", "is a directory"),
