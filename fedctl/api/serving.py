@@ -17,6 +17,7 @@ from fedctl.broker.service import Broker
 from fedctl.errors import ConfigError
 from fedctl.fsio import check_readable_dir, check_writable_dir, removed_if_empty_on_error
 from fedctl.models import get_model
+from fedctl.observe.bind import parse_http_bind
 from fedctl.security import check_serve_security, is_local_bind, load_allowed_keys, load_key_pair
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
 insecure:
         Transport and security options, as for ``fedctl serve`` (``compress``: ``"auto"``, ``"always"`` or
         ``"never"``).
+    metrics_bind, metrics_token, metrics_insecure:
+        Serve Prometheus metrics at ``http://HOST:PORT/metrics`` (docs/observability.md), as ``fedctl serve
+        --metrics-bind`` does; read the bound URL from ``metrics_url`` once the broker listens.
     on_round:
         Called with each round's metrics record (a dict), in the broker's thread.
 
@@ -79,12 +83,18 @@ insecure:
                  chunk_above_mb: float | None = None, chunk_kb: int = 256, compress: str = "auto",
                  secret_key: PathLike | None = None,
                  allowed_keys: PathLike | None = None, insecure: bool = False,
+                 metrics_bind: str | None = None, metrics_token: PathLike | None = None,
+                 metrics_insecure: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
         from fedctl.api.inputs import check_endpoint
         from fedctl.api.tasking import resolve_task
 
         check_endpoint(bind, "--bind", bind=True)
+        self.metrics_bind = None if metrics_bind is None else parse_http_bind(
+            metrics_bind, None if metrics_token is None else Path(metrics_token), metrics_insecure)
+        self.metrics_url: str | None = None
+        """``http://HOST:PORT`` of the metrics listener once it listens (``metrics_bind``), else None."""
         keys = (None if secret_key is None else Path(secret_key), None if allowed_keys is None else Path(allowed_keys))
         check_serve_security(bind, keys[0], keys[1], insecure)
         self.task = resolve_task(task_ref(task), model or "mlp", model is not None)
@@ -136,9 +146,28 @@ insecure:
         begun = time.perf_counter()
         with removed_if_empty_on_error(self.config.state_dir):  # e.g. bind in use: no empty run directory stays
             async with private_context() as ctx:
-                broker = Broker(self.config, self.evaluator, on_round=self.on_round, ctx=ctx, model=self.model)
-                started(broker.endpoint)
-                summary = await broker.run()
+                observers = [] if self.on_round is None else [self.on_round]
+
+                def on_round(record: dict[str, Any]) -> None:
+                    for observe in observers:
+                        observe(record)
+
+                broker = Broker(self.config, self.evaluator, on_round=on_round, ctx=ctx, model=self.model)
+                listener = None
+                try:
+                    if self.metrics_bind is not None:
+                        from fedctl.observe.collector import BrokerMetrics  # (aiohttp: only when asked for)
+                        from fedctl.observe.http import MetricsServer
+
+                        metrics = BrokerMetrics(broker)
+                        observers.insert(0, metrics.observe_round)
+                        listener = MetricsServer(metrics, self.metrics_bind)
+                        self.metrics_url = await listener.start()
+                    started(broker.endpoint)
+                    summary = await broker.run()
+                finally:
+                    if listener is not None:
+                        await listener.stop()
         return Run.from_summary(self.config.state_dir, summary, time.perf_counter() - begun)
 
     def run(self) -> Run:

@@ -47,10 +47,18 @@ from fedctl.cli.tasking import model_given, task_option
               help="Directory of the admitted workers' public keys (their NAME.key files).")
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
+@click.option("--metrics-bind", default=None, metavar="HOST:PORT",
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md), e.g. "
+                   "127.0.0.1:9464. A non-loopback HOST needs --metrics-token or --metrics-insecure.")
+@click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get 401.")
+@click.option("--metrics-insecure", is_flag=True, default=False,
+              help="Serve a non-loopback --metrics-bind without a token: anyone who reaches it can read the metrics.")
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int, compress: str,
               secret_key: Path | None, allowed_keys: Path | None,
-              insecure: bool, task_ref: str | None, **run: Any) -> None:
+              insecure: bool, metrics_bind: str | None, metrics_token: Path | None, metrics_insecure: bool,
+              task_ref: str | None, **run: Any) -> None:
     """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
     (synchronous rounds, stale-synchronous ssp:S or async) and checkpoint to --state-dir.
 
@@ -61,8 +69,8 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
                     eval_data=eval_data, data_dir=data_dir, eval_backend=eval_backend,
                     heartbeat_interval=heartbeat_interval, liveness=liveness, max_message_mb=max_message_mb,
                     chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress,
-                    secret_key=secret_key, allowed_keys=allowed_keys,
-                    insecure=insecure, **run)
+                    secret_key=secret_key, allowed_keys=allowed_keys, insecure=insecure,
+                    metrics_bind=metrics_bind, metrics_token=metrics_token, metrics_insecure=metrics_insecure, **run)
     summary = server.run().summary
     acc = summary["last"].get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"

@@ -1,0 +1,88 @@
+"""The broker's HTTP listener (``fedctl serve --metrics-bind HOST:PORT``): ``/metrics`` for Prometheus.
+
+aiohttp's server runs on the broker's own event loop, so a scrape reads the broker's state between two of its
+steps, never half-way through one. Every route is read-only (GET): nothing on HTTP can change the run. It binds
+loopback unless told otherwise; any other address needs a bearer token (``--metrics-token FILE``: requests
+without ``Authorization: Bearer <token>`` get 401) or an explicit ``--metrics-insecure``, as ``--bind`` needs CURVE
+keys or ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fedctl.errors import ConfigError
+from fedctl.observe.bind import HttpBind
+from fedctl.observe.collector import BrokerMetrics
+
+log = logging.getLogger(__name__)
+REFUSAL_LOG_EVERY_S = 10.0
+"""At most one WARNING line per this many seconds for refused HTTP requests (a scanner must not flood the log)."""
+
+
+class MetricsServer:
+    """The aiohttp application and its site, started and stopped with the broker's run."""
+
+    def __init__(self, metrics: BrokerMetrics, bind: HttpBind) -> None:
+        self.metrics = metrics
+        self.bind = bind
+        self.url = bind.url
+        self._runner: web.AppRunner | None = None
+        self._last_refusal_log = -1e18
+        self.refused = 0
+        app = web.Application(client_max_size=1024, middlewares=[self._authorize])
+        app.router.add_get("/metrics", self._metrics)
+        self.app = app
+
+    @web.middleware
+    async def _authorize(self, request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        token = self.bind.token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self.refused += 1
+                now = time.monotonic()
+                if now - self._last_refusal_log >= REFUSAL_LOG_EVERY_S:
+                    self._last_refusal_log = now
+                    log.warning("refused an HTTP request for %s from %s: no valid bearer token (%d refused so far)",
+                                request.path, request.remote, self.refused)
+                return web.Response(status=401, text="401: a valid 'Authorization: Bearer <token>' is needed\n",
+                                    headers={"WWW-Authenticate": 'Bearer realm="fedctl"'})
+        return await handler(request)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> str:
+        """Bind and serve; returns the URL (with the port the OS chose for port 0). ConfigError when the address
+        cannot be bound."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.bind.host, self.bind.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise ConfigError(f"--metrics-bind {self.bind.host}:{self.bind.port} cannot be bound: "
+                              f"{err.strerror or err}", "pass another port, or stop what listens there") from None
+        self._runner = runner
+        server = site._server  # (aiohttp keeps the bound sockets there; the port of port 0 is only known now)
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            port = sockets[0].getsockname()[1]
+            self.url = HttpBind(self.bind.host, int(port), self.bind.token).url
+        log.info("metrics on %s/metrics%s", self.url, " (bearer token required)" if self.bind.token else "")
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()

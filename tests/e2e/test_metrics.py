@@ -1,0 +1,136 @@
+"""``fedctl serve --metrics-bind``: Prometheus's ``/metrics`` of a running broker, scraped over real HTTP while real
+``fedctl join`` processes train, parsed with ``prometheus_client.parser``, and checked against ``metrics.jsonl``;
+the bearer token of a non-loopback listener."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LOOPBACK_ANY, Launcher, Proc, fedctl, read_metrics
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(url: str, token: str | None = None) -> dict[str, list[Any]]:
+    """``/metrics`` parsed: metric family name → its samples."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=5) as reply:
+        assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain")
+        text = reply.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def value(families: dict[str, list[Any]], name: str, **labels: str) -> float | None:
+    """The sample ``name`` (a counter's without its ``_total``; a histogram's ``_count`` or ``_sum``)."""
+    for samples in families.values():
+        for sample in samples:
+            if sample.name in (name, name + "_total") and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def join(spawn: Launcher, endpoint: str, data_dir: Path, shard: int) -> Proc:
+    return spawn(f"join-{shard}", "join", "--connect", endpoint, "--data", f"shard{shard}", "--data-dir",
+                 str(data_dir), "--backend", "torch", "--threads", "1", "--connect-timeout", "60", "--slowdown", "4")
+
+
+def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path, tmp_path: Path) -> None:
+    state, port = tmp_path / "state", free_port()
+    broker = spawn("serve", "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(state), "--rounds", "5",
+                   "--min-workers", "2", "--eval-data", "test", "--data-dir", str(partition_dir),
+                   "--metrics-bind", f"127.0.0.1:{port}")
+    endpoint = broker.wait_endpoint()
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in broker.stderr
+    url = f"http://127.0.0.1:{port}/metrics"
+    before = scrape(url)
+    assert value(before, "fedctl_workers_connected") == 0 and value(before, "fedctl_model_version") == 0
+    assert "fedctl_test_accuracy" not in before, "no evaluation yet: absent, not 0"
+    workers = [join(spawn, endpoint, partition_dir, i) for i in range(2)]
+    checked = 0
+    deadline = time.monotonic() + 150
+    while checked < 2 and time.monotonic() < deadline:  # two mid-run scrapes, each matched with its round's line
+        time.sleep(0.2)
+        try:
+            families = scrape(url)
+        except urllib.error.URLError:
+            break  # the run ended and the listener with it
+        records = {r["round"]: r for r in read_metrics(state)}
+        done = value(families, "fedctl_round")
+        if not done or int(done) not in records or int(done) == 5 or len(records) != int(done):
+            continue
+        record = records[int(done)]
+        assert value(families, "fedctl_model_version") == record["version"]
+        assert value(families, "fedctl_test_accuracy") == pytest.approx(record["test_accuracy"], abs=1e-12)
+        assert value(families, "fedctl_test_loss") == pytest.approx(record["test_loss"], abs=1e-12)
+        assert value(families, "fedctl_workers_connected") == 2
+        assert value(families, "fedctl_round_duration_seconds_count") == len(records)
+        assert value(families, "fedctl_round_duration_seconds_sum") == pytest.approx(
+            sum(r["duration_s"] for r in records.values()), abs=1e-6)
+        assert value(families, "fedctl_applied_updates") == sum(r["participants"] for r in records.values())
+        pushed = value(families, "fedctl_received_message_bytes", type="push")
+        assert pushed is not None and pushed >= sum(r["update_bytes_in"] for r in records.values())
+        assert value(families, "fedctl_received_bytes") >= sum(r["bytes_in"] for r in records.values())
+        assert not families["fedctl_refused_messages"] and record["rejected_total"] == 0
+        checked += 1
+        time.sleep(1.0)
+    assert checked == 2, "no scrape landed between two rounds"
+    codes = {p.name: p.wait(150) for p in [broker, *workers]}
+    assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in [broker, *workers])
+
+
+def test_a_token_guards_a_reachable_listener(spawn: Launcher, tmp_path: Path) -> None:
+    token_file = tmp_path / "metrics.token"
+    token_file.write_text("s3cret-token-of-enough-length\n")
+    port = free_port()
+    broker = spawn("serve", "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(tmp_path / "state"),
+                   "--metrics-bind", f"0.0.0.0:{port}", "--metrics-token", str(token_file))
+    broker.wait_endpoint()
+    url = f"http://127.0.0.1:{port}/metrics"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        scrape(url)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        scrape(url, "s3cret-token-of-enough-lengtX")
+    assert wrong.value.code == 401
+    assert value(scrape(url, "s3cret-token-of-enough-length"), "fedctl_workers_connected") == 0
+    with pytest.raises(urllib.error.HTTPError) as nothing:  # read-only: no other route, no other method
+        urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST", headers={
+            "Authorization": "Bearer s3cret-token-of-enough-length"}), timeout=5)
+    assert nothing.value.code == 405
+    broker.popen.terminate()
+    broker.wait(30)
+    assert "refused an HTTP request for /metrics" in broker.stderr and "s3cret" not in broker.stderr
+
+
+@pytest.mark.parametrize("options, cause", [
+    (["--metrics-bind", "0.0.0.0:{port}"], "is reachable from other machines and has no token"),
+    (["--metrics-bind", "localhost"], "is not HOST:PORT"),
+    (["--metrics-bind", "127.0.0.1:{port}", "--metrics-token", "{tmp}/missing"], "cannot be read"),
+    (["--metrics-bind", "127.0.0.1:{port}", "--metrics-token", "{tmp}/short"], "at least 16 characters"),
+    (["--metrics-bind", "127.0.0.1:{busy}"], "cannot be bound"),
+])
+def test_metrics_mistakes_are_one_line_refusals(tmp_path: Path, options: list[str], cause: str) -> None:
+    (tmp_path / "short").write_text("tiny\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = [o.format(port=free_port(), tmp=tmp_path, busy=busy.getsockname()[1]) for o in options]
+        run = fedctl(tmp_path, "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(tmp_path / "state"), *args,
+                     timeout=60)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and cause in lines[0] and " — " in lines[0], lines
+    assert not (tmp_path / "state").exists(), "nothing half-written"
