@@ -162,6 +162,7 @@ class ClockDriver(Driver):
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", core.store.version,
                      host.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)
         await self.keep_best(record)
+        core.last_round = record
         if host.on_round is not None:
             host.on_round(record)
         return record

@@ -101,6 +101,8 @@ class BrokerCore(PushIntake):
         self.durable = durable
         self.hold_acks = durable and policy.driver == "rounds"
         self.held = {}
+        self.last_round: dict[str, Any] = {}
+        """The last committed round's (or version's) metrics record, as in metrics.jsonl (the drivers set it)."""
         self.open_spool = open_spool
         self.updates: list[Update] = []
         """Accepted updates of the open round (sync) or buffer (ssp/async), until a driver takes them."""
@@ -129,7 +131,7 @@ class BrokerCore(PushIntake):
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
             C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
-            C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed,
+            C.EVALUATION: self._on_evaluation, C.FAILED: self._on_failed, C.STATUS: self._on_status,
             **{mtype: self._on_secure for mtype in (C.SA_KEYS, C.SA_SHARES, C.SA_INPUT, C.SA_REVEAL)}}
 
     @staticmethod
@@ -264,6 +266,38 @@ class BrokerCore(PushIntake):
     def _on_heartbeat(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         self._joined(identity, msg)
         return [self._reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))]
+
+    def _on_status(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
+        """An operator's read-only question (``fedctl status``, docs/protocol.md §7.5): no join needed, nothing
+        changes; the answer is :meth:`status`."""
+        return [self._reply(identity, msg, C.STATUS_REPLY, status=self.status(now, bool(msg.get("workers", True))))]
+
+    def status(self, now: float, workers: bool = True) -> dict[str, Any]:
+        """The run as an operator sees it: round and model, the open round, the last round's figures, bytes by
+        message type, refusals by code and (``workers``) the first MAX_STATUS_WORKERS workers."""
+        current = getattr(self.policy, "current", None)
+        last = {k: v for k, v in self.last_round.items() if isinstance(v, (int, float, str)) or v is None}
+        out: dict[str, Any] = {
+            "run_id": self.state["run_id"], "model": self.spec.name, "strategy": self.strategy.name,
+            "policy": self.policy.name, "rounds": self.config.rounds, "round": int(self.state.get("round", 0)),
+            "version": self.store.version, "finished": self.finished, "workers_connected": len(self.registry),
+            "workers_waiting": len(self.registry.waiting()),
+            "open_round": None if current is None else {"round": current.number, "sampled": len(current.selected),
+                                                        "received": len(current.received),
+                                                        "seconds_left": max(current.deadline - now, 0.0)},
+            "last_round": last, "bytes_in_by_type": dict(self.bytes_in_by_type), "refused": dict(self.rejected),
+            "applied_updates": self.applied_total,
+            "dp_epsilon": None if self.dp is None else self.dp.epsilon(),
+        }
+        if workers:
+            records = self.registry.all()
+            out["workers_total"] = len(records)
+            out["workers"] = [{"worker": r.worker, "backend": r.backend, "num_examples": r.num_examples,
+                               "silent_s": round(max(now - r.last_seen, 0.0), 3),
+                               "waiting": r.pending_pull is not None, "holds_version": r.holds_version,
+                               "link_bps": None if r.link_bps is None else int(r.link_bps)}
+                              for r in records[:C.MAX_STATUS_WORKERS]]
+        return out
 
     def _on_evaluation(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         """A worker's metrics on its held-out data (never answered unless refused; a repeat is ignored)."""

@@ -280,6 +280,7 @@ class RoundDriver(Driver):
                      host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
                      _mb(record["bytes_out"]), record["duration_s"])
             await self.keep_best(record)
+            core.last_round = record
             if host.on_round is not None:
                 host.on_round(record)
 

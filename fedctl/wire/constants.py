@@ -43,10 +43,15 @@ SA_REVEAL = "sa_reveal"
 """Worker: its shares of survivors' self-mask seeds and of dropped workers' mask keys (answered by ``ack``)."""
 SECURE_AGGREGATION = frozenset({SA_KEYS, SA_PEERS, SA_SHARES, SA_INBOX, SA_INPUT, SA_UNMASK, SA_REVEAL})
 
+STATUS = "status"
+"""A read-only question from an operator's client (``fedctl status``), no join needed (docs/protocol.md §7.5) ..."""
+STATUS_REPLY = "status_reply"
+"""... answered with the run's state: round, model, workers, bytes, refusals."""
+
 WORKER_TO_BROKER = frozenset({JOIN, PULL, PUSH, HEARTBEAT, LEAVE, CHUNK, CREDIT, EVALUATION, FAILED, SA_KEYS,
-                              SA_SHARES, SA_INPUT, SA_REVEAL})
+                              SA_SHARES, SA_INPUT, SA_REVEAL, STATUS})
 BROKER_TO_WORKER = frozenset({WELCOME, MODEL, ACK, ERROR, HEARTBEAT, DONE, CHUNK, CREDIT, EVALUATE, SA_PEERS,
-                              SA_INBOX, SA_UNMASK})
+                              SA_INBOX, SA_UNMASK, STATUS_REPLY})
 MESSAGE_TYPES = WORKER_TO_BROKER | BROKER_TO_WORKER
 
 # Limits.
@@ -70,6 +75,8 @@ MAX_SECAGG_PEERS = 256
 MAX_SEALED_BYTES = 256
 """Longest sealed share (``sa_shares``, ``sa_inbox``); fedctl's are 88 bytes."""
 MAX_REASON_CHARS = 1024
+MAX_STATUS_WORKERS = 100
+"""Workers listed in one ``status_reply`` (the first in join order; ``workers_total`` counts them all)."""
 """Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
 MAX_METRICS = 64
 """Most entries in a push's ``metrics`` map."""

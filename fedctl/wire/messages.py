@@ -133,6 +133,8 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
                  "weight": (lambda v: _num(v) and 0 < v <= 1, True), "metrics": (_metrics, False)},
     C.SA_UNMASK: {**_ATTEMPT, "survivors": (_index_list, True), "dropped": (_index_list, True)},
     C.SA_REVEAL: {**_ATTEMPT, "seeds": (_indexed(_bin(16, 16)), True), "keys": (_indexed(_KEY), True)},
+    C.STATUS: {"workers": (lambda v: isinstance(v, bool), False)},
+    C.STATUS_REPLY: {"status": (_map, True)},
 }
 CARRIES_TENSORS = frozenset({C.MODEL, C.PUSH, C.CHUNK, C.EVALUATE, C.SA_INPUT})
 CARRIES_BIN = frozenset({C.SA_KEYS, C.SA_PEERS, C.SA_SHARES, C.SA_INBOX, C.SA_REVEAL})

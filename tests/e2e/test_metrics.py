@@ -4,6 +4,7 @@ the bearer token of a non-loopback listener."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.error
@@ -85,7 +86,19 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
         assert value(families, "fedctl_received_bytes") >= sum(r["bytes_in"] for r in records.values())
         assert not families["fedctl_refused_messages"] and record["rejected_total"] == 0
         checked += 1
-        time.sleep(1.0)
+        if checked > 1:
+            continue
+        # `fedctl status` (ZeroMQ, §7.5) tells the same run: asked right after the first scrape (round 1 or 2 of 5)
+        asked = fedctl(tmp_path, "status", "--connect", endpoint, "--json", timeout=30)
+        assert asked.returncode == 0, asked.stderr
+        told = json.loads(asked.stdout)
+        if told["round"] == int(done):
+            assert told["version"] == record["version"] and told["workers_connected"] == 2
+            assert told["last_round"]["test_accuracy"] == record["test_accuracy"]
+            assert told["applied_updates"] == value(families, "fedctl_applied_updates")
+            assert told["workers_total"] == len(told["workers"]) == 2
+        table = fedctl(tmp_path, "status", "--connect", endpoint, timeout=30)
+        assert table.returncode == 0 and "workers (2 of 2)" in table.stdout and "fedavg" in table.stdout, table
     assert checked == 2, "no scrape landed between two rounds"
     codes = {p.name: p.wait(150) for p in [broker, *workers]}
     assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in [broker, *workers])
@@ -134,3 +147,10 @@ def test_metrics_mistakes_are_one_line_refusals(tmp_path: Path, options: list[st
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and cause in lines[0] and " — " in lines[0], lines
     assert not (tmp_path / "state").exists(), "nothing half-written"
+
+
+def test_status_of_a_broker_that_is_not_there_is_one_line(tmp_path: Path) -> None:
+    run = fedctl(tmp_path, "status", "--connect", f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5", timeout=30)
+    assert run.returncode == 7 and "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("error: no answer from tcp://127.0.0.1:") and " — start `fedctl serve` there" in line

@@ -574,3 +574,21 @@ def test_a_failed_clock_update_ends_the_assignment() -> None:
     assert policy.busy() == 1
     w.send(C.FAILED, round=1, reason="boom")
     assert policy.busy() == 0 and policy.clocks == {"w": 0}
+
+
+def test_status_answers_without_a_join_and_changes_nothing() -> None:
+    sim = CoreSim()
+    a, b = joined(sim, "a", "b")
+    a.pull()
+    sim.core.try_open_round(1, sim.clock())
+    sim.hand_out(1)
+    admin = Peer(sim, "admin")
+    [reply] = admin.send(C.STATUS)
+    assert reply.type == C.STATUS_REPLY and reply.re == admin.ids
+    s = reply["status"]
+    assert (s["round"], s["version"], s["workers_connected"], s["workers_total"]) == (0, 0, 2, 2)
+    assert s["open_round"]["round"] == 1 and s["open_round"]["sampled"] == 1 and s["open_round"]["received"] == 0
+    assert [w["worker"] for w in s["workers"]] == ["a", "b"] and [w["waiting"] for w in s["workers"]] == [False, False]
+    assert "admin" not in sim.core.registry and sim.core.rejected == {}
+    [short] = admin.send(C.STATUS, workers=False)
+    assert "workers" not in short["status"]

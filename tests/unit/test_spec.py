@@ -156,6 +156,8 @@ def probes(rule: str) -> tuple[list[Any], list[Any]]:
         return [{}, {"a": 1}], [[], "map"]
     if rule.startswith("number"):
         return [0, -1, 1.5], [True, "1", [1]]
+    if rule.startswith("bool"):
+        return [True, False], [1, 0, "true", None]
     raise AssertionError(f"no probe for the documented rule {rule!r}")
 
 

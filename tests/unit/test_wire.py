@@ -126,6 +126,8 @@ MESSAGES = [
          base_version=0, num_examples=60, weight=0.1, metrics={"train_loss": 0.5}),
     make(C.SA_UNMASK, 30, re=29, round=1, attempt=9, survivors=[5], dropped=[0]),
     make(C.SA_REVEAL, 31, round=1, attempt=9, seeds=[[5, b"q" * 16]], keys=[[0, b"k" * 32]]),
+    make(C.STATUS, 32, workers=False),
+    make(C.STATUS_REPLY, 33, re=32, status={"round": 3, "version": 3, "workers_connected": 0, "workers": []}),
 ]
 
 
