@@ -13,6 +13,7 @@ from fedctl.api.inputs import missing_dataset_fix
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
+from fedctl.cli.bench_metrics import bench_metrics
 from fedctl.cli.bench_policies import bench_heartbeat, bench_policies
 from fedctl.cli.bench_privacy import bench_privacy
 from fedctl.cli.bench_round import bench_round
@@ -249,3 +250,4 @@ bench_group.add_command(bench_policies)
 bench_group.add_command(bench_heartbeat)
 bench_group.add_command(bench_privacy)
 bench_group.add_command(bench_round)
+bench_group.add_command(bench_metrics)

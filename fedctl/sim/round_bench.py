@@ -25,7 +25,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +53,8 @@ class RoundBench:
     serve_args: tuple[str, ...] = ()
     """Extra `fedctl serve` options (e.g. --history-mb 0); none: the defaults."""
     timeout_s: float = 900.0
+    scrape_every_s: float | None = None
+    """Serve Prometheus metrics (`--metrics-bind`) and scrape /metrics this often during fedctl cells (None: off)."""
 
     def __post_init__(self) -> None:
         for m in self.models:
@@ -122,6 +126,42 @@ def ensure_flower(venv: Path, say: Callable[[str], None]) -> Path:
                               "check that --flower-venv is writable and pip can reach PyPI, or pass --no-flower to "
                               "measure fedctl alone")
     return python
+
+
+# ---------------------------------------------------------------------------------------------- /metrics
+class Scraper(threading.Thread):
+    """GET ``url`` every ``every_s`` seconds, as a Prometheus server would, until stopped; counts what it got."""
+
+    def __init__(self, url: str, every_s: float) -> None:
+        super().__init__(daemon=True, name="scraper")
+        self.url, self.every_s = url, every_s
+        self.latencies: list[float] = []
+        self.failures = 0
+        """Failed scrapes between two that succeeded (not those before the listener is up or after it closed)."""
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        pending = 0
+        while not self._stop_event.wait(self.every_s):
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as reply:
+                    reply.read()
+            except (OSError, ValueError):
+                pending += 1 if self.latencies else 0
+                continue
+            self.latencies.append(time.perf_counter() - started)
+            self.failures, pending = self.failures + pending, 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(10)
+
+    def figures(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        return {"scrapes": len(lat), "scrape_failures": self.failures,
+                "scrape_ms_median": 1e3 * statistics.median(lat) if lat else None,
+                "scrape_ms_max": 1e3 * lat[-1] if lat else None}
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -239,9 +279,14 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
     state, port = cell_dir / "state", free_port()
     endpoint = f"tcp://127.0.0.1:{port}"
     log = (cell_dir / "serve.log").open("wb")
+    scraper = None if bench.scrape_every_s is None else Scraper(f"http://127.0.0.1:{free_port()}/metrics",
+                                                                bench.scrape_every_s)
+    metrics_args = [] if scraper is None else ["--metrics-bind", scraper.url.split("/")[2]]
     server = subprocess.Popen([sys.executable, "-m", "fedctl", "serve", "--bind", endpoint, "--model", model,
                                "--rounds", str(bench.rounds), "--min-workers", str(n), "--state-dir", str(state),
-                               *bench.serve_args], stdout=log, stderr=subprocess.STDOUT)
+                               *metrics_args, *bench.serve_args], stdout=log, stderr=subprocess.STDOUT)
+    if scraper is not None:
+        scraper.start()
     procs = bench.processes or n
     per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
     wlog = (cell_dir / "workers.log").open("wb")
@@ -249,7 +294,11 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
     workers = [subprocess.Popen([sys.executable, "-m", "fedctl.sim.noop_worker", endpoint, f"w{i:03d}", str(k)],
                                 stdout=wlog, stderr=subprocess.STDOUT, env=env) for i, k in enumerate(per)]
     metrics = state / "metrics.jsonl"
-    watch, error = _run_cell(server, workers, (log, wlog), metrics, bench, on_round)
+    try:
+        watch, error = _run_cell(server, workers, (log, wlog), metrics, bench, on_round)
+    finally:
+        if scraper is not None:
+            scraper.stop()
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     ends = [r["elapsed_s"] for r in _measured(watch, records)]
     later = records[1:] or records
@@ -258,7 +307,7 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
                 "model_bytes_per_round": statistics.median(r["model_bytes_out"] for r in later),
                 "wire_bytes_per_round": statistics.median(r["bytes_in"] + r["bytes_out"] for r in later),
                 "participants": min(r["participants"] for r in records)} if records else {}),
-            "processes": len(per)}
+            "processes": len(per), **({} if scraper is None else scraper.figures())}
 
 
 def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Path,
