@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": "fedctl.cli.demo:demo_cmd", "simulate": "fedctl.cli.simulate:simulate_cmd",
     "strategies": "fedctl.cli.strategies:strategies_cmd", "bench": "fedctl.cli.bench:bench_group",
     "export": "fedctl.cli.export:export_cmd", "status": "fedctl.cli.status:status_cmd",
+    "report": "fedctl.cli.report:report_cmd",
 }
 """Each command and where it is defined: imported when it runs (or for --help), so that a long-running `fedctl
 serve` or `join` holds only what it uses — the simulator, benchmarks and datasets cost ~15 MB of RSS."""

@@ -5,6 +5,7 @@ the bearer token of a non-loopback listener."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -103,6 +104,16 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
     codes = {p.name: p.wait(150) for p in [broker, *workers]}
     assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in [broker, *workers])
 
+    # `fedctl report` of the finished run: one page that needs nothing else, and its PNG
+    made = fedctl(tmp_path, "report", str(state), "--out", str(tmp_path / "out" / "run.html"), timeout=120)
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "out" / "run.html").read_text()
+    final = read_metrics(state)[-1]
+    assert f"{final['test_accuracy']:.4f}" in page and "5 rounds recorded" in page and "2 workers took part" in page
+    assert page.count("<tr>") >= 5 + 2 + 5, "a row per round, per worker and per ledger line"
+    assert "data:image/png;base64," in page and not re.search(r'(src|href)="(https?:)?//', page), "self-contained"
+    assert (tmp_path / "out" / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_a_token_guards_a_reachable_listener(spawn: Launcher, tmp_path: Path) -> None:
     token_file = tmp_path / "metrics.token"
@@ -154,3 +165,11 @@ def test_status_of_a_broker_that_is_not_there_is_one_line(tmp_path: Path) -> Non
     assert run.returncode == 7 and "Traceback" not in run.stderr
     [line] = run.stderr.strip().splitlines()
     assert line.startswith("error: no answer from tcp://127.0.0.1:") and " — start `fedctl serve` there" in line
+
+
+def test_report_of_a_directory_without_a_run_is_one_line(tmp_path: Path) -> None:
+    run = fedctl(tmp_path, "report", str(tmp_path / "nothing"), timeout=60)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert "holds no checkpoint" in line and " — " in line
+    assert not (tmp_path / "nothing").exists()
