@@ -66,6 +66,7 @@ bench: install
 	$(VENV)/bin/fedctl bench privacy --part secagg
 	$(VENV)/bin/fedctl bench round
 	$(VENV)/bin/fedctl bench metrics
+	$(VENV)/bin/fedctl bench heartbeat --metrics
 
 # Coverage-guided fuzzing of the decoder. atheris is a fuzzing-only dependency, installed here and nowhere else;
 # the corpus and any crash-* reproducer go to FUZZ_DIR (under runs/, which git ignores).

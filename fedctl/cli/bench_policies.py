@@ -175,10 +175,13 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
 @click.option("--idle", is_flag=True,
               help="Load test instead: sync rounds sample 10 workers, the others only heartbeat and wait "
                    "(report as heartbeat-idle.{json,md}).")
+@click.option("--metrics", is_flag=True,
+              help="Serve /metrics on the broker's loop (as --metrics-bind does) and scrape it every second "
+                   "(report as heartbeat-metrics.{json,md}).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: float, budget_ms: float,
-                    durable: bool, idle: bool, out: Path) -> None:
+                    durable: bool, idle: bool, metrics: bool, out: Path) -> None:
     """Heartbeat round-trip under load: an async FedAvg broker in this process, WORKERS no-op workers in a child
     process pushing dense updates, and a probe thread timing a heartbeat every --interval-ms. Writes
     OUT/heartbeat.json (every RTT) and OUT/heartbeat.md."""
@@ -187,7 +190,8 @@ def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: fl
 
     from fedctl.sim.heartbeat import HeartbeatBench, measure_heartbeat, write_heartbeat_report
 
-    bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle, durable=durable)
+    bench = HeartbeatBench(workers, model, duration_s, interval_ms / 1000, budget_ms, idle=idle, durable=durable,
+                           metrics=metrics)
     check_writable_dir(out, "--out")
     _quiet_refusals()
     state = out / "runs" / "heartbeat"

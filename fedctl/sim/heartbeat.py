@@ -49,6 +49,8 @@ class HeartbeatBench:
     """Load test: sync rounds sampling 10 workers (C = 10/K), so the others only heartbeat and wait."""
     durable: bool = True
     """Write each acknowledged update to disk before its ack (the broker's default)."""
+    metrics: bool = False
+    """Serve /metrics on the broker's loop (as `--metrics-bind` does) and scrape it every second while probing."""
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -182,12 +184,25 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
         broker = Broker(bench.broker_config(state_dir), None, ctx=ctx)
         proc = multiprocessing.get_context("spawn").Process(target=run_noop_workers, daemon=True,
                                                              args=(broker.endpoint, bench.workers))
+        listener, scraper = None, None
+        if bench.metrics:
+            from fedctl.observe.bind import HttpBind
+            from fedctl.observe.collector import BrokerMetrics
+            from fedctl.observe.http import MetricsServer
+            from fedctl.sim.round_bench import Scraper
+
+            listener = MetricsServer(BrokerMetrics(broker), HttpBind("127.0.0.1", 0))
+            scraper = Scraper(await listener.start() + "/metrics", 1.0)
+            scraper.start()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(broker.run())
             proc.start()
             try:
                 cpu0, wall0 = time.process_time(), time.monotonic()
                 raw = await _probe(broker, bench)
+                if scraper is not None:
+                    await asyncio.to_thread(scraper.stop)
+                    raw["metrics_scrapes"] = scraper.figures()
                 raw["broker_cpu_percent"] = 100 * (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
                 raw["broker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 raw["connected"] = len(broker.registry)
@@ -205,6 +220,8 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
             if proc.is_alive():
                 proc.terminate()
                 proc.join(5)
+        if listener is not None:
+            await listener.stop()
         ctx.destroy(linger=0)
     if failure is not None:
         raise failure
@@ -223,7 +240,7 @@ def summarize_heartbeat(bench: HeartbeatBench, raw: Mapping[str, Any], update_by
             "downlink_mb_per_s": raw["downlink_mb_per_s"],
             "within_budget": p99 is not None and p99 < bench.budget_ms and raw["unanswered"] == 0,
             "broker_cpu_percent": raw.get("broker_cpu_percent"), "broker_peak_rss_mb": raw.get("broker_peak_rss_mb"),
-            "connected": raw.get("connected"),
+            "connected": raw.get("connected"), "metrics_scrapes": raw.get("metrics_scrapes"),
             "rtt_ms": [round(v, 3) for v in ms]}
 
 
@@ -232,6 +249,7 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
     out.mkdir(parents=True, exist_ok=True)
     s = result["setup"]
     name = "heartbeat-idle" if s.get("idle") else "heartbeat" if s.get("durable", True) else "heartbeat-nodurable"
+    name += "-metrics" if s.get("metrics") else ""
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
     paths["json"].write_text(json.dumps({"format": "fedctl-heartbeat/1", "command": command, **result}, indent=1))
     verdict = "yes" if result["within_budget"] else "no"
@@ -255,6 +273,10 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
         f"Broker process (this process: broker + probe thread): {fmt(result.get('broker_cpu_percent'), '.0f')}% of "
         f"one core during the probe, peak RSS {fmt(result.get('broker_peak_rss_mb'), '.0f')} MiB; "
         f"{result.get('connected')} workers connected.", "",
+        *([f"With `/metrics` served on the broker's loop and scraped every second: "
+           f"{result['metrics_scrapes']['scrapes']} scrapes ({result['metrics_scrapes']['scrape_failures']} failed), "
+           f"median {fmt(result['metrics_scrapes']['scrape_ms_median'], '.1f')} ms.", ""]
+          if result.get("metrics_scrapes") else []),
         "Command:", "", "```", command, "```", ""]
     paths["markdown"].write_text("\n".join(lines))
     return paths
