@@ -51,7 +51,7 @@ class MetricsServer:
                 now = time.monotonic()
                 if now - self._last_refusal_log >= REFUSAL_LOG_EVERY_S:
                     self._last_refusal_log = now
-                    log.warning("refused an HTTP request for %s from %s: no valid bearer token (%d refused so far)",
+                    log.warning("refused an HTTP request for %r from %s: no valid bearer token (%d refused so far)",
                                 request.path, request.remote, self.refused)
                 return web.Response(status=401, text="401: a valid 'Authorization: Bearer <token>' is needed\n",
                                     headers={"WWW-Authenticate": 'Bearer realm="fedctl"'})

@@ -136,7 +136,7 @@ def test_a_token_guards_a_reachable_listener(spawn: Launcher, tmp_path: Path) ->
     assert nothing.value.code == 405
     broker.popen.terminate()
     broker.wait(30)
-    assert "refused an HTTP request for /metrics" in broker.stderr and "s3cret" not in broker.stderr
+    assert "refused an HTTP request for '/metrics'" in broker.stderr and "s3cret" not in broker.stderr
 
 
 @pytest.mark.parametrize("options, cause", [
