@@ -64,6 +64,9 @@ class Participant:
     backend, device, worker_id, threads, connect_timeout, state_dir, slowdown, server_key, secret_key, compress:
         As for ``fedctl join`` (``threads``: ``"auto"`` or a count; ``connect_timeout`` in seconds; ``compress``:
         ``"auto"``, ``"always"`` or ``"never"``).
+    metrics_bind, metrics_token, metrics_insecure:
+        Serve this worker's Prometheus metrics at ``http://HOST:PORT/metrics`` (docs/observability.md), as ``fedctl
+        join --metrics-bind`` does; the bound URL is ``metrics_url`` once the worker runs.
 
     Raises
     ------
@@ -76,10 +79,16 @@ class Participant:
                  device: str = "cpu", worker_id: str | None = None, threads: int | str = "auto",
                  connect_timeout: float = 60.0, state_dir: PathLike | None = None, slowdown: float = 1.0,
                  server_key: str | None = None, secret_key: PathLike | None = None, label_column: str | None = None,
-                 classes: Sequence[str] | None = None, compress: str = "auto") -> None:
+                 classes: Sequence[str] | None = None, compress: str = "auto", metrics_bind: str | None = None,
+                 metrics_token: PathLike | None = None, metrics_insecure: bool = False) -> None:
         from fedctl.api.inputs import check_endpoint, resolve_backend
+        from fedctl.observe.bind import parse_http_bind
 
         check_endpoint(connect, "--connect", bind=False)
+        self.metrics_bind = None if metrics_bind is None else parse_http_bind(
+            metrics_bind, None if metrics_token is None else Path(metrics_token), metrics_insecure)
+        self.metrics_url: str | None = None
+        """``http://HOST:PORT`` of this worker's metrics listener once it listens (``metrics_bind``), else None."""
         curve = check_join_security(server_key, None if secret_key is None else Path(secret_key))
         if state_dir is not None:
             check_writable_dir(Path(state_dir), "--state-dir")
@@ -119,8 +128,20 @@ class Participant:
 
     async def _main(self, started: Started) -> JoinResult:
         async with private_context() as ctx:
-            started(None)
-            summary = await Worker(self.config, self._make, ctx=ctx, evaluator=self._evaluator).serve()
+            worker = Worker(self.config, self._make, ctx=ctx, evaluator=self._evaluator)
+            listener = None
+            try:
+                if self.metrics_bind is not None:
+                    from fedctl.observe.http import MetricsServer  # (aiohttp: only when asked for)
+                    from fedctl.observe.worker_metrics import worker_registry
+
+                    listener = MetricsServer(worker_registry(worker), self.metrics_bind)
+                    self.metrics_url = await listener.start()
+                started(None)
+                summary = await worker.serve()
+            finally:
+                if listener is not None:
+                    await listener.stop()
         return JoinResult(self.config.worker_id, int(summary["rounds_trained"]), int(summary["final_round"]),
                           int(summary["version"]), int(summary["bytes_in"]), int(summary["bytes_out"]))
 

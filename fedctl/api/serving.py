@@ -161,7 +161,7 @@ insecure:
 
                         metrics = BrokerMetrics(broker)
                         observers.insert(0, metrics.observe_round)
-                        listener = MetricsServer(metrics, self.metrics_bind)
+                        listener = MetricsServer(metrics.registry, self.metrics_bind)
                         self.metrics_url = await listener.start()
                     started(broker.endpoint)
                     summary = await broker.run()

@@ -53,13 +53,22 @@ from fedctl.cli.tasking import task_option
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="This worker's NAME.key_secret (`fedctl keygen`); its NAME.key must be in the broker's "
                    "--allowed-keys directory.")
+@click.option("--metrics-bind", default=None, metavar="HOST:PORT",
+              help="Serve this worker's Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md). A "
+                   "non-loopback HOST needs --metrics-token or --metrics-insecure.")
+@click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get 401.")
+@click.option("--metrics-insecure", is_flag=True, default=False,
+              help="Serve a non-loopback --metrics-bind without a token.")
 def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | None, backend: str, device: str,
              worker_id: str | None, threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
              server_key: str | None, secret_key: Path | None, holdout: float | None, label_column: str | None,
-             classes: tuple[str, ...] | None, compress: str) -> None:
+             classes: tuple[str, ...] | None, compress: str, metrics_bind: str | None, metrics_token: Path | None,
+             metrics_insecure: bool) -> None:
     """Join a run: pull the model, train on the local shard, push updates; exit when the broker says done."""
     done = join(task_ref, data=data, connect=connect, data_dir=data_dir, holdout=holdout, backend=backend,
                 device=device, worker_id=worker_id, threads=threads, connect_timeout=connect_timeout,
                 state_dir=state_dir, slowdown=slowdown, server_key=server_key, secret_key=secret_key,
-                label_column=label_column, classes=classes, compress=compress)
+                label_column=label_column, classes=classes, compress=compress, metrics_bind=metrics_bind,
+                metrics_token=metrics_token, metrics_insecure=metrics_insecure)
     click.echo(f"done: trained {done.rounds_trained} rounds; run finished at round {done.final_round}")

@@ -1,4 +1,4 @@
-"""The broker's HTTP listener (``fedctl serve --metrics-bind HOST:PORT``): ``/metrics`` for Prometheus.
+"""The HTTP listener of a broker or a worker (``--metrics-bind HOST:PORT``): ``/metrics`` for Prometheus.
 
 aiohttp's server runs on the broker's own event loop, so a scrape reads the broker's state between two of its
 steps, never half-way through one. Every route is read-only (GET): nothing on HTTP can change the run. It binds
@@ -15,11 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fedctl.errors import ConfigError
 from fedctl.observe.bind import HttpBind
-from fedctl.observe.collector import BrokerMetrics
 
 log = logging.getLogger(__name__)
 REFUSAL_LOG_EVERY_S = 10.0
@@ -29,8 +28,8 @@ REFUSAL_LOG_EVERY_S = 10.0
 class MetricsServer:
     """The aiohttp application and its site, started and stopped with the broker's run."""
 
-    def __init__(self, metrics: BrokerMetrics, bind: HttpBind) -> None:
-        self.metrics = metrics
+    def __init__(self, registry: CollectorRegistry, bind: HttpBind) -> None:
+        self.registry = registry
         self.bind = bind
         self.url = bind.url
         self._runner: web.AppRunner | None = None
@@ -58,7 +57,7 @@ class MetricsServer:
         return await handler(request)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def start(self) -> str:

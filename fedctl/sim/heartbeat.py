@@ -191,7 +191,7 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
             from fedctl.observe.http import MetricsServer
             from fedctl.sim.round_bench import Scraper
 
-            listener = MetricsServer(BrokerMetrics(broker), HttpBind("127.0.0.1", 0))
+            listener = MetricsServer(BrokerMetrics(broker).registry, HttpBind("127.0.0.1", 0))
             scraper = Scraper(await listener.start() + "/metrics", 1.0)
             scraper.start()
         async with asyncio.TaskGroup() as tg:

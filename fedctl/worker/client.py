@@ -157,6 +157,8 @@ class Worker:
         """How long the last training took (the first one runs in a thread)."""
         self._next_pull: asyncio.Future[Message] | None = None
         """A pull already sent with the last push, whose answer the session loop waits for."""
+        self.last_training: dict[str, float] | None = None
+        """The last local training: its round, seconds and examples trained (its metrics, `--metrics-bind`)."""
         self._warned_metrics = False
         self.evaluations = 0
         self.ctx = ctx or zmq.asyncio.Context.instance()
@@ -313,6 +315,9 @@ class Worker:
             await asyncio.sleep(emulated - trained_s)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         metrics["train_time_s"] = time.perf_counter() - started
+        epochs = max(int(task.get("epochs", 1) or 1), 1)
+        self.last_training = {"round": float(round_no), "seconds": trained_s,
+                              "examples": float(result.num_examples * epochs)}
         return result, local, metrics
 
     async def committed(self, result: ClientResult, local: Params) -> None:

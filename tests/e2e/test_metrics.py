@@ -44,9 +44,10 @@ def value(families: dict[str, list[Any]], name: str, **labels: str) -> float | N
     return None
 
 
-def join(spawn: Launcher, endpoint: str, data_dir: Path, shard: int) -> Proc:
+def join(spawn: Launcher, endpoint: str, data_dir: Path, shard: int, *options: str) -> Proc:
     return spawn(f"join-{shard}", "join", "--connect", endpoint, "--data", f"shard{shard}", "--data-dir",
-                 str(data_dir), "--backend", "torch", "--threads", "1", "--connect-timeout", "60", "--slowdown", "4")
+                 str(data_dir), "--backend", "torch", "--threads", "1", "--connect-timeout", "60", "--slowdown", "4",
+                 *options)
 
 
 def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path, tmp_path: Path) -> None:
@@ -60,7 +61,9 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
     before = scrape(url)
     assert value(before, "fedctl_workers_connected") == 0 and value(before, "fedctl_model_version") == 0
     assert "fedctl_test_accuracy" not in before, "no evaluation yet: absent, not 0"
-    workers = [join(spawn, endpoint, partition_dir, i) for i in range(2)]
+    worker_port = free_port()
+    workers = [join(spawn, endpoint, partition_dir, 0, "--metrics-bind", f"127.0.0.1:{worker_port}"),
+               join(spawn, endpoint, partition_dir, 1)]
     checked = 0
     deadline = time.monotonic() + 150
     while checked < 2 and time.monotonic() < deadline:  # two mid-run scrapes, each matched with its round's line
@@ -98,6 +101,14 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
             assert told["last_round"]["test_accuracy"] == record["test_accuracy"]
             assert told["applied_updates"] == value(families, "fedctl_applied_updates")
             assert told["workers_total"] == len(told["workers"]) == 2
+        # the worker's own /metrics (fedctl join --metrics-bind): its rounds, its last training, its traffic
+        own = scrape(f"http://127.0.0.1:{worker_port}/metrics")
+        trained = value(own, "fedctl_worker_rounds_trained")
+        assert trained is not None and 1 <= trained <= 5 and value(own, "fedctl_worker_connected") == 1
+        assert value(own, "fedctl_worker_train_seconds") > 0 and value(own, "fedctl_worker_samples_per_second") > 0
+        assert value(own, "fedctl_worker_sent_bytes") >= trained * record["update_bytes_in"] / 2 * 0.9
+        assert "fedctl_worker_residual_norm" not in own, "FedAvg keeps no private strategy state"
+        assert value(own, "fedctl_worker_model_version") >= record["version"] - 1  # (the run goes on meanwhile)
         table = fedctl(tmp_path, "status", "--connect", endpoint, timeout=30)
         assert table.returncode == 0 and "workers (2 of 2)" in table.stdout and "fedavg" in table.stdout, table
     assert checked == 2, "no scrape landed between two rounds"
