@@ -184,3 +184,31 @@ def test_report_of_a_directory_without_a_run_is_one_line(tmp_path: Path) -> None
     [line] = run.stderr.strip().splitlines()
     assert "holds no checkpoint" in line and " — " in line
     assert not (tmp_path / "nothing").exists()
+
+
+def test_malformed_and_stalled_http_clients_do_not_disturb_the_broker(spawn: Launcher, tmp_path: Path) -> None:
+    """A request that is not HTTP gets 400; a client that sends half a request and stalls holds one connection
+    and nothing else: scrapes and `fedctl status` still answer, and the broker logs no traceback."""
+    port = free_port()
+    broker = spawn("serve", "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(tmp_path / "state"),
+                   "--metrics-bind", f"127.0.0.1:{port}")
+    endpoint = broker.wait_endpoint()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as garbage:
+        garbage.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert b" 400 Bad Request" in garbage.recv(64)
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        for s in stalled:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # ... and never the blank line
+        started = time.monotonic()
+        assert value(scrape(f"http://127.0.0.1:{port}/metrics"), "fedctl_workers_connected") == 0
+        asked = fedctl(tmp_path, "status", "--connect", endpoint, "--json", timeout=30)
+        assert asked.returncode == 0 and json.loads(asked.stdout)["workers_connected"] == 0
+        assert time.monotonic() - started < 20
+    finally:
+        for s in stalled:
+            s.close()
+    assert broker.popen.poll() is None, broker.describe()
+    broker.popen.terminate()
+    broker.wait(30)
+    assert "Traceback" not in broker.stderr, broker.stderr
