@@ -45,11 +45,13 @@ class BrokerCollector(Collector):
         self.broker = broker
         self.last = last_round
         """The last round's metrics record (empty before the first)."""
+        self.start_round = int(broker.core.state.get("round", 0))
+        """The committed round the broker started from (a resumed run's), reported until a round is recorded."""
 
     def collect(self) -> Iterator[Any]:
         broker, core, last = self.broker, self.broker.core, self.last
-        yield from _gauge("round", "Last completed round (sync) or model version (ssp/async).",
-                          last.get("round", core.state.get("round", 0)))
+        yield from _gauge("round", "Last completed round (sync) or model version (ssp/async), once its metrics "
+                          "line is written.", last.get("round", self.start_round))
         yield from _gauge("model_version", "Version of the global model.", core.store.version)
         yield from _gauge("rounds_planned", "Rounds (or versions) the run was started for.", broker.config.rounds)
         yield from _gauge("test_accuracy", "Central evaluation of the global model: accuracy, last round evaluated.",

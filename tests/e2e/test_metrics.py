@@ -77,14 +77,16 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
         if not done or int(done) not in records or int(done) == 5 or len(records) != int(done):
             continue
         record = records[int(done)]
-        assert value(families, "fedctl_model_version") == record["version"]
+        # (the next round may be aggregated, its model installed, while its line is not yet written)
+        assert value(families, "fedctl_model_version") in (record["version"], record["version"] + 1)
         assert value(families, "fedctl_test_accuracy") == pytest.approx(record["test_accuracy"], abs=1e-12)
         assert value(families, "fedctl_test_loss") == pytest.approx(record["test_loss"], abs=1e-12)
         assert value(families, "fedctl_workers_connected") == 2
         assert value(families, "fedctl_round_duration_seconds_count") == len(records)
         assert value(families, "fedctl_round_duration_seconds_sum") == pytest.approx(
             sum(r["duration_s"] for r in records.values()), abs=1e-6)
-        assert value(families, "fedctl_applied_updates") == sum(r["participants"] for r in records.values())
+        applied = sum(r["participants"] for r in records.values())
+        assert value(families, "fedctl_applied_updates") in (applied, applied + 2)
         pushed = value(families, "fedctl_received_message_bytes", type="push")
         assert pushed is not None and pushed >= sum(r["update_bytes_in"] for r in records.values())
         assert value(families, "fedctl_received_bytes") >= sum(r["bytes_in"] for r in records.values())
@@ -98,7 +100,8 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
         told = json.loads(asked.stdout)
         if told["round"] == int(done):
             assert told["version"] == record["version"] and told["workers_connected"] == 2
-            assert told["last_round"]["test_accuracy"] == record["test_accuracy"]
+            if told["last_round"].get("round") == int(done):  # (committed: its line and its last_round agree)
+                assert told["last_round"]["test_accuracy"] == record["test_accuracy"]
             assert told["applied_updates"] == value(families, "fedctl_applied_updates")
             assert told["workers_total"] == len(told["workers"]) == 2
         # the worker's own /metrics (fedctl join --metrics-bind): its rounds, its last training, its traffic
