@@ -204,7 +204,11 @@ def is_local_bind(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    return is_loopback(endpoint[len("tcp://"):].rpartition(":")[0].strip("[]"))
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host no other machine reaches: localhost, 127.x, ::1."""
     if host == "localhost":
         return True
     try:

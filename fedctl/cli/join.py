@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from fedctl.api.joining import join
-from fedctl.cli.options import class_list
+from fedctl.cli.options import class_list, metrics_options
 from fedctl.cli.tasking import task_option
 
 
@@ -53,13 +53,7 @@ from fedctl.cli.tasking import task_option
 @click.option("--secret-key", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="This worker's NAME.key_secret (`fedctl keygen`); its NAME.key must be in the broker's "
                    "--allowed-keys directory.")
-@click.option("--metrics-bind", default=None, metavar="HOST:PORT",
-              help="Serve this worker's Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md). A "
-                   "non-loopback HOST needs --metrics-token or --metrics-insecure.")
-@click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get 401.")
-@click.option("--metrics-insecure", is_flag=True, default=False,
-              help="Serve a non-loopback --metrics-bind without a token.")
+@metrics_options
 def join_cmd(task_ref: str | None, connect: str, data: str, data_dir: Path | None, backend: str, device: str,
              worker_id: str | None, threads: str, connect_timeout: float, state_dir: Path | None, slowdown: float,
              server_key: str | None, secret_key: Path | None, holdout: float | None, label_column: str | None,

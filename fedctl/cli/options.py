@@ -150,3 +150,19 @@ def dp_phrase(summary: dict[str, Any]) -> str:
     """``, (ε = 2.31, δ = 1e-05)-DP`` for a run summary with differential privacy, else nothing."""
     dp = summary.get("dp")
     return "" if not dp else f", (ε = {dp['epsilon']:.3f}, δ = {dp['delta']:g})-DP for each worker"
+
+
+def metrics_options(f: Any) -> Any:
+    """``--metrics-bind``, ``--metrics-token`` and ``--metrics-insecure`` (serve and join: docs/observability.md)."""
+    for option in reversed([
+        click.option("--metrics-bind", default=None, metavar="HOST:PORT",
+                     help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md), e.g. "
+                          "127.0.0.1:9464. A non-loopback HOST needs --metrics-token or --metrics-insecure."),
+        click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get "
+                          "401."),
+        click.option("--metrics-insecure", is_flag=True, default=False,
+                     help="Serve a non-loopback --metrics-bind without a token: anyone who reaches it can read the "
+                          "metrics.")]):
+        f = option(f)
+    return f

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from fedctl.api.serving import Server
-from fedctl.cli.options import dp_phrase, run_options
+from fedctl.cli.options import dp_phrase, metrics_options, run_options
 from fedctl.cli.tasking import model_given, task_option
 
 
@@ -47,13 +47,7 @@ from fedctl.cli.tasking import model_given, task_option
               help="Directory of the admitted workers' public keys (their NAME.key files).")
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
-@click.option("--metrics-bind", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md), e.g. "
-                   "127.0.0.1:9464. A non-loopback HOST needs --metrics-token or --metrics-insecure.")
-@click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get 401.")
-@click.option("--metrics-insecure", is_flag=True, default=False,
-              help="Serve a non-loopback --metrics-bind without a token: anyone who reaches it can read the metrics.")
+@metrics_options
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int, compress: str,
               secret_key: Path | None, allowed_keys: Path | None,

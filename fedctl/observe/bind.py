@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedctl.errors import ConfigError
+from fedctl.security import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,6 @@ class HttpBind:
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_http_bind(text: str, token_file: Path | None, insecure: bool) -> HttpBind:
