@@ -105,7 +105,7 @@ class Participant:
                                    state_dir=None if state_dir is None else Path(state_dir), slowdown=slowdown,
                                    server_key=curve[0].decode("ascii") if curve else None,
                                    secret_key=None if secret_key is None else Path(secret_key), spec=spec,
-                                   compress=compress)
+                                   compress=compress, device=device)
         self._build(device, str(threads))
 
     def _build(self, device: str, threads: str) -> None:

@@ -95,6 +95,7 @@ class ClockDriver(Driver):
         await asyncio.to_thread(self._save, list(self.unsaved_journal), metrics, list(self.unsaved))
         self.unsaved, self.unsaved_journal = [], []
         self.last_save = self.host.now()
+        self.core.events.add(self.last_save, "checkpoint", f"checkpoint of version {self.core.store.version} written")
 
     def _grantable(self) -> bool:
         return any(self.policy.may_start(r.worker) for r in self.core.registry.waiting())
@@ -161,6 +162,8 @@ class ClockDriver(Driver):
             acc = "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}"
             log.info("version %d/%d  accuracy %s  clocks %s..%s  staleness %s  held %d", core.store.version,
                      host.config.rounds, acc, record["min_clock"], record["max_clock"], taus, held)
+            core.events.add(host.now(), "round", f"version {core.store.version}/{host.config.rounds}: accuracy {acc}, "
+                            f"clocks {record['min_clock']}..{record['max_clock']}")
         await self.keep_best(record)
         core.last_round = record
         if host.on_round is not None:

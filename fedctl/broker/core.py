@@ -30,6 +30,7 @@ from fedctl.broker.effects import (
     Wake,
 )
 from fedctl.broker.evaluation import Evaluations
+from fedctl.broker.events import EventLog
 from fedctl.broker.intake import PushIntake
 from fedctl.broker.params import ParameterStore
 from fedctl.broker.policy import ClockPolicy, OpenRound, SyncRoundPolicy
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from fedctl.broker.secure import Reply, SecureAggregation
 
 log = logging.getLogger(__name__)
+MAX_UNJOINED_PEERS = 1024
 REFUSAL_LOG_EVERY_S = 1.0
 """Refusals are logged at WARNING at most once per error code in this many seconds (the rest at DEBUG)."""
 SpoolOpener = Callable[[str, bool], Mapping[str, np.ndarray]]
@@ -128,6 +130,13 @@ class BrokerCore(PushIntake):
         """Secure aggregation (docs/protocol.md §7.4), when the run uses it: its open attempt, if any."""
         self._ids = itertools.count(1)
         self._last_refusal_log: dict[str, float] = {}
+        self.events = EventLog()
+        """Recent joins, leaves, refusals, rounds and checkpoints (:mod:`fedctl.broker.events`), for the live view."""
+        self.addresses: dict[bytes, str] = {}
+        """Network address of each new peer the shell saw (:meth:`peer_seen`), taken by its join."""
+        self.observer: Callable[[str, float], None] | None = None
+        """Told each measurement worth a distribution (``"push_latency_s"``, ``"heartbeat_rtt_s"``): the metrics
+        histograms, when they are on."""
         self._handlers: dict[str, Callable[[bytes, Message, list[bytes], float], list[Effect]]] = {
             C.JOIN: self._on_join, C.PULL: self._on_pull, C.PUSH: self._on_push, C.CHUNK: self._on_chunk,
             C.CREDIT: self._on_credit, C.HEARTBEAT: self._on_heartbeat, C.LEAVE: self._on_leave,
@@ -176,10 +185,12 @@ class BrokerCore(PushIntake):
 
     def dispatch(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         """Act on a decoded message (``frames`` are the message as received: a push is stored as it came)."""
-        self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + payload_bytes(frames)
+        size = payload_bytes(frames)
+        self.bytes_in_by_type[msg.type] = self.bytes_in_by_type.get(msg.type, 0) + size
         record = self.registry.by_identity(identity)
         if record is not None:
             record.last_seen = now
+            record.bytes_in += size
         try:
             return self._handlers[msg.type](identity, msg, frames, now)
         except ProtocolError as err:
@@ -189,7 +200,7 @@ class BrokerCore(PushIntake):
         """The passing of time: forget workers not heard from for ``liveness_s``, drop stalled chunked pushes."""
         effects: list[Effect] = []
         for record in self.registry.expired(now):
-            effects += self.drop(record.worker, f"lost (no message for {self.config.liveness_s:g} s)")
+            effects += self.drop(record.worker, f"lost (no message for {self.config.liveness_s:g} s)", now, "lost")
         effects += self.transfers.expire(now, self.config.liveness_s)
         return effects
 
@@ -198,6 +209,9 @@ class BrokerCore(PushIntake):
         """Count, log (at most once a second per code) and answer a refused message; ``re`` is the id answered."""
         key = ErrorCode(err.code).name if err.code in ErrorCode._value2member_map_ else str(err.code)
         self.rejected[key] = self.rejected.get(key, 0) + 1
+        record = self.registry.by_identity(identity)
+        who = record.worker if record is not None else identity.hex()[:12]
+        self.events.add(now, "refused", f"{who}: {err.message[:200]}", worker=who, code=key)
         if now - self._last_refusal_log.get(key, -1e18) >= REFUSAL_LOG_EVERY_S:
             self._last_refusal_log[key] = now
             log.warning("refused a message from %s: %s (code %d %s; %d refused so far)", identity.hex()[:12],
@@ -243,9 +257,13 @@ class BrokerCore(PushIntake):
         if diff is not None:
             raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"the worker's model differs from this run's "
                                 f"{self.spec.name!r}: {diff}", "join with the task the broker was started with")
-        record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], now)
+        record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], now,
+                              device=msg.get("device"), host=msg.get("host"), address=self.addresses.get(identity),
+                              joined_at=now)
         again = self.registry.add(record)
         self.policy.join(record.worker)
+        self.events.add(now, "rejoin" if again else "join", f"{record.worker} {'rejoined' if again else 'joined'} "
+                        f"({record.backend}, {record.num_examples} examples)", worker=record.worker)
         log.info("worker %s %s (%s, %d examples, %d connected)", record.worker, "rejoined" if again else "joined",
                  record.backend, record.num_examples, len(self.registry))
         return [self._reply(identity, msg, C.WELCOME, worker=record.worker, run=self.run_info()), Wake()]
@@ -264,7 +282,12 @@ class BrokerCore(PushIntake):
         return [Wake()]
 
     def _on_heartbeat(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
-        self._joined(identity, msg)
+        record = self._joined(identity, msg)
+        rtt = msg.get("rtt")
+        if rtt is not None:
+            record.rtt_s = float(rtt)
+            if self.observer is not None:
+                self.observer("heartbeat_rtt_s", float(rtt))
         return [self._reply(identity, msg, C.HEARTBEAT, t=msg.get("t"))]
 
     def _on_status(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
@@ -272,9 +295,10 @@ class BrokerCore(PushIntake):
         changes; the answer is :meth:`status`."""
         return [self._reply(identity, msg, C.STATUS_REPLY, status=self.status(now, bool(msg.get("workers", True))))]
 
-    def status(self, now: float, workers: bool = True) -> dict[str, Any]:
+    def status(self, now: float, workers: bool = True, events: int = C.MAX_STATUS_EVENTS) -> dict[str, Any]:
         """The run as an operator sees it: round and model, the open round, the last round's figures, bytes by
-        message type, refusals by code and (``workers``) the first MAX_STATUS_WORKERS workers."""
+        message type, refusals by code, the last ``events`` events and (``workers``) the first MAX_STATUS_WORKERS
+        workers (docs/protocol.md §7.5)."""
         current = getattr(self.policy, "current", None)
         last = {k: v for k, v in self.last_round.items() if isinstance(v, (int, float, str)) or v is None}
         out: dict[str, Any] = {
@@ -285,19 +309,48 @@ class BrokerCore(PushIntake):
             "open_round": None if current is None else {"round": current.number, "sampled": len(current.selected),
                                                         "received": len(current.received),
                                                         "seconds_left": max(current.deadline - now, 0.0)},
+            "transfers": self.transfer_progress(),
             "last_round": last, "bytes_in_by_type": dict(self.bytes_in_by_type), "refused": dict(self.rejected),
             "applied_updates": self.applied_total,
             "dp_epsilon": None if self.dp is None else self.dp.epsilon(),
+            "events": self.events.recent(events, now),
         }
         if workers:
             records = self.registry.all()
             out["workers_total"] = len(records)
-            out["workers"] = [{"worker": r.worker, "backend": r.backend, "num_examples": r.num_examples,
-                               "silent_s": round(max(now - r.last_seen, 0.0), 3),
-                               "waiting": r.pending_pull is not None, "holds_version": r.holds_version,
-                               "link_bps": None if r.link_bps is None else int(r.link_bps)}
-                              for r in records[:C.MAX_STATUS_WORKERS]]
+            out["workers"] = [self.worker_status(r, now) for r in records[:C.MAX_STATUS_WORKERS]]
         return out
+
+    def worker_status(self, r: WorkerRecord, now: float) -> dict[str, Any]:
+        """One worker's entry in :meth:`status` (docs/protocol.md §7.5)."""
+        return {"worker": r.worker, "backend": r.backend, "device": r.device, "address": r.address,
+                "num_examples": r.num_examples, "state": self.worker_state(r),
+                "silent_s": round(max(now - r.last_seen, 0.0), 3),
+                "connected_s": round(max(now - r.joined_at, 0.0), 1),
+                "waiting": r.pending_pull is not None, "holds_version": r.holds_version,
+                "link_bps": None if r.link_bps is None else int(r.link_bps), "updates": r.updates,
+                "bytes_in": r.bytes_in, "bytes_out": r.bytes_out, "staleness": r.staleness,
+                "rtt_s": None if r.rtt_s is None else round(r.rtt_s, 6)}
+
+    def worker_state(self, r: WorkerRecord) -> str:
+        """``uploading`` (a chunked push coming in), ``downloading`` (a chunked model going out), ``waiting`` (a
+        pull waits for work), ``training`` (handed a model, not pushed yet) or ``idle``."""
+        if any(identity == r.identity for identity, _ in self.inbound):
+            return "uploading"
+        if any(identity == r.identity for identity, _ in self.outbound):
+            return "downloading"
+        if r.pending_pull is not None:
+            return "waiting"
+        if r.handed_at is not None:
+            return "training"
+        return "idle"
+
+    def transfer_progress(self) -> dict[str, Any]:
+        """Chunked pushes being received (count; float32 bytes received of their total) and chunked models being
+        sent (count)."""
+        inbound = [t.cursor for t in self.inbound.values()]
+        return {"inbound": len(inbound), "inbound_bytes": sum(c.position for c in inbound) * 4,
+                "inbound_total_bytes": sum(c.total for c in inbound) * 4, "outbound": len(self.outbound)}
 
     def _on_evaluation(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         """A worker's metrics on its held-out data (never answered unless refused; a repeat is ignored)."""
@@ -338,14 +391,16 @@ class BrokerCore(PushIntake):
         record = self.registry.by_identity(identity)
         if record is None:
             return []
-        return self.drop(record.worker, f"left ({msg.get('reason') or 'no reason given'})")
+        return self.drop(record.worker, f"left ({msg.get('reason') or 'no reason given'})", now, "leave")
 
     # ------------------------------------------------------------------ workers
-    def drop(self, worker: str, why: str) -> list[Effect]:
-        """Forget a worker (left, expired, unreachable) and stop waiting for it in the open round."""
+    def drop(self, worker: str, why: str, now: float, kind: str) -> list[Effect]:
+        """Forget a worker (left, expired, unreachable) and stop waiting for it in the open round; ``kind`` is its
+        event's (``leave`` or ``lost``)."""
         record = self.registry.remove(worker)
         if record is None:
             return []
+        self.events.add(now, kind, f"{worker} {why}", worker=worker)
         self.policy.worker_gone(worker)
         self.evaluations.gone(worker)
         if self.secure is not None:
@@ -354,9 +409,18 @@ class BrokerCore(PushIntake):
         log.info("worker %s %s; %d connected", worker, why, len(self.registry))
         return [Wake()]
 
-    def unreachable(self, worker: str) -> list[Effect]:
+    def peer_seen(self, identity: bytes, address: str | None) -> None:
+        """The shell saw a new peer (routing identity) connect from ``address``; its join (and a join again on the
+        same connection) reads it. The table keeps the newest peers, :data:`MAX_UNJOINED_PEERS` more than are
+        joined (status clients and scanners come and go)."""
+        if address:
+            self.addresses[identity] = address
+            while len(self.addresses) > MAX_UNJOINED_PEERS + len(self.registry):
+                del self.addresses[next(iter(self.addresses))]
+
+    def unreachable(self, worker: str, now: float) -> list[Effect]:
         """The shell could not deliver a model to ``worker`` (its connection is gone)."""
-        return self.drop(worker, "is unreachable (its connection is gone)")
+        return self.drop(worker, "is unreachable (its connection is gone)", now, "lost")
 
     def _done(self, record: WorkerRecord, re: int | None) -> Send:
         record.pending_pull = None
@@ -430,6 +494,8 @@ class BrokerCore(PushIntake):
         msg = make(mtype, self.next_id(), re=record.pending_pull, tensors=None if in_chunks else tensors, **fields,
                    base=record.holds_version if is_delta else None, chunks=in_chunks or None)
         record.pending_pull = None
+        if mtype == C.MODEL:
+            record.handed_at, record.handed_round = now, fields["round"]
         effects: list[Effect] = [self._send(record.identity, msg, None if in_chunks else frames, record.worker)]
         if in_chunks:
             self.transfers.open_model(record.identity, msg.id, record.worker, now)

@@ -58,6 +58,7 @@ class PushIntake:
     _reply: Callable[..., Send]
     _send: Callable[..., Send]
     _refuse: Callable[[bytes, ProtocolError, int | None, float], list[Effect]]
+    observer: Callable[[str, float], None] | None
     next_id: Callable[[], int]
 
     def _on_push(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
@@ -90,7 +91,7 @@ class PushIntake:
         if chunked:
             return self._open_inbound(identity, msg, frames, now)
         # Sparse (and fp16) updates stay as they came: the strategy's kernels scatter them into one accumulator.
-        return self._accept(identity, msg, record, Update.from_push(record.worker, msg, tensors), frames, None)
+        return self._accept(identity, msg, record, Update.from_push(record.worker, msg, tensors), frames, None, now)
 
     def _admit(self, record: WorkerRecord, header: Message) -> Admission:
         """The policy's decision on a push (header) from ``record``."""
@@ -98,11 +99,17 @@ class PushIntake:
         return self.policy.admit(record.worker, header["round"], header["base_version"], version)
 
     def _accept(self, identity: bytes, msg: Message, record: WorkerRecord, update: Update, frames: list[bytes],
-                spool: str | None) -> list[Effect]:
+                spool: str | None, now: float) -> list[Effect]:
         """Count an admitted update and acknowledge it — once durable, when the broker keeps updates on disk (the
         shell's writer stores queued updates in groups, one sync per group, then sends their acks)."""
         self.updates.append(update)
         self.policy.record(record.worker)
+        record.updates += 1
+        record.staleness = max(self.store.version - int(msg["base_version"]), 0)
+        if record.handed_at is not None and record.handed_round == msg["round"]:
+            if self.observer is not None:
+                self.observer("push_latency_s", now - record.handed_at)
+            record.handed_at = record.handed_round = None
         log.debug("update of round %d from %s accepted", msg["round"], record.worker)
         if self.hold_acks:
             self.held.setdefault(int(msg["round"]), {})[record.worker] = (identity, msg, "accepted")
@@ -161,7 +168,7 @@ class PushIntake:
         log.info("worker %s pushed %.1f MB in %d chunks in %.1f s", record.worker, cursor.total * 4 / 1e6,
                  cursor.chunks, now - got.inbound.started)
         update = Update.from_push(record.worker, header, self.open_spool(spool, self.hold_acks or not self.durable))
-        return [*effects, *self._accept(identity, header, record, update, got.inbound.header_frames, spool)]
+        return [*effects, *self._accept(identity, header, record, update, got.inbound.header_frames, spool, now)]
 
     def _on_credit(self, identity: bytes, msg: Message, frames: list[bytes], now: float) -> list[Effect]:
         self._joined(identity, msg)

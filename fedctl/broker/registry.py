@@ -20,6 +20,25 @@ class WorkerRecord:
     """The model version the worker said (in its pull) it holds exactly, for a downlink delta; None: nothing."""
     link_bps: float | None = None
     """The worker's link throughput as it last measured it (bytes/s, its pull's ``link_bps``); None: unknown."""
+    device: str | None = None
+    """What it trains on, as its join said (``cpu``, ``cuda:0``); None: not said."""
+    host: str | None = None
+    """Its host name, as its join said."""
+    address: str | None = None
+    """The network address its connection comes from (ZeroMQ's ``Peer-Address``), when the transport knows it."""
+    joined_at: float = 0.0
+    updates: int = 0
+    """Updates accepted from it since it joined this broker."""
+    bytes_in: int = 0
+    """Payload bytes received from it / sent to it since it joined."""
+    bytes_out: int = 0
+    staleness: int | None = None
+    """Staleness of its last accepted update, in model versions."""
+    handed_at: float | None = None
+    """When its last model went out (its push's latency is measured from there); None after its push."""
+    handed_round: int | None = None
+    rtt_s: float | None = None
+    """Its last heartbeat round trip as it measured it (its heartbeat's ``rtt``)."""
 
 
 class WorkerRegistry:

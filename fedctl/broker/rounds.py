@@ -96,6 +96,8 @@ class RoundDriver(Driver):
                             "retrying with a new sample", round_no, len(closed.received), len(closed.selected),
                             self.policy.quorum(closed))
                 core.take_updates()
+                core.events.add(host.now(), "failed", f"round {round_no} failed: {len(closed.received)} of "
+                                f"{len(closed.selected)} sampled workers answered before the deadline; retrying")
                 await host.execute(core.refuse_held(round_no, f"round {round_no} failed: {len(closed.received)} of "
                                                     f"{len(closed.selected)} sampled workers answered before its "
                                                     "deadline; the update was not used"))
@@ -212,6 +214,8 @@ class RoundDriver(Driver):
                         "the secure-aggregation attempt was abandoned" if outcome is None else
                         f"{len(outcome.workers)} inputs were summed, the quorum is {quorum}")
             core.take_updates()
+            core.events.add(host.now(), "failed", f"round {round_no} failed: secure aggregation "
+                            f"{'attempt abandoned' if outcome is None else 'below its quorum'}; retrying")
             return None
         core.updates = [self._secure_update(round_no, outcome)]
         extra: dict[str, Any] = {}
@@ -261,6 +265,7 @@ class RoundDriver(Driver):
             if previous is not None:
                 await previous
             await asyncio.to_thread(host.checkpointer.save, store, state, applied)
+            core.events.add(host.now(), "checkpoint", f"checkpoint of round {closed.number} written")
             await host.execute(core.release_acks(closed.number))
             if host.pending is not None:
                 self._forget_committed(closed.number)
@@ -279,6 +284,8 @@ class RoundDriver(Driver):
             log.info("round %d/%d  accuracy %s  %d/%d updates  in %s  out %s  %.2f s", closed.number,
                      host.config.rounds, acc, record["participants"], len(closed.selected), _mb(record["bytes_in"]),
                      _mb(record["bytes_out"]), record["duration_s"])
+            core.events.add(host.now(), "round", f"round {closed.number}/{host.config.rounds}: accuracy {acc}, "
+                            f"{record['participants']}/{len(closed.selected)} updates, {record['duration_s']:.2f} s")
             await self.keep_best(record)
             core.last_round = record
             if host.on_round is not None:

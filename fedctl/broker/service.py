@@ -123,6 +123,7 @@ class Broker:
             ctx or zmq.asyncio.Context.instance(), config.bind, config.max_message_bytes,
             secret_key=config.curve_secret_key, allowed_keys=config.allowed_keys)
         self.endpoint: str = self.transport.endpoint
+        self.transport.peer_seen = self.core.peer_seen
 
     # ------------------------------------------------------------------ state, start and restore
     def _load_or_init(self, spec: ModelSpec, initial: Params | None) -> tuple[ParameterStore, dict[str, Any]]:
@@ -220,12 +221,16 @@ class Broker:
         """Send one message; False when the peer is gone. Payload bytes are counted by message type."""
         if not await self.transport.send(identity, frames):
             return False
-        self.bytes_out_by_type[mtype] = self.bytes_out_by_type.get(mtype, 0) + payload_bytes(frames)
+        size = payload_bytes(frames)
+        self.bytes_out_by_type[mtype] = self.bytes_out_by_type.get(mtype, 0) + size
+        record = self.core.registry.by_identity(identity)
+        if record is not None:
+            record.bytes_out += size
         return True
 
     async def _send(self, e: Send) -> None:
         if not await self._deliver(e.identity, e.frames, e.type) and e.worker is not None:
-            await self.execute(self.core.unreachable(e.worker))
+            await self.execute(self.core.unreachable(e.worker, self.now()))
 
     async def _persist(self, e: Persist) -> None:
         self.durable_queue.put_nowait(e)
@@ -396,5 +401,6 @@ class Broker:
     async def _finish(self) -> None:
         """Tell every worker the run is done, then linger until they leave or the linger time passes."""
         await self.durable_queue.join()  # acks of the last durable writes go out first
+        self.core.events.add(self.now(), "finished", f"run finished at round {self.core.state.get('round')}")
         await self.execute(self.core.finish())
         await self.wait_until(lambda: not len(self.core.registry), self.config.done_linger_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,16 @@ from fedctl.zerocopy import frames_of
 log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 4096
 MAX_REMEMBERED_REFUSALS = 10_000
+MAX_SEEN_PEERS = 65_536
+"""Routing identities remembered as already reported to :attr:`RouterTransport.peer_seen` (oldest forgotten)."""
+
+
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The network address a message came from (libzmq's ``Peer-Address`` property), when the transport has one."""
+    try:
+        return frame.get("Peer-Address")  # type: ignore[no-any-return]
+    except (zmq.ZMQError, KeyError, ValueError):
+        return None
 
 
 @dataclass
@@ -107,6 +118,9 @@ class RouterTransport:
         # kernel drop the rest of the SYNs, and their retries back off for minutes. The kernel caps this value.
         self._sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         self.counters = ByteCounters()
+        self.peer_seen: Callable[[bytes, str | None], None] | None = None
+        """Told the routing identity and network address of each new peer (its first message)."""
+        self._seen: dict[bytes, None] = {}
         try:
             if keys is not None and allowed is not None:
                 self.authenticator = _start_authenticator(ctx, allowed)
@@ -147,6 +161,11 @@ class RouterTransport:
     def _received(self, parts: list[zmq.Frame]) -> tuple[bytes, list[bytes]]:
         """Identity and frames of a message received without copying its tensors (:mod:`fedctl.zerocopy`)."""
         identity, *payload = frames_of(parts)
+        if identity not in self._seen and self.peer_seen is not None:
+            self._seen[identity] = None
+            if len(self._seen) > MAX_SEEN_PEERS:
+                del self._seen[next(iter(self._seen))]
+            self.peer_seen(identity, _peer_address(parts[0]))
         self.counters.bytes_in += sum(len(p) for p in payload)
         self.counters.messages_in += 1
         return identity, payload

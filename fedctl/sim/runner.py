@@ -122,7 +122,8 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
         slow = round(sim.slow_fraction * len(shards))
         vanish = len(shards) - round(sim.vanish_fraction * len(shards))
         workers = [Worker(WorkerConfig(broker.endpoint, f"sim-{shard.name}", sim.backend, shard.num_examples,
-                                       connect_timeout_s=120.0, slowdown=sim.slowdown if i < slow else 1.0,
+                                       connect_timeout_s=120.0, device=sim.device,
+                                       slowdown=sim.slowdown if i < slow else 1.0,
                                        delay_s=sim.delay_s, spec=None if model is None else model[0],
                                        vanish_before=sim.vanish_before if i >= vanish else None),
                           _trainer_factory(shard, sim.backend, sim.device, task), ctx=ctx,

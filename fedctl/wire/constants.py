@@ -75,9 +75,11 @@ MAX_SECAGG_PEERS = 256
 MAX_SEALED_BYTES = 256
 """Longest sealed share (``sa_shares``, ``sa_inbox``); fedctl's are 88 bytes."""
 MAX_REASON_CHARS = 1024
+"""Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
 MAX_STATUS_WORKERS = 100
 """Workers listed in one ``status_reply`` (the first in join order; ``workers_total`` counts them all)."""
-"""Longest ``reason`` (error, leave, done) and ``fix`` (error)."""
+MAX_STATUS_EVENTS = 20
+"""Recent events listed in one ``status_reply`` (the newest)."""
 MAX_METRICS = 64
 """Most entries in a push's ``metrics`` map."""
 MAX_FRAME_FIELDS = 16

@@ -34,6 +34,11 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _seconds(v: Any) -> bool:
+    """A duration in seconds: a finite number, 0 or more."""
+    return _num(v) and math.isfinite(v) and v >= 0
+
+
 def _one_of(values: frozenset[str]) -> Check:
     return lambda v: isinstance(v, str) and v in values
 
@@ -103,7 +108,8 @@ _ATTEMPT = {"round": (_int(0), True), "attempt": (_int(0), True)}
 SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.JOIN: {"worker": (_str(C.MAX_ID_CHARS), True), "backend": (_str(C.MAX_BACKEND_CHARS), True),
              "num_examples": (_int(0), True), "model": (_str(C.MAX_MODEL_NAME_CHARS), False),
-             "host": (_str(C.MAX_HOST_CHARS), False), "params": (_signature, False)},
+             "host": (_str(C.MAX_HOST_CHARS), False), "device": (_str(C.MAX_BACKEND_CHARS), False),
+             "params": (_signature, False)},
     C.WELCOME: {"worker": (_str(C.MAX_ID_CHARS), True), "run": (_map, True)},
     C.PULL: {"version": (_int(0), False), "link_bps": (_int(1), False)},
     C.MODEL: {"round": (_int(0), True), "version": (_int(0), True), "task": (_map, True), "base": (_int(0), False),
@@ -116,7 +122,7 @@ SCHEMA: dict[str, dict[str, tuple[Check, bool]]] = {
     C.ACK: {"round": (_int(0), True), "seq": (_int(0), True), "status": (_one_of(C.ACK_STATUSES), True)},
     C.ERROR: {"code": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True),
               "fix": (_str(C.MAX_REASON_CHARS), False)},
-    C.HEARTBEAT: {"t": (_num, False)},
+    C.HEARTBEAT: {"t": (_num, False), "rtt": (_seconds, False)},
     C.LEAVE: {"reason": (_str(C.MAX_REASON_CHARS), False)},
     C.FAILED: {"round": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), True)},
     C.DONE: {"round": (_int(0), True), "version": (_int(0), True), "reason": (_str(C.MAX_REASON_CHARS), False)},

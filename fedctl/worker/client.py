@@ -92,6 +92,8 @@ class WorkerConfig:
     spec: ModelSpec | None = None
     """The model of this worker's task (``fedctl join --task``): sent with ``join`` so the broker names the first
     difference from its own, and checked against the broker's. None: a built-in model, looked up by name."""
+    device: str | None = None
+    """What the trainer runs on (``cpu``, ``cuda:0``), told to the broker in ``join`` for its status."""
     connect_timeout_s: float = 60.0
     max_backoff_s: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -185,7 +187,7 @@ class Worker:
     async def _send_join(self, conn: Connection) -> asyncio.Future[Message]:
         return await conn.request(C.JOIN, worker=self.config.worker_id, backend=self.config.backend,
                                   num_examples=self.config.num_examples, model=self.config.model,
-                                  host=socket.gethostname(),
+                                  host=socket.gethostname(), device=self.config.device,
                                   params=None if self.config.spec is None else self.config.spec.signature())
 
     async def _join(self, conn: Connection) -> None:

@@ -147,6 +147,8 @@ class Connection:
         self._interrupted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         """Resolved on the first of done, forgotten and lost: no reply will come after that."""
         self.last_heard = time.monotonic()
+        self.rtt_s: float | None = None
+        """The last heartbeat's round trip (seconds), sent with the next heartbeat for the broker's metrics."""
         self.bytes_out = 0
         self.bytes_in = 0
 
@@ -175,7 +177,8 @@ class Connection:
                 self.lost = True
                 self._interrupt()
                 return
-            await self.send(C.HEARTBEAT, t=time.time())
+            rtt = None if self.rtt_s is None else round(self.rtt_s, 6)
+            await self.send(C.HEARTBEAT, t=time.time(), rtt=rtt)
 
     async def wait_reply(self, future: asyncio.Future[Message]) -> Message:
         """The reply ``future`` brings, or the broker's ``done`` message, whichever comes first; raises Rejoin when
@@ -216,6 +219,10 @@ class Connection:
             except ProtocolError as err:
                 log.error("ignored an invalid message from the broker: %s", err)
                 continue
+            if msg.type == C.HEARTBEAT and msg.re is not None and msg.get("t") is not None:
+                rtt = time.time() - msg["t"]
+                if 0 <= rtt < 3600:  # (an echo of our own send time; a clock step makes it meaningless)
+                    self.rtt_s = rtt
             if msg.type == C.DONE:
                 self.done_msg = msg
                 self._interrupt()

@@ -101,7 +101,7 @@ class CoreSim:
             if isinstance(e, Send):
                 if e.identity in self.unreachable:
                     if e.worker is not None:
-                        self.run(self.core.unreachable(e.worker))
+                        self.run(self.core.unreachable(e.worker, self.clock()))
                     continue
                 msg = decode(e.frames, C.BROKER_TO_WORKER)
                 assert msg.type == e.type

@@ -101,7 +101,7 @@ def test_an_attempt_without_enough_workers_is_abandoned_and_everyone_told() -> N
     attempt = a.last()["secagg"]["attempt"]
     c, s = ClientSession(1, attempt).public_keys()
     a.send(C.SA_KEYS, round=1, attempt=attempt, c=c, s=s)
-    sim.run(sim.core.drop("b", "expired"))
+    sim.run(sim.core.drop("b", "expired", sim.clock(), "lost"))
     assert sim.core.secure.stage_done({"a"})  # type: ignore[union-attr]
     assert advance(sim) is None and sim.core.secure.current is None  # type: ignore[union-attr]
     err = a.last()

@@ -154,6 +154,8 @@ def probes(rule: str) -> tuple[list[Any], list[Any]]:
                                                                  {"a": True}, {"a": "x"}, {1: 1.0}, []]
     if rule.startswith("map"):
         return [{}, {"a": 1}], [[], "map"]
+    if rule.startswith("finite number ≥ 0"):
+        return [0, 0.0, 1.5, 3], [-1e-9, float("nan"), float("inf"), True, "1", [1]]
     if rule.startswith("number"):
         return [0, -1, 1.5], [True, "1", [1]]
     if rule.startswith("bool"):
