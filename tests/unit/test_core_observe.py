@@ -9,8 +9,8 @@ from fedctl.broker.events import COALESCE_S, MAX_EVENTS, EventLog
 from fedctl.broker.registry import WorkerRecord
 from fedctl.wire import constants as C
 from fedctl.wire import encode, make
-from tests.unit.coresim import CoreSim, Peer
-from tests.unit.test_core import joined, shifted
+from coresim import CoreSim, Peer
+from test_core import joined, shifted
 
 
 def test_worker_entries_follow_a_round() -> None:
