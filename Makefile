@@ -1,6 +1,7 @@
 # fedctl — every dependency is installed by the project itself into .venv.
 #   make install   virtual environment with fedctl, PyTorch 2.13.0, MXNet 1.9.1 (Python <= 3.11) and test tools
-#   make test      install if needed, then the test suite without the long runs (`slow`: make acceptance)
+#   make test      install if needed (and Chromium for the browser test), then the test suite without the long runs
+#                  (`slow`: make acceptance)
 #   make demo      install if needed, then a real local federation on the bundled MNIST sample
 #   make bench     install if needed, then the benchmarks (bench/results/: JSON, markdown, PNG)
 #   make fuzz      install if needed, add atheris, then fuzz the wire decoder for FUZZ_SECONDS (docs/reliability.md)
@@ -33,7 +34,7 @@ EXTRAS    := $(if $(and $(MXNET_OK),$(filter mxnet,$(MXNET))),$(EXTRAS_ALL),$(EX
 MXNET_REQ := $(if $(and $(MXNET_OK),$(filter-out mxnet,$(MXNET))),"$(MXNET)==1.9.1")
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: install test acceptance test-fast demo bench fuzz lint typecheck clean fashion-mnist
+.PHONY: install test acceptance test-fast demo bench fuzz lint typecheck clean fashion-mnist browser
 
 install: $(STAMP)
 
@@ -46,8 +47,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/fedctl --version
 	touch $(STAMP)
 
-test: install
+test: install browser
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The dashboard's browser test (tests/e2e/test_dashboard.py) drives headless Chromium: Debian's chromium and
+# chromium-driver, installed here when missing. Without root or apt-get they are not, and that test is skipped,
+# saying why; nothing else needs them.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+	  apt-get install -y chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update >/dev/null 2>&1 && apt-get install -y chromium chromium-driver >/dev/null 2>&1; } || \
+	  echo "note: chromium and chromium-driver could not be installed (root and apt-get needed): the browser test will be skipped"
 
 acceptance: install
 	$(PY) -m pytest -q -m slow tests

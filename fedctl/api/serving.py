@@ -54,9 +54,10 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
 insecure:
         Transport and security options, as for ``fedctl serve`` (``compress``: ``"auto"``, ``"always"`` or
         ``"never"``).
-    metrics_bind, metrics_token, metrics_insecure:
-        Serve Prometheus metrics at ``http://HOST:PORT/metrics`` (docs/observability.md), as ``fedctl serve
-        --metrics-bind`` does; read the bound URL from ``metrics_url`` once the broker listens.
+    metrics_bind, metrics_token, metrics_insecure, metrics_per_worker:
+        Serve Prometheus metrics at ``http://HOST:PORT/metrics`` and the live dashboard at ``http://HOST:PORT/``
+        (docs/observability.md), as ``fedctl serve --metrics-bind`` does; read the bound URL from ``metrics_url``
+        once the broker listens. ``metrics_per_worker`` adds one series per worker.
     on_round:
         Called with each round's metrics record (a dict), in the broker's thread.
 
@@ -84,7 +85,7 @@ insecure:
                  secret_key: PathLike | None = None,
                  allowed_keys: PathLike | None = None, insecure: bool = False,
                  metrics_bind: str | None = None, metrics_token: PathLike | None = None,
-                 metrics_insecure: bool = False,
+                 metrics_insecure: bool = False, metrics_per_worker: bool = False,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
         from fedctl.api.inputs import check_endpoint
@@ -93,6 +94,10 @@ insecure:
         check_endpoint(bind, "--bind", bind=True)
         self.metrics_bind = None if metrics_bind is None else parse_http_bind(
             metrics_bind, None if metrics_token is None else Path(metrics_token), metrics_insecure)
+        self.metrics_per_worker = metrics_per_worker
+        if metrics_per_worker and metrics_bind is None:
+            raise ConfigError("--metrics-per-worker adds series to the metrics listener, and there is none",
+                              "pass --metrics-bind HOST:PORT too")
         self.metrics_url: str | None = None
         """``http://HOST:PORT`` of the metrics listener once it listens (``metrics_bind``), else None."""
         keys = (None if secret_key is None else Path(secret_key), None if allowed_keys is None else Path(allowed_keys))
@@ -157,11 +162,13 @@ insecure:
                 try:
                     if self.metrics_bind is not None:
                         from fedctl.observe.collector import BrokerMetrics  # (aiohttp: only when asked for)
+                        from fedctl.observe.dashboard import Dashboard
                         from fedctl.observe.http import MetricsServer
 
-                        metrics = BrokerMetrics(broker)
-                        observers.insert(0, metrics.observe_round)
-                        listener = MetricsServer(metrics.registry, self.metrics_bind)
+                        metrics = BrokerMetrics(broker, self.metrics_per_worker)
+                        dashboard = Dashboard(broker, broker.checkpointer.read_metrics())
+                        observers[:0] = [metrics.observe_round, dashboard.observe_round]
+                        listener = MetricsServer(metrics.registry, self.metrics_bind, dashboard)
                         self.metrics_url = await listener.start()
                     started(broker.endpoint)
                     summary = await broker.run()

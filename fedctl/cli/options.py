@@ -156,8 +156,9 @@ def metrics_options(f: Any) -> Any:
     """``--metrics-bind``, ``--metrics-token`` and ``--metrics-insecure`` (serve and join: docs/observability.md)."""
     for option in reversed([
         click.option("--metrics-bind", default=None, metavar="HOST:PORT",
-                     help="Serve Prometheus metrics at http://HOST:PORT/metrics (docs/observability.md), e.g. "
-                          "127.0.0.1:9464. A non-loopback HOST needs --metrics-token or --metrics-insecure."),
+                     help="Serve Prometheus metrics at http://HOST:PORT/metrics, and for fedctl serve the live "
+                          "dashboard at http://HOST:PORT/ (docs/observability.md), e.g. 127.0.0.1:9464. A "
+                          "non-loopback HOST needs --metrics-token or --metrics-insecure."),
         click.option("--metrics-token", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="File holding a bearer token: HTTP requests without 'Authorization: Bearer <token>' get "
                           "401."),

@@ -48,11 +48,14 @@ from fedctl.cli.tasking import model_given, task_option
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
 @metrics_options
+@click.option("--metrics-per-worker", is_flag=True, default=False,
+              help="Also one metrics series per worker (fedctl_peer_*, labelled worker=ID): their count grows with "
+                   "the federation.")
 def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_backend: str, heartbeat_interval: float,
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int, compress: str,
               secret_key: Path | None, allowed_keys: Path | None,
               insecure: bool, metrics_bind: str | None, metrics_token: Path | None, metrics_insecure: bool,
-              task_ref: str | None, **run: Any) -> None:
+              metrics_per_worker: bool, task_ref: str | None, **run: Any) -> None:
     """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
     (synchronous rounds, stale-synchronous ssp:S or async) and checkpoint to --state-dir.
 
@@ -64,7 +67,8 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
                     heartbeat_interval=heartbeat_interval, liveness=liveness, max_message_mb=max_message_mb,
                     chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress,
                     secret_key=secret_key, allowed_keys=allowed_keys, insecure=insecure,
-                    metrics_bind=metrics_bind, metrics_token=metrics_token, metrics_insecure=metrics_insecure, **run)
+                    metrics_bind=metrics_bind, metrics_token=metrics_token, metrics_insecure=metrics_insecure,
+                    metrics_per_worker=metrics_per_worker, **run)
     summary = server.run().summary
     acc = summary["last"].get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"

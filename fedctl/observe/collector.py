@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from fedctl.broker.service import Broker
 
 ROUND_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+PUSH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+RTT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55)
 PREFIX = "fedctl_"
 
@@ -41,8 +43,10 @@ class BrokerCollector(Collector):
     """Reads a running :class:`~fedctl.broker.service.Broker` at scrape time (on the broker's event loop, where
     the aiohttp handler runs: no lock needed, the state is never half-updated between two awaits)."""
 
-    def __init__(self, broker: Broker, last_round: dict[str, Any]) -> None:
+    def __init__(self, broker: Broker, last_round: dict[str, Any], per_worker: bool = False) -> None:
         self.broker = broker
+        self.per_worker = per_worker
+        """Also the ``fedctl_peer_*`` series, one per joined worker (``--metrics-per-worker``)."""
         self.last = last_round
         """The last round's metrics record (empty before the first)."""
         self.start_round = int(broker.core.state.get("round", 0))
@@ -76,8 +80,13 @@ class BrokerCollector(Collector):
         if clocks:  # ssp/async: how far apart the workers' clocks are
             yield from _gauge("clock_spread", "Max minus min worker clock (ssp/async).",
                               max(clocks.values()) - min(clocks.values()))
-        yield from _gauge("inbound_transfers", "Chunked pushes being received.", len(core.inbound))
-        yield from _gauge("outbound_transfers", "Chunked models being sent.", len(core.outbound))
+        transfers = core.transfer_progress()
+        yield from _gauge("inbound_transfers", "Chunked pushes being received.", transfers["inbound"])
+        yield from _gauge("inbound_transfer_received_bytes", "Bytes received so far of the chunked pushes being "
+                          "received.", transfers["inbound_bytes"])
+        yield from _gauge("inbound_transfer_size_bytes", "Bytes in all of the chunked pushes being received.",
+                          transfers["inbound_total_bytes"])
+        yield from _gauge("outbound_transfers", "Chunked models being sent.", transfers["outbound"])
         counters = broker.transport.counters
         yield CounterMetricFamily(PREFIX + "received_bytes", "Payload bytes received (all messages).",
                                   value=float(counters.bytes_in))
@@ -98,6 +107,38 @@ class BrokerCollector(Collector):
         if core.dp is not None:
             yield from _gauge("dp_epsilon", "Differential privacy: ε spent so far (at the run's δ).",
                               core.dp.epsilon())
+        if self.per_worker:
+            yield from self._per_worker()
+
+    def _per_worker(self) -> Iterator[Any]:
+        """One series per joined worker, labelled ``worker`` (cardinality grows with the federation: only when
+        asked for)."""
+        core, now = self.broker.core, self.broker.now()
+        families = {
+            "updates": CounterMetricFamily(PREFIX + "peer_updates", "Updates accepted from this worker since its join.",
+                                           labels=["worker"]),
+            "bytes_in": CounterMetricFamily(PREFIX + "peer_received_bytes", "Payload bytes received from this worker "
+                                            "since its join.", labels=["worker"]),
+            "bytes_out": CounterMetricFamily(PREFIX + "peer_sent_bytes", "Payload bytes sent to this worker since its "
+                                             "join.", labels=["worker"]),
+            "silent": GaugeMetricFamily(PREFIX + "peer_silent_seconds", "Seconds since this worker's last message.",
+                                        labels=["worker"]),
+            "staleness": GaugeMetricFamily(PREFIX + "peer_update_staleness", "Staleness of this worker's last accepted "
+                                           "update, in model versions.", labels=["worker"]),
+            "rtt": GaugeMetricFamily(PREFIX + "peer_heartbeat_rtt_seconds", "This worker's last heartbeat round "
+                                     "trip, as it measured it.", labels=["worker"]),
+        }
+        for r in core.registry.all():
+            label = [r.worker]
+            families["updates"].add_metric(label, float(r.updates))
+            families["bytes_in"].add_metric(label, float(r.bytes_in))
+            families["bytes_out"].add_metric(label, float(r.bytes_out))
+            families["silent"].add_metric(label, max(now - r.last_seen, 0.0))
+            if r.staleness is not None:
+                families["staleness"].add_metric(label, float(r.staleness))
+            if r.rtt_s is not None:
+                families["rtt"].add_metric(label, r.rtt_s)
+        yield from families.values()
 
     def _latest(self, key: str) -> float | None:
         value = self.last.get(key)
@@ -109,15 +150,29 @@ class BrokerCollector(Collector):
 class BrokerMetrics:
     """The registry ``/metrics`` serves: the live collector and the per-round histograms."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, per_worker: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.last: dict[str, Any] = {}
-        self.registry.register(BrokerCollector(broker, self.last))
+        self.registry.register(BrokerCollector(broker, self.last, per_worker))
         self.round_seconds = Histogram(PREFIX + "round_duration_seconds", "Wall time of each round (or version).",
                                        buckets=ROUND_SECONDS_BUCKETS, registry=self.registry)
         self.staleness = Histogram(PREFIX + "update_staleness", "Staleness of each applied update, in model "
                                    "versions (ssp/async; 0 under sync).", buckets=STALENESS_BUCKETS,
                                    registry=self.registry)
+        self.push_latency = Histogram(PREFIX + "push_latency_seconds", "From a model handed to a worker to its "
+                                      "update accepted: training plus upload.", buckets=PUSH_SECONDS_BUCKETS,
+                                      registry=self.registry)
+        self.heartbeat_rtt = Histogram(PREFIX + "heartbeat_rtt_seconds", "Heartbeat round trips as the workers "
+                                       "measured them (each heartbeat carries the previous one's).",
+                                       buckets=RTT_SECONDS_BUCKETS, registry=self.registry)
+        self._observers = {"push_latency_s": self.push_latency.observe, "heartbeat_rtt_s": self.heartbeat_rtt.observe}
+        broker.core.observer = self.observe
+
+    def observe(self, name: str, value: float) -> None:
+        """One measurement from the broker's core (:attr:`~fedctl.broker.core.BrokerCore.observer`)."""
+        observe = self._observers.get(name)
+        if observe is not None:
+            observe(value)
 
     def observe_round(self, record: Mapping[str, Any]) -> None:
         """One round's (or version's) metrics record, as written to metrics.jsonl."""

@@ -54,7 +54,8 @@ class RoundBench:
     """Extra `fedctl serve` options (e.g. --history-mb 0); none: the defaults."""
     timeout_s: float = 900.0
     scrape_every_s: float | None = None
-    """Serve Prometheus metrics (`--metrics-bind`) and scrape /metrics this often during fedctl cells (None: off)."""
+    """Serve Prometheus metrics and the dashboard (`--metrics-bind`) during fedctl cells, scrape /metrics this often
+    and keep the dashboard's event stream open (None: off)."""
 
     def __post_init__(self) -> None:
         for m in self.models:
@@ -162,6 +163,38 @@ class Scraper(threading.Thread):
         return {"scrapes": len(lat), "scrape_failures": self.failures,
                 "scrape_ms_median": 1e3 * statistics.median(lat) if lat else None,
                 "scrape_ms_max": 1e3 * lat[-1] if lat else None}
+
+
+class Viewer(threading.Thread):
+    """Holds the dashboard's event stream (``/api/stream``) open and reads it, as an open browser tab does; counts
+    the updates it got."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True, name="dashboard viewer")
+        self.url = url
+        self.updates = 0
+        self.bytes = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as reply:
+                    for line in reply:
+                        if self._stop_event.is_set():
+                            return
+                        if line.startswith(b"data: "):
+                            self.updates += 1
+                            self.bytes += len(line)
+            except (OSError, ValueError):
+                self._stop_event.wait(0.5)  # (not up yet, or gone: as a browser's EventSource, try again)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(10)
+
+    def figures(self) -> dict[str, Any]:
+        return {"dashboard_updates": self.updates, "dashboard_bytes": self.bytes}
 
 
 # ---------------------------------------------------------------------------------------------- one cell
@@ -282,11 +315,13 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
     scraper = None if bench.scrape_every_s is None else Scraper(f"http://127.0.0.1:{free_port()}/metrics",
                                                                 bench.scrape_every_s)
     metrics_args = [] if scraper is None else ["--metrics-bind", scraper.url.split("/")[2]]
+    viewer = None if scraper is None else Viewer(scraper.url.replace("/metrics", "/api/stream"))
     server = subprocess.Popen([sys.executable, "-m", "fedctl", "serve", "--bind", endpoint, "--model", model,
                                "--rounds", str(bench.rounds), "--min-workers", str(n), "--state-dir", str(state),
                                *metrics_args, *bench.serve_args], stdout=log, stderr=subprocess.STDOUT)
-    if scraper is not None:
+    if scraper is not None and viewer is not None:
         scraper.start()
+        viewer.start()
     procs = bench.processes or n
     per = [n // procs + (1 if i < n % procs else 0) for i in range(min(procs, n))]
     wlog = (cell_dir / "workers.log").open("wb")
@@ -297,8 +332,9 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
     try:
         watch, error = _run_cell(server, workers, (log, wlog), metrics, bench, on_round)
     finally:
-        if scraper is not None:
+        if scraper is not None and viewer is not None:
             scraper.stop()
+            viewer.stop()
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     ends = [r["elapsed_s"] for r in _measured(watch, records)]
     later = records[1:] or records
@@ -307,7 +343,8 @@ def run_fedctl(n: int, model: str, bench: RoundBench, cell_dir: Path,
                 "model_bytes_per_round": statistics.median(r["model_bytes_out"] for r in later),
                 "wire_bytes_per_round": statistics.median(r["bytes_in"] + r["bytes_out"] for r in later),
                 "participants": min(r["participants"] for r in records)} if records else {}),
-            "processes": len(per), **({} if scraper is None else scraper.figures())}
+            "processes": len(per), **({} if scraper is None else scraper.figures()),
+            **({} if viewer is None else viewer.figures())}
 
 
 def run_flower(python: Path, n: int, model: str, bench: RoundBench, cell_dir: Path,
