@@ -46,17 +46,34 @@ def render(s: dict[str, Any], endpoint: str) -> Group:
     if s.get("dp_epsilon") is not None:
         run.add_row("privacy spent", f"ε = {s['dp_epsilon']:.3f}")
     parts: list[Any] = [run]
+    transfers = s.get("transfers") or {}
+    if transfers.get("inbound"):
+        run.add_row("uploads", f"{transfers['inbound']} chunked push(es): {_mb(transfers['inbound_bytes'])} of "
+                               f"{_mb(transfers['inbound_total_bytes'])}")
     if s.get("workers") is not None:
         shown = s["workers"]
         title = f"workers ({len(shown)} of {s.get('workers_total', len(shown))})"
         table = Table(title=title, title_justify="left")
-        for column in ("worker", "backend", "examples", "last heard", "state", "holds version", "link"):
+        for column in ("worker", "state", "backend", "device", "address", "last heard", "rounds done",
+                       "in / out", "staleness", "rtt", "link"):
             table.add_column(column)
         for w in shown:
-            link = "-" if w.get("link_bps") is None else f"{w['link_bps'] / 1e6:.1f} MB/s"
-            table.add_row(w["worker"], w["backend"], str(w["num_examples"]), f"{w['silent_s']:.1f} s ago",
-                          "waiting" if w["waiting"] else "busy", _num(w.get("holds_version"), "{}"), link)
+            link = "-" if w.get("link_bps") is None else f"{w['link_bps'] * 8 / 1e6:.1f} Mbit/s"
+            state = w.get("state") or ("waiting" if w["waiting"] else "busy")
+            table.add_row(w["worker"], state, w["backend"], w.get("device") or "-", w.get("address") or "-",
+                          f"{w['silent_s']:.1f} s ago", _num(w.get("updates"), "{}"),
+                          f"{_mb(w.get('bytes_in'))} / {_mb(w.get('bytes_out'))}", _num(w.get("staleness"), "{}"),
+                          "-" if w.get("rtt_s") is None else f"{w['rtt_s'] * 1e3:.1f} ms", link)
         parts.append(table)
+    events = s.get("events") or []
+    if events:
+        log = Table(title=f"recent events (last {len(events)})", title_justify="left")
+        for column in ("ago", "event", "what"):
+            log.add_column(column)
+        for e in reversed(events):
+            count = f" (×{e['count']})" if e.get("count", 1) > 1 else ""
+            log.add_row(f"{e['age_s']:.0f} s", e["kind"], f"{e['text']}{count}")
+        parts.append(log)
     return Group(*parts)
 
 

@@ -50,7 +50,8 @@ class HeartbeatBench:
     durable: bool = True
     """Write each acknowledged update to disk before its ack (the broker's default)."""
     metrics: bool = False
-    """Serve /metrics on the broker's loop (as `--metrics-bind` does) and scrape it every second while probing."""
+    """Serve /metrics and the dashboard on the broker's loop (as `--metrics-bind` does), scrape /metrics every second
+    and keep the dashboard's event stream open and read while probing."""
 
     def __post_init__(self) -> None:
         get_model(self.model)
@@ -184,25 +185,29 @@ async def measure_heartbeat(bench: HeartbeatBench, state_dir: Path) -> dict[str,
         broker = Broker(bench.broker_config(state_dir), None, ctx=ctx)
         proc = multiprocessing.get_context("spawn").Process(target=run_noop_workers, daemon=True,
                                                              args=(broker.endpoint, bench.workers))
-        listener, scraper = None, None
+        listener, scraper, viewer = None, None, None
         if bench.metrics:
             from fedctl.observe.bind import HttpBind
             from fedctl.observe.collector import BrokerMetrics
+            from fedctl.observe.dashboard import Dashboard
             from fedctl.observe.http import MetricsServer
-            from fedctl.sim.round_bench import Scraper
+            from fedctl.sim.round_bench import Scraper, Viewer
 
-            listener = MetricsServer(BrokerMetrics(broker).registry, HttpBind("127.0.0.1", 0))
-            scraper = Scraper(await listener.start() + "/metrics", 1.0)
+            listener = MetricsServer(BrokerMetrics(broker).registry, HttpBind("127.0.0.1", 0), Dashboard(broker, []))
+            url = await listener.start()
+            scraper, viewer = Scraper(url + "/metrics", 1.0), Viewer(url + "/api/stream")
             scraper.start()
+            viewer.start()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(broker.run())
             proc.start()
             try:
                 cpu0, wall0 = time.process_time(), time.monotonic()
                 raw = await _probe(broker, bench)
-                if scraper is not None:
+                if scraper is not None and viewer is not None:
                     await asyncio.to_thread(scraper.stop)
-                    raw["metrics_scrapes"] = scraper.figures()
+                    await asyncio.to_thread(viewer.stop)
+                    raw["metrics_scrapes"] = {**scraper.figures(), **viewer.figures()}
                 raw["broker_cpu_percent"] = 100 * (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
                 raw["broker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
                 raw["connected"] = len(broker.registry)
@@ -273,9 +278,11 @@ def write_heartbeat_report(result: Mapping[str, Any], out: Path, command: str) -
         f"Broker process (this process: broker + probe thread): {fmt(result.get('broker_cpu_percent'), '.0f')}% of "
         f"one core during the probe, peak RSS {fmt(result.get('broker_peak_rss_mb'), '.0f')} MiB; "
         f"{result.get('connected')} workers connected.", "",
-        *([f"With `/metrics` served on the broker's loop and scraped every second: "
-           f"{result['metrics_scrapes']['scrapes']} scrapes ({result['metrics_scrapes']['scrape_failures']} failed), "
-           f"median {fmt(result['metrics_scrapes']['scrape_ms_median'], '.1f')} ms.", ""]
+        *([f"With `/metrics` and the dashboard served on the broker's loop, `/metrics` scraped every second and the "
+           f"dashboard's event stream open: {result['metrics_scrapes']['scrapes']} scrapes "
+           f"({result['metrics_scrapes']['scrape_failures']} failed), median "
+           f"{fmt(result['metrics_scrapes']['scrape_ms_median'], '.1f')} ms; "
+           f"{result['metrics_scrapes'].get('dashboard_updates', 0)} dashboard updates read.", ""]
           if result.get("metrics_scrapes") else []),
         "Command:", "", "```", command, "```", ""]
     paths["markdown"].write_text("\n".join(lines))

@@ -54,7 +54,7 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
     state, port = tmp_path / "state", free_port()
     broker = spawn("serve", "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(state), "--rounds", "5",
                    "--min-workers", "2", "--eval-data", "test", "--data-dir", str(partition_dir),
-                   "--metrics-bind", f"127.0.0.1:{port}")
+                   "--metrics-bind", f"127.0.0.1:{port}", "--metrics-per-worker")
     endpoint = broker.wait_endpoint()
     assert f"metrics on http://127.0.0.1:{port}/metrics" in broker.stderr
     url = f"http://127.0.0.1:{port}/metrics"
@@ -87,6 +87,12 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
             sum(r["duration_s"] for r in records.values()), abs=1e-6)
         applied = sum(r["participants"] for r in records.values())
         assert value(families, "fedctl_applied_updates") in (applied, applied + 2)
+        # every accepted update's latency, and (--metrics-per-worker) each worker's own count of them
+        accepted = value(families, "fedctl_push_latency_seconds_count")
+        assert accepted is not None and applied <= accepted <= applied + 2
+        per_worker = [value(families, "fedctl_peer_updates", worker=f"shard{i}@{socket.gethostname()}")
+                      for i in (0, 1)]
+        assert None not in per_worker and sum(per_worker) == accepted, per_worker
         pushed = value(families, "fedctl_received_message_bytes", type="push")
         assert pushed is not None and pushed >= sum(r["update_bytes_in"] for r in records.values())
         assert value(families, "fedctl_received_bytes") >= sum(r["bytes_in"] for r in records.values())
@@ -148,6 +154,21 @@ def test_a_token_guards_a_reachable_listener(spawn: Launcher, tmp_path: Path) ->
         urllib.request.urlopen(urllib.request.Request(url, data=b"x", method="POST", headers={
             "Authorization": "Bearer s3cret-token-of-enough-length"}), timeout=5)
     assert nothing.value.code == 405
+    site = f"http://127.0.0.1:{port}"
+    for path in ("/", "/api/status", "/api/stream", "/static/dashboard.js"):  # the dashboard is guarded as well
+        with pytest.raises(urllib.error.HTTPError) as guarded:
+            urllib.request.urlopen(site + path, timeout=5)
+        assert guarded.value.code == 401, path
+    # a browser's way in: /?token= once sets an HttpOnly cookie and redirects to the bare page
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    with opener.open(f"{site}/?token=s3cret-token-of-enough-length", timeout=5) as page:
+        assert page.status == 200 and page.url == site + "/" and b'id="workers"' in page.read()
+    with opener.open(site + "/api/status", timeout=5) as reply:
+        assert json.loads(reply.read())["workers_connected"] == 0
+    with pytest.raises(urllib.error.HTTPError) as wrong_cookie:
+        urllib.request.urlopen(urllib.request.Request(site + "/api/status", headers={
+            "Cookie": "fedctl_token=s3cret-token-of-enough-lengtX"}), timeout=5)
+    assert wrong_cookie.value.code == 401
     broker.popen.terminate()
     broker.wait(30)
     assert "refused an HTTP request for '/metrics'" in broker.stderr and "s3cret" not in broker.stderr
@@ -159,6 +180,7 @@ def test_a_token_guards_a_reachable_listener(spawn: Launcher, tmp_path: Path) ->
     (["--metrics-bind", "127.0.0.1:{port}", "--metrics-token", "{tmp}/missing"], "cannot be read"),
     (["--metrics-bind", "127.0.0.1:{port}", "--metrics-token", "{tmp}/short"], "at least 16 characters"),
     (["--metrics-bind", "127.0.0.1:{busy}"], "cannot be bound"),
+    (["--metrics-per-worker"], "there is none"),
 ])
 def test_metrics_mistakes_are_one_line_refusals(tmp_path: Path, options: list[str], cause: str) -> None:
     (tmp_path / "short").write_text("tiny\n")
@@ -211,6 +233,25 @@ def test_malformed_and_stalled_http_clients_do_not_disturb_the_broker(spawn: Lau
     finally:
         for s in stalled:
             s.close()
+    # dashboards that open the event stream and never read: the broker serves up to 32, refuses the next with
+    # 503, and scrapes still answer; the static route serves its own files only
+    viewers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(32)]
+    try:
+        for v in viewers:
+            v.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        for v in viewers:
+            assert v.recv(15) == b"HTTP/1.1 200 OK"
+        with pytest.raises(urllib.error.HTTPError) as crowded:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/stream", timeout=5)
+        assert crowded.value.code == 503
+        time.sleep(2)  # (two ticks of updates that nobody reads)
+        assert value(scrape(f"http://127.0.0.1:{port}/metrics"), "fedctl_workers_connected") == 0
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sneaky:
+            sneaky.sendall(b"GET /static/../../setup.cfg HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sneaky.recv(64).startswith(b"HTTP/1.1 404")
+    finally:
+        for v in viewers:
+            v.close()
     assert broker.popen.poll() is None, broker.describe()
     broker.popen.terminate()
     broker.wait(30)
