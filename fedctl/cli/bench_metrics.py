@@ -3,7 +3,8 @@
 
 The deployment-shape cell of ``fedctl bench round`` (``fedctl serve`` and N worker processes, no-op training), run
 in alternating pairs: without the metrics listener, then with ``--metrics-bind``, ``/metrics`` scraped every
-``--every`` seconds and the dashboard's event stream held open and read (one viewer, as a browser tab). Results in OUT/metrics_overhead.{json,md,png}; the ratio is the median of the pairs' ratios.
+``--every`` seconds and the dashboard's event stream held open and read (one viewer, as a browser tab). Results in
+OUT/metrics_overhead.{json,md,png}; the ratio is the median of the pairs' ratios.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
              f"`/metrics` scraped every {result['every_s']:g} s and the dashboard's event stream held open and "
              "read. Pairs alternate (without, with).", "",
              "| pair | without s/round | with s/round | with ÷ without | scrapes | scrape ms (median / max) | "
-             "dashboard updates read | broker CPU s/round without / with |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "dashboard updates read | broker CPU s/round without / with |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, p in enumerate(pairs, 1):
         w, m = p["without"], p["with"]
         lines.append(f"| {i} | {w['s_per_round']:.3f} | {m['s_per_round']:.3f} | {p['ratio']:.3f} | "
                      f"{m.get('scrapes', 0)} ({m.get('scrape_failures', 0)} failed) | "
                      f"{m.get('scrape_ms_median') or 0:.1f} / {m.get('scrape_ms_max') or 0:.1f} | "
-                     f"{m.get('dashboard_updates', 0)} | {w['server_cpu_s_per_round']:.3f} / {m['server_cpu_s_per_round']:.3f} |")
+                     f"{m.get('dashboard_updates', 0)} | "
+                     f"{w['server_cpu_s_per_round']:.3f} / {m['server_cpu_s_per_round']:.3f} |")
     verdict = "met" if result["median_ratio"] <= GOAL else "not met"
     lines += ["", f"Median ratio: **{result['median_ratio']:.3f}** (goal ≤ {GOAL}: {verdict}).", "",
               f"Command: `{result['command']}`", ""]

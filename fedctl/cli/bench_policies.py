@@ -176,9 +176,8 @@ def _run_policy(bench: Any, policy: str, data: Path, out: Path, backend: str, pa
               help="Load test instead: sync rounds sample 10 workers, the others only heartbeat and wait "
                    "(report as heartbeat-idle.{json,md}).")
 @click.option("--metrics", is_flag=True,
-              help="Serve /metrics and the dashboard on the broker's loop (as --metrics-bind does), scrape /metrics every "
-                   "second and keep the dashboard's event stream open "
-                   "(report as heartbeat-metrics.{json,md}).")
+              help="Serve /metrics and the dashboard on the broker's loop (as --metrics-bind does), scrape /metrics "
+                   "every second and keep the dashboard's event stream open (report as heartbeat-metrics.{json,md}).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 def bench_heartbeat(workers: int, model: str, duration_s: float, interval_ms: float, budget_ms: float,

@@ -149,7 +149,7 @@ class Dashboard:
         try:
             await response.prepare(request)
             await self._feed(response)
-        except (ConnectionError, asyncio.TimeoutError):
+        except (TimeoutError, ConnectionError):
             pass  # the viewer went away, or stopped reading: its connection is closed
         finally:
             self.streams -= 1

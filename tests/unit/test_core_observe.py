@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from coresim import CoreSim, Peer
+from test_core import joined, shifted
+
 from fedctl.broker.events import COALESCE_S, MAX_EVENTS, EventLog
 from fedctl.broker.registry import WorkerRecord
 from fedctl.wire import constants as C
 from fedctl.wire import encode, make
-from coresim import CoreSim, Peer
-from test_core import joined, shifted
 
 
 def test_worker_entries_follow_a_round() -> None:
