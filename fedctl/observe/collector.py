@@ -25,6 +25,7 @@ PUSH_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 RTT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 STALENESS_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55)
 PREFIX = "fedctl_"
+STALE_HEARTBEATS = 3
 
 
 def _gauge(name: str, doc: str, value: float | None) -> Iterator[GaugeMetricFamily]:
@@ -71,6 +72,10 @@ class BrokerCollector(Collector):
         yield from _gauge("workers_connected", "Workers joined and alive.", len(core.registry))
         yield from _gauge("workers_waiting", "Joined workers with a pull waiting for work.",
                           len(core.registry.waiting()))
+        now, quiet = broker.now(), STALE_HEARTBEATS * broker.config.heartbeat_interval_s
+        yield from _gauge("workers_stale", f"Joined workers silent for more than {STALE_HEARTBEATS} heartbeat "
+                          "intervals (--liveness drops them).",
+                          sum(1 for r in core.registry.all() if now - r.last_seen > quiet))
         current = getattr(core.policy, "current", None)
         yield from _gauge("round_sampled_workers", "Workers sampled for the open round (sync; 0 between rounds).",
                           0 if current is None else len(current.selected))

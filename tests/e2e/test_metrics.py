@@ -81,7 +81,7 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
         assert value(families, "fedctl_model_version") in (record["version"], record["version"] + 1)
         assert value(families, "fedctl_test_accuracy") == pytest.approx(record["test_accuracy"], abs=1e-12)
         assert value(families, "fedctl_test_loss") == pytest.approx(record["test_loss"], abs=1e-12)
-        assert value(families, "fedctl_workers_connected") == 2
+        assert value(families, "fedctl_workers_connected") == 2 and value(families, "fedctl_workers_stale") == 0
         assert value(families, "fedctl_round_duration_seconds_count") == len(records)
         assert value(families, "fedctl_round_duration_seconds_sum") == pytest.approx(
             sum(r["duration_s"] for r in records.values()), abs=1e-6)
