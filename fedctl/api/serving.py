@@ -31,7 +31,7 @@ class Server:
     ----------
     task:
         The model to federate: a task file (``"my_task.py"``, docs/tasks.md), an importable module, or a built-in
-        model name (``"mlp"``, ``"lenet5"``). Default: ``model``, else ``"mlp"``.
+        model name (``"mlp"``, ``"lenet5"``, ``"2nn"``, ``"cnn"``). Default: ``model``, else ``"mlp"``.
     bind:
         The ZeroMQ endpoint to listen on. ``tcp://127.0.0.1:*`` takes any free port (read it from
         ``serve_background(...).endpoint``); an address other machines reach needs ``secret_key`` and

@@ -31,9 +31,10 @@ MAX_SEEN_PEERS = 65_536
 def _peer_address(frame: zmq.Frame) -> str | None:
     """The network address a message came from (libzmq's ``Peer-Address`` property), when the transport has one."""
     try:
-        return frame.get("Peer-Address")  # type: ignore[no-any-return]
+        address = frame.get("Peer-Address")
     except (zmq.ZMQError, KeyError, ValueError):
         return None
+    return address if isinstance(address, str) else None
 
 
 @dataclass

@@ -46,7 +46,7 @@ def _default_venv() -> Path:
 @click.option("--workers", default="10,50,100", show_default=True, callback=_ints,
               help="Worker counts N, comma-separated; every worker trains every round.")
 @click.option("--model", "models", default="mlp,wide5m", show_default=True, callback=_models,
-              help="Models, comma-separated (mlp: 437 KB; wide5m: 5.2 MB; lenet5: 247 KB).")
+              help="Models, comma-separated (mlp: 437 KB; wide5m: 5.2 MB; lenet5: 247 KB; 2nn: 797 KB; cnn: 6.7 MB).")
 @click.option("--rounds", type=click.IntRange(min=3), default=20, show_default=True,
               help="Rounds per run; round 1 (connections, first allocations) is left out.")
 @click.option("--processes", type=click.IntRange(min=1), default=None,

@@ -87,7 +87,7 @@ async def _run_broker(config: BrokerConfig, evaluator: Any, data_dir: Path, log_
 @click.option("--dirichlet", type=click.FloatRange(min=0, min_open=True), default=None, metavar="ALPHA",
               help="Give the workers non-IID shards: Dirichlet(ALPHA) label skew (0.1: a few classes each).")
 @click.option("--rounds", type=click.IntRange(min=1), default=8, show_default=True, help="Federated rounds.")
-@click.option("--model", type=click.Choice(["mlp", "lenet5"]), default="mlp", show_default=True,
+@click.option("--model", type=click.Choice(["mlp", "lenet5", "2nn", "cnn"]), default="mlp", show_default=True,
               help="The model the workers train.")
 @click.option("--strategy", type=click.Choice(strategy_names()), default="fedavg", show_default=True,
               help="The algorithm (`fedctl strategies` lists them).")

@@ -7,7 +7,7 @@ import click
 task_option = click.option(
     "--task", "task_ref", default=None, metavar="FILE.py|MODULE|NAME",
     help="The model to federate: your task file or importable module (docs/tasks.md: model(), and optionally "
-         "load_data, loss, metrics, optimizer), or a built-in model name (mlp, lenet5). Overrides --model.")
+         "load_data, loss, metrics, optimizer), or a built-in model name (mlp, lenet5, 2nn, cnn). Overrides --model.")
 
 
 def model_given(ctx: click.Context) -> bool:

@@ -132,6 +132,29 @@ def _lenet5() -> ModelSpec:
                      "LeNet-5: conv5x5(6, pad 2)-pool-conv5x5(16)-pool-120-84-10, ReLU, max pool")
 
 
+def _twonn() -> ModelSpec:
+    # McMahan et al. 2017's "2NN": 784*200+200 + 200*200+200 + 200*10+10 = 199,210 parameters.
+    params = (*_dense("fc1", 784, 200), *_dense("fc2", 200, 200), *_dense("fc3", 200, 10))
+    return ModelSpec("2nn", (1, 28, 28), 10, params,
+                     "McMahan et al. 2017's 2NN: MLP 784-200-200-10, ReLU (199,210 parameters)")
+
+
+def _cnn() -> ModelSpec:
+    # McMahan et al. 2017's CNN. The paper states no padding; its 1,663,370 parameters need fc1 to take 64*7*7 = 3136
+    # inputs, which "same" padding (2) on both 5x5 convs gives: 28 -> conv 28 -> pool 14 -> conv 14 -> pool 7;
+    # 832 + 51,264 + 1,606,144 + 5,130 = 1,663,370. Unpadded convs (28 -> 24 -> 12 -> 8 -> 4) would give 582,026.
+    params = (
+        *_conv("conv1", 1, 32, 5),
+        *_conv("conv2", 32, 64, 5),
+        *_dense("fc1", 64 * 7 * 7, 512),
+        *_dense("fc2", 512, 10),
+    )
+    return ModelSpec("cnn", (1, 28, 28), 10, params,
+                     "McMahan et al. 2017's CNN: conv5x5(32, pad 2)-pool-conv5x5(64, pad 2)-pool-512-10, ReLU, 2x2 "
+                     "max pool; 'same' padding (28-14-7, fc1 input 64*7*7 = 3136) is what gives the paper's "
+                     "1,663,370 parameters")
+
+
 def _wide1g() -> ModelSpec:
     # 16 dense 4096x4096 layers: 268,500,992 float32 parameters, 1.07 GB — for chunked-transfer benchmarks.
     params = tuple(p for i in range(16) for p in _dense(f"fc{i + 1}", 4096, 4096))
@@ -148,7 +171,9 @@ def _wide5m() -> ModelSpec:
                      "no framework trains it")
 
 
-MODELS: dict[str, Callable[[], ModelSpec]] = {"mlp": _mlp, "lenet5": _lenet5, "wide5m": _wide5m, "wide1g": _wide1g}
+MODELS: dict[str, Callable[[], ModelSpec]] = {
+    "mlp": _mlp, "lenet5": _lenet5, "2nn": _twonn, "cnn": _cnn, "wide5m": _wide5m, "wide1g": _wide1g,
+}
 
 
 def get_model(name: str) -> ModelSpec:

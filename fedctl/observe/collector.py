@@ -119,7 +119,7 @@ class BrokerCollector(Collector):
         """One series per joined worker, labelled ``worker`` (cardinality grows with the federation: only when
         asked for)."""
         core, now = self.broker.core, self.broker.now()
-        families = {
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
             "updates": CounterMetricFamily(PREFIX + "peer_updates", "Updates accepted from this worker since its join.",
                                            labels=["worker"]),
             "bytes_in": CounterMetricFamily(PREFIX + "peer_received_bytes", "Payload bytes received from this worker "

@@ -115,7 +115,7 @@ def run_centralized(
     Parameters
     ----------
     model:
-        A model of the zoo (``"mlp"``, ``"lenet5"``).
+        A model of the zoo (``"mlp"``, ``"lenet5"``, ``"2nn"``, ``"cnn"``).
     dataset, source_dir:
         The registered dataset and, optionally, the directory holding its IDX files.
     batch_size, lr:

@@ -18,7 +18,7 @@ import numpy as np
 from fedctl.sim.metrics import cumulative_at, rounds_to_target
 from fedctl.sim.report import Result, _json_default
 
-MODEL_PARAMS = {"mlp": 109_386, "lenet5": 61_706}
+MODEL_PARAMS = {"mlp": 109_386, "lenet5": 61_706, "2nn": 199_210, "cnn": 1_663_370}
 
 
 def reference_preset(row: Result) -> str | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fedctl.errors import ConfigError
 
-TARGETS = {"mlp": 0.97, "lenet5": 0.99}
+TARGETS = {"mlp": 0.97, "lenet5": 0.99, "2nn": 0.97, "cnn": 0.99}
 
 
 @dataclass(frozen=True)

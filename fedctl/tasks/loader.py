@@ -39,7 +39,7 @@ from fedctl.models import MODELS, ModelSpec, get_model
 
 log = logging.getLogger(__name__)
 
-BUILTIN_TASKS = ("mlp", "lenet5")
+BUILTIN_TASKS = ("mlp", "lenet5", "2nn", "cnn")
 """Models fedctl ships as tasks (``--task mlp`` is ``--model mlp``)."""
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 

@@ -100,7 +100,7 @@ def test_a_worker_with_another_model_is_refused_naming_the_first_difference(spaw
 
 
 def test_simulate_a_user_task_on_a_partition(tmp_path: Path, partition_dir: Path) -> None:
-    task = tmp_path / "cnn.py"
+    task = tmp_path / "tiny_cnn.py"
     task.write_text(textwrap.dedent("""
         from torch import nn
 

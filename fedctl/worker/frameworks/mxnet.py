@@ -70,7 +70,38 @@ class _LeNet5(gluon.HybridBlock):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-_BLOCKS: dict[str, Callable[[], gluon.HybridBlock]] = {"mlp": _MLP, "lenet5": _LeNet5}
+class _TwoNN(gluon.HybridBlock):
+    """McMahan et al. 2017's 2NN: 784-200-200-10 with ReLU; fc1 flattens [n, 1, 28, 28] to [n, 784]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Dense(200, in_units=784)
+        self.fc2 = nn.Dense(200, in_units=200)
+        self.fc3 = nn.Dense(10, in_units=200)
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class _CNN(gluon.HybridBlock):
+    """McMahan et al. 2017's CNN: conv5x5(32, pad 2)-pool-conv5x5(64, pad 2)-pool-512-10, ReLU, 2x2 max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2D(32, 5, padding=2, in_channels=1)
+        self.conv2 = nn.Conv2D(64, 5, padding=2, in_channels=32)
+        self.pool = nn.MaxPool2D(pool_size=2, strides=2)
+        self.fc1 = nn.Dense(512, in_units=64 * 7 * 7)
+        self.fc2 = nn.Dense(10, in_units=512)
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        # fc1 flattens [n, 64, 7, 7] in C, H, W order, the same order as torch.flatten.
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+_BLOCKS: dict[str, Callable[[], gluon.HybridBlock]] = {"mlp": _MLP, "lenet5": _LeNet5, "2nn": _TwoNN, "cnn": _CNN}
 
 
 def build_block(spec: ModelSpec, ctx: mx.Context) -> tuple[gluon.HybridBlock, dict[str, gluon.Parameter]]:
