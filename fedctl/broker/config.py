@@ -7,10 +7,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy
+from fedctl.broker.policy import ClockConfig, SyncConfig, parse_policy, policy_name
 from fedctl.errors import ConfigError
 from fedctl.privacy.dp import DPConfig
 from fedctl.strategies.base import TaskConfig
+from fedctl.strategies.registry import get_strategy_class
 from fedctl.wire.compression import check_mode
 from fedctl.wire.constants import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES, MAX_SECAGG_PEERS
 
@@ -137,6 +138,8 @@ class BrokerConfig:
         self._check_dp()
         if (self.curve_secret_key is None) != (self.allowed_keys is None):
             raise ConfigError("CURVE needs both --secret-key and --allowed-keys", "pass both, or neither")
+        # An unknown strategy is refused here too, and one not defined for the policy (FedAdam under async).
+        get_strategy_class(self.strategy).check_policy(policy_name(self.policy))
 
     def _check_secure_aggregation(self) -> None:
         if not self.secure_aggregation:

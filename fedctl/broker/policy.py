@@ -219,6 +219,13 @@ def parse_policy(text: str) -> float | None:
                       "use sync, ssp:S with a bound S >= 0 (e.g. ssp:2), or async")
 
 
+def policy_name(text: str) -> str:
+    """The name of a ``--policy`` value, checked: ``sync``, ``ssp`` (for ``ssp:S``) or ``async`` — what a strategy's
+    ``policies`` lists."""
+    parse_policy(text)
+    return text.partition(":")[0]
+
+
 @dataclass(frozen=True)
 class ClockConfig:
     """SSP / async settings.

@@ -16,7 +16,8 @@ def strategies_cmd() -> None:
     for name in strategy_names():
         cls = get_strategy_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        console.print(f"[bold]{name}[/]  (pushes {cls.update_kind})  {doc}")
+        policies = ", ".join(cls.policies)
+        console.print(f"[bold]{name}[/]  (pushes {cls.update_kind}; --policy {policies})  {doc}")
         if not cls.options:
             console.print("  no options\n")
             continue

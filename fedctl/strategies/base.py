@@ -148,6 +148,9 @@ class Strategy(ABC):
     update_kind: ClassVar[str]
     options: ClassVar[Mapping[str, Option]] = {}
     """The strategy's settings; ``TaskConfig.options`` may set any of them and nothing else."""
+    policies: ClassVar[tuple[str, ...]] = ("sync", "ssp", "async")
+    """The consistency policies (``--policy`` names: ``sync``, ``ssp``, ``async``) the algorithm is defined for; the
+    broker refuses a run under any other at start (:meth:`check_policy`)."""
 
     def __init__(self, task: TaskConfig) -> None:
         self.task = task
@@ -158,6 +161,16 @@ class Strategy(ABC):
                               f"its options are: {known} (see `fedctl strategies`)")
         self.opts: dict[str, Any] = {k: o.parse(k, task.options[k]) if k in task.options else o.default
                                      for k, o in self.options.items()}
+
+    @classmethod
+    def check_policy(cls, policy: str) -> None:
+        """Raise ConfigError unless the policy named ``policy`` (``sync``, ``ssp`` or ``async``) is one of
+        :attr:`policies`."""
+        if policy not in cls.policies:
+            supported = " or ".join(cls.policies)
+            raise ConfigError(f"strategy {cls.name!r} is defined for --policy {supported} only, not {policy}",
+                              f"pass --policy {cls.policies[0]}, or a strategy that runs under {policy} "
+                              "(`fedctl strategies` lists each one's policies)")
 
     def task_for_round(self, round_no: int, seed: int) -> dict[str, Any]:
         """The ``task`` map of the model message: everything a worker needs to run :meth:`client_update`.

@@ -11,7 +11,9 @@ if TYPE_CHECKING:
     from fedctl.strategies.base import Strategy, TaskConfig
 
 _REGISTRY: dict[str, type[Strategy]] = {}
-_BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg", "fedctl.strategies.dgc", "fedctl.strategies.ssgd")
+_BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg", "fedctl.strategies.dgc", "fedctl.strategies.ssgd",
+            "fedctl.strategies.fedavgm", "fedctl.strategies.fedadagrad", "fedctl.strategies.fedadam",
+            "fedctl.strategies.fedyogi")
 S = TypeVar("S", bound=type)
 
 
