@@ -93,6 +93,24 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     _p("lenet5-fedavg-e5-b50-iid", "lenet5", "fedavg", 5, 50, 0.2, rounds=150, paper=29, note=PAPER_CNN),
     _p("lenet5-fedavg-e5-b10-noniid", "lenet5", "fedavg", 5, 10, 0.05, iid=False, rounds=100, paper=229,
        note=PAPER_CNN),
+    # The paper's own models (issue 16). η: the best of the multiplicative grid {0.05, 0.1, 0.2} where it was run
+    # (docs/results.md says which rows ran which points); the presets hold the chosen point.
+    # 2NN (784-200-200-10) to 97%, Table 1 (E = 1, C = 0.1)
+    _p("2nn-fedsgd-iid", "2nn", "fedsgd", 1, 0, 0.2, rounds=5000, paper=1474, every=10, note=PAPER_2NN),
+    _p("2nn-fedavg-e1-b10-iid", "2nn", "fedavg", 1, 10, 0.1, rounds=300, paper=87, note=PAPER_2NN),
+    _p("2nn-fedsgd-noniid", "2nn", "fedsgd", 1, 0, 0.2, iid=False, rounds=5000, paper=1796, every=10,
+       note=PAPER_2NN),
+    _p("2nn-fedavg-e1-b10-noniid", "2nn", "fedavg", 1, 10, 0.05, iid=False, rounds=1000, paper=664,
+       note=PAPER_2NN),
+    # CNN (conv 32, conv 64, 512) to 99%, Table 2 (C = 0.1)
+    _p("cnn-fedsgd-iid", "cnn", "fedsgd", 1, 0, 0.15, rounds=2000, paper=626, every=25, note=PAPER_CNN,
+       decay=0.9995),
+    _p("cnn-fedavg-e5-b10-iid", "cnn", "fedavg", 5, 10, 0.1, rounds=150, paper=20, note=PAPER_CNN),
+    _p("cnn-fedavg-e1-b10-iid", "cnn", "fedavg", 1, 10, 0.1, rounds=200, paper=34, note=PAPER_CNN),
+    _p("cnn-fedavg-e5-b50-iid", "cnn", "fedavg", 5, 50, 0.2, rounds=200, paper=29, note=PAPER_CNN),
+    _p("cnn-fedavg-e1-b50-iid", "cnn", "fedavg", 1, 50, 0.2, rounds=300, paper=65, note=PAPER_CNN),
+    _p("cnn-fedavg-e5-b10-noniid", "cnn", "fedavg", 5, 10, 0.05, iid=False, rounds=500, paper=229, every=5,
+       note=PAPER_CNN),
     # Communication (fedctl bench comm): DGC against dense FedSGD (lenet5-fedsgd-iid: same data, clients, B=∞,
     # η decay and round budget). η ∈ {0.02, 0.06, 0.12, 0.25} tried at 99.9%: 0.12 was ahead from round 75 on
     # (0.898 at round 100; 0.06: 0.862, 0.02: 0.60), 0.25 behind. One top-k over the whole model ("model" scope
