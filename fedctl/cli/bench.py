@@ -14,6 +14,7 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.policy import SyncConfig
 from fedctl.broker.store import Checkpointer
 from fedctl.cli.bench_metrics import bench_metrics
+from fedctl.cli.bench_noniid import bench_noniid
 from fedctl.cli.bench_policies import bench_heartbeat, bench_policies
 from fedctl.cli.bench_privacy import bench_privacy
 from fedctl.cli.bench_round import bench_round
@@ -52,7 +53,8 @@ def run_central(p: Preset, source_dir: Path | None, max_epochs: int, parallel: i
 
 def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int, parallel: int,
                   stop_at_target: bool) -> dict[str, Any]:
-    data = ensure_partition(None, p.dataset, p.clients, None if p.iid else 2, source_dir, 0, out / "partitions")
+    data = ensure_partition(None, p.dataset, p.clients, p.shards_per_client, source_dir, 0, out / "partitions",
+                            dirichlet=p.dirichlet)
     sampled = max(math.floor(p.fraction * p.clients + 1e-9), 1)
     state = out / "runs" / p.name
     config = BrokerConfig(model=p.model, strategy=p.strategy, rounds=max_rounds,
@@ -67,14 +69,25 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
                  "dataset": read_manifest(data).get("dataset")})
 
 
+def _known_presets(ctx: click.Context, param: click.Parameter, names: tuple[str, ...]) -> tuple[str, ...]:
+    """Every ``--preset`` names a preset (a close match is suggested otherwise)."""
+    for name in names:
+        try:
+            get_preset(name)
+        except ConfigError as err:
+            raise click.BadParameter(f"{err.message}; {err.fix}") from None
+    return names
+
+
 @click.group("bench")
 def bench_group() -> None:
     """Benchmarks and experiments; results go to --out as JSON, markdown and PNG."""
 
 
 @bench_group.command("fl")
-@click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
-              help="Experiment to run (repeatable); see docs/results.md.")
+@click.option("--preset", "presets", multiple=True, callback=_known_presets, metavar="NAME",
+              help="Experiment to run (repeatable); `--list` prints them, docs/results.md describes them.")
+@click.option("--list", "list_presets", is_flag=True, help="Print every preset with what it runs, and exit.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -85,10 +98,14 @@ def bench_group() -> None:
 @click.option("--stop-at-target/--full-budget", default=True, show_default=True,
               help="End a run at its target accuracy, or run the whole round budget.")
 @click.option("--skip-existing", is_flag=True, help="Skip presets that already have a row in OUT/fl.json.")
-def bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
-             stop_at_target: bool, skip_existing: bool) -> None:
+def bench_fl(presets: tuple[str, ...], list_presets: bool, out: Path, source_dir: Path | None,
+             max_rounds: int | None, parallel: int, stop_at_target: bool, skip_existing: bool) -> None:
     """Federated-learning experiments of the seed (McMahan et al. on MNIST): rounds, bytes and wall time to the
     target accuracy, beside the centralised baseline. Rows accumulate in OUT/fl.json; a stopped run resumes."""
+    if list_presets:
+        for p in PRESETS.values():
+            click.echo(f"{p.name:42s} {p.label()}, {p.dataset} {p.partition}, {p.max_rounds} rounds")
+        return
     if not presets:
         raise ConfigError("no --preset given", "name at least one, e.g. --preset lenet5-fedavg-e5-b10-iid "
                           "(`fedctl bench fl --help` lists them)")
@@ -123,8 +140,8 @@ COMM_SUITE = ("lenet5-fedsgd-iid", "lenet5-dgc-999-iid", "lenet5-dgc-99-iid", "m
 
 
 @bench_group.command("comm")
-@click.option("--preset", "presets", multiple=True, type=click.Choice(list(PRESETS)),
-              help=f"Run (repeatable) [default: {', '.join(COMM_SUITE)}].")
+@click.option("--preset", "presets", multiple=True, callback=_known_presets, metavar="NAME",
+              help=f"Run (repeatable) [default: {', '.join(COMM_SUITE)}]; `fedctl bench fl --list` prints them.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -251,3 +268,4 @@ bench_group.add_command(bench_heartbeat)
 bench_group.add_command(bench_privacy)
 bench_group.add_command(bench_round)
 bench_group.add_command(bench_metrics)
+bench_group.add_command(bench_noniid)

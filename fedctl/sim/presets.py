@@ -7,6 +7,7 @@ Learning rates were picked from a small multiplicative grid per setting (docs/re
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from fedctl.errors import ConfigError
@@ -38,13 +39,24 @@ class Preset:
     """Strategy options (``--opt KEY=VALUE``)."""
     reference: str | None = None
     """`fedctl bench comm`: the dense preset this run's bytes are compared with."""
+    dirichlet: float | None = None
+    """Label skew: each client's label mix drawn from Dirichlet(α) (``iid`` is then False)."""
+    target_accuracy: float | None = None
+    """The accuracy to reach, when not the model's MNIST target (Fashion-MNIST rows)."""
 
     @property
     def target(self) -> float:
-        return TARGETS[self.model]
+        return TARGETS[self.model] if self.target_accuracy is None else self.target_accuracy
+
+    @property
+    def shards_per_client(self) -> int | None:
+        """Pathological non-IID: label-sorted shards per client (2, the paper's); None for IID or Dirichlet."""
+        return None if self.iid or self.dirichlet is not None else 2
 
     @property
     def partition(self) -> str:
+        if self.dirichlet is not None:
+            return f"Dirichlet(α={self.dirichlet:g}) label skew"
         return "IID" if self.iid else "non-IID (2 label shards per client)"
 
     def label(self) -> str:
@@ -52,7 +64,7 @@ class Preset:
             decay = f", ×{self.lr_decay:g}/epoch" if self.lr_decay != 1.0 else ""
             return f"{self.model} centralised SGD (B={self.batch_size}, η={self.lr:g}{decay})"
         b = "∞" if self.batch_size == 0 else str(self.batch_size)
-        split = "" if self.iid else ", non-IID"
+        split = "" if self.iid else f", Dirichlet α={self.dirichlet:g}" if self.dirichlet is not None else ", non-IID"
         decay = f"×{self.lr_decay:g}/round" if self.lr_decay != 1.0 else ""
         opts = "".join(f" {k}={v}" for k, v in self.options)
         return (f"{self.model} {self.strategy}{opts} E={self.epochs} B={b} C={self.fraction:g} η={self.lr:g}{decay}"
@@ -146,8 +158,21 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
 )}
 
 
+def _register_comparison() -> None:
+    """The non-IID comparison's grid points (:mod:`fedctl.sim.noniid`) are presets too."""
+    from fedctl.sim.noniid import presets
+
+    PRESETS.update({p.name: p for p in presets()})
+
+
+_register_comparison()
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown preset {name!r}", f"choose from: {', '.join(PRESETS)}") from None
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}", f"{hint}the presets are listed in docs/results.md; "
+                          "`fedctl bench fl --list` prints them all") from None

@@ -1,0 +1,182 @@
+"""``fedctl bench noniid``: FedAvg against FedAvgM, FedAdagrad, FedAdam, FedYogi, FedProx and SCAFFOLD on non-IID
+data, each tuned on the same grid budget (the method: :mod:`fedctl.sim.noniid`).
+
+Results in OUT/noniid.{json,md} and OUT/noniid_<setting>.png (accuracy against the round and against the bytes on
+the wire). Every run is a ``fedctl bench fl`` preset under OUT/runs/: an interrupted comparison resumes where it
+stopped, and a grid point already run is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fedctl.cli.simulate import console, quiet_workers
+from fedctl.errors import FedctlError
+from fedctl.fsio import atomic_write, check_writable_dir
+from fedctl.sim.metrics import rounds_to_target
+from fedctl.sim.noniid import (
+    BATCH,
+    CLIENT_LR,
+    CONTENDERS,
+    DEFAULT_SETTINGS,
+    EPOCHS,
+    FRACTION,
+    SETTINGS,
+    Contender,
+    Setting,
+    preset,
+)
+
+RESULTS = "noniid.json"
+
+
+def _best_until(records: list[dict[str, Any]], last_round: int) -> float:
+    """The best test accuracy over the rounds up to ``last_round`` (0.0 when none was evaluated)."""
+    seen = [r["test_accuracy"] for r in records if r["round"] <= last_round and r.get("test_accuracy") is not None]
+    return max(seen, default=0.0)
+
+
+def _run(setting: Setting, contender: Contender, value: float, rounds: int, out: Path, source_dir: Path | None,
+         parallel: int) -> dict[str, Any]:
+    from fedctl.cli.bench import run_federated  # (imports the simulation stack: only when running)
+
+    p = preset(setting, contender, value)
+    source = source_dir if setting.dataset == "mnist" else None
+    return run_federated(p, out, source, rounds, parallel, stop_at_target=False)
+
+
+def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path | None,
+            parallel: int) -> dict[str, Any]:
+    """Tune ``contender`` on ``setting`` (every grid point to ``grid_rounds``), then run the winner to the budget."""
+    grid = []
+    for value in contender.grid:
+        row = _run(setting, contender, value, setting.grid_rounds, out, source_dir, parallel)
+        grid.append({"value": value, "best_accuracy": _best_until(row["records"], setting.grid_rounds)})
+        console.print(f"  {contender.strategy} {contender.knob}={value:g}: best accuracy "
+                      f"{grid[-1]['best_accuracy']:.4f} by round {setting.grid_rounds}")
+    chosen = max(grid, key=lambda g: (g["best_accuracy"], -g["value"]))["value"]
+    row = _run(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
+    records = [r for r in row["records"] if r["round"] <= setting.budget_rounds]
+    evaluated = [r for r in records if r.get("test_accuracy") is not None]
+    to_target = rounds_to_target([r["round"] for r in records], [r.get("test_accuracy") for r in records],
+                                 setting.target)
+    return {"setting": setting.key, "strategy": contender.strategy, "knob": contender.knob, "grid": grid,
+            "chosen": chosen, "preset": row["preset"], "label": row["label"], "rounds_run": len(records),
+            "rounds_to_target": to_target,
+            "accuracy_after_budget": evaluated[-1]["test_accuracy"] if evaluated else None,
+            "best_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
+            "bytes_up": sum(r["bytes_in"] for r in records), "bytes_down": sum(r["bytes_out"] for r in records),
+            "wall_s": round(sum(r["duration_s"] + r.get("eval_s", 0.0) for r in records), 1),
+            "curve": [(r["round"], r["test_accuracy"], r["bytes_in"] + r["bytes_out"]) for r in records]}
+
+
+def _load(out: Path) -> list[dict[str, Any]]:
+    path = out / RESULTS
+    return json.loads(path.read_text())["results"] if path.is_file() else []
+
+
+def write_report(rows: list[dict[str, Any]], out: Path) -> None:
+    atomic_write(out / RESULTS, lambda fh: fh.write(json.dumps(
+        {"environment": f"{platform.machine()} · Python {platform.python_version()}", "results": rows},
+        indent=1).encode()))
+    lines = ["# Non-IID comparison", "",
+             f"E = {EPOCHS}, B = {BATCH}, C = {FRACTION:g}, 100 clients; workers' rate {CLIENT_LR:g} unless the knob "
+             "is `lr`. Each algorithm: three grid points of its knob, each run to the setting's grid round; the best "
+             "(accuracy so far) continues to the budget. Rounds to target: monotone curve, interpolated.", ""]
+    for key, setting in SETTINGS.items():
+        mine = [r for r in rows if r["setting"] == key]
+        if not mine:
+            continue
+        lines += [f"## {setting.label}", "",
+                  f"Grid budget: 3 points × {setting.grid_rounds} rounds per algorithm; run budget "
+                  f"{setting.budget_rounds} rounds.", "",
+                  "| algorithm | knob: grid (best so far at the grid round) | chosen | rounds to target | accuracy "
+                  "after budget | best | rounds run | MB up / down | wall s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in mine:
+            grid = ", ".join(f"{g['value']:g} ({g['best_accuracy']:.4f})" for g in r["grid"])
+            reached = "not reached" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.1f}"
+            after = "–" if r["accuracy_after_budget"] is None else f"{r['accuracy_after_budget']:.4f}"
+            best = "–" if r["best_accuracy"] is None else f"{r['best_accuracy']:.4f}"
+            lines.append(f"| {r['strategy']} | {r['knob']}: {grid} | {r['chosen']:g} | {reached} | {after} | {best} | "
+                         f"{r['rounds_run']} | {r['bytes_up'] / 1e6:.1f} / {r['bytes_down'] / 1e6:.1f} | "
+                         f"{r['wall_s']:.0f} |")
+        lines.append("")
+        _plot(setting, mine, out / f"noniid_{key}.png")
+        lines += [f"![{key}](noniid_{key}.png)", ""]
+    atomic_write(out / "noniid.md", lambda fh: fh.write("\n".join(lines).encode()))
+
+
+def _plot(setting: Setting, rows: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    by_round, by_bytes = fig.subplots(1, 2)
+    for r in rows:
+        points = [(rnd, acc, b) for rnd, acc, b in r["curve"]]
+        total = 0
+        xs_b, xs_r, ys = [], [], []
+        for rnd, acc, b in points:
+            total += b
+            if acc is not None:
+                xs_r.append(rnd)
+                xs_b.append(total / 1e6)
+                ys.append(acc)
+        label = f"{r['strategy']} ({r['knob']}={r['chosen']:g})"
+        by_round.plot(xs_r, ys, linewidth=1.2, label=label)
+        by_bytes.plot(xs_b, ys, linewidth=1.2, label=label)
+    for ax, xlabel in ((by_round, "round"), (by_bytes, "MB on the wire (up + down)")):
+        ax.axhline(setting.target, color="black", linestyle="--", linewidth=0.8, label=f"target {setting.target:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    by_bytes.set_xscale("log")
+    fig.suptitle(setting.label)
+    fig.savefig(path, dpi=110)
+
+
+@click.command("noniid")
+@click.option("--setting", "settings", multiple=True, type=click.Choice(list(SETTINGS)),
+              help=f"Data setting (repeatable; default: {', '.join(DEFAULT_SETTINGS)}).")
+@click.option("--strategy", "strategies", multiple=True, type=click.Choice([c.strategy for c in CONTENDERS]),
+              help="Algorithm (repeatable; default: all).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True, help="Directory for the results and the runs' state.")
+@click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the MNIST IDX files are (Fashion-MNIST is found in /usr/share/datasets/fashion-mnist).")
+@click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
+def bench_noniid(settings: tuple[str, ...], strategies: tuple[str, ...], out: Path, source_dir: Path | None,
+                 parallel: int) -> None:
+    """FedAvg against the algorithms for non-IID data, each tuned on the same grid budget (docs/results.md)."""
+    check_writable_dir(out, "--out")
+    quiet_workers()
+    rows = _load(out)
+    for key in settings or DEFAULT_SETTINGS:
+        setting = SETTINGS[key]
+        console.print(f"[bold]{setting.label}[/]")
+        for contender in CONTENDERS:
+            if strategies and contender.strategy not in strategies:
+                continue
+            try:
+                row = compare(setting, contender, out, source_dir, parallel)
+            except FedctlError as err:
+                console.print(f"  [red]{contender.strategy}: {err}[/]")
+                raise
+            keys = [(r["setting"], r["strategy"]) for r in rows]
+            if (key, contender.strategy) in keys:  # (a rerun keeps its place in the table)
+                rows[keys.index((key, contender.strategy))] = row
+            else:
+                rows.append(row)
+            write_report(rows, out)
+            reached = row["rounds_to_target"]
+            console.print(f"  {contender.strategy}: {contender.knob}={row['chosen']:g}, to target "
+                          f"{'not reached' if reached is None else f'{reached:.1f}'}, after "
+                          f"{row['rounds_run']} rounds {row['accuracy_after_budget']}")

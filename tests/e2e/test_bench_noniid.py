@@ -1,0 +1,42 @@
+"""``fedctl bench noniid`` end to end on the bundled sample (the `smoke` setting): every grid point runs through the
+real broker, the best continues to the budget, and the report names the grid, the choice and the result; a
+misspelt ``--preset`` of ``bench fl`` is refused in one line with a suggestion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import fedctl
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_the_comparison_tunes_each_algorithm_then_runs_the_best_to_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = fedctl(tmp_path, "bench", "noniid", "--setting", "smoke", "--strategy", "fedavg", "--strategy", "fedavgm",
+                 "--out", str(out), "--parallel", "1", timeout=200)
+    assert run.returncode == 0, run.stderr
+    rows = json.loads((out / "noniid.json").read_text())["results"]
+    assert [r["strategy"] for r in rows] == ["fedavg", "fedavgm"]
+    for r in rows:
+        assert len(r["grid"]) == 3 and r["rounds_run"] == 3
+        best = max(r["grid"], key=lambda g: (g["best_accuracy"], -g["value"]))
+        assert r["chosen"] == best["value"], "the best grid point is the one run to the budget"
+        assert r["bytes_up"] > 0 and r["accuracy_after_budget"] is not None
+        assert (out / "runs" / r["preset"] / "metrics.jsonl").is_file()
+    page = (out / "noniid.md").read_text()
+    assert "| fedavg | lr: 0.025 (" in page and "| fedavgm | eta: 0.3 (" in page
+    assert (out / "noniid_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = fedctl(tmp_path, "bench", "noniid", "--setting", "smoke", "--strategy", "fedavg", "--out", str(out),
+                   "--parallel", "1", timeout=200)
+    assert again.returncode == 0 and json.loads((out / "noniid.json").read_text())["results"] == rows, \
+        "a finished comparison resumes to the same result without training again"
+
+
+def test_a_misspelt_preset_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
+    run = fedctl(tmp_path, "bench", "fl", "--preset", "cnn-fedavg-e5-b10-idd", timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert "did you mean cnn-fedavg-e5-b10-iid" in line, line
