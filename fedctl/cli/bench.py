@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,21 @@ def run_federated(p: Preset, out: Path, source_dir: Path | None, max_rounds: int
                  "dataset": read_manifest(data).get("dataset")})
 
 
+def _lr_grid(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[float, ...] | None:
+    """``--lr-grid 0.05,0.1,0.2``: two or more distinct rates above 0, in increasing order."""
+    if text is None:
+        return None
+    try:
+        grid = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers; pass e.g. 0.05,0.1,0.2") \
+            from None
+    if len(grid) < 2 or not all(math.isfinite(g) and g > 0 for g in grid):
+        raise click.BadParameter(f"{text!r}: a grid needs two or more distinct finite rates above 0, e.g. "
+                                 "0.05,0.1,0.2")
+    return grid
+
+
 def _known_presets(ctx: click.Context, param: click.Parameter, names: tuple[str, ...]) -> tuple[str, ...]:
     """Every ``--preset`` names a preset (a close match is suggested otherwise)."""
     for name in names:
@@ -98,8 +114,13 @@ def bench_group() -> None:
 @click.option("--stop-at-target/--full-budget", default=True, show_default=True,
               help="End a run at its target accuracy, or run the whole round budget.")
 @click.option("--skip-existing", is_flag=True, help="Skip presets that already have a row in OUT/fl.json.")
+@click.option("--lr-grid", callback=_lr_grid, metavar="ETA,ETA[,...]", default=None,
+              help="The paper's method: run each preset at each of these workers' learning rates (a multiplicative "
+                   "grid, e.g. 0.05,0.1,0.2; each point its own resumable run) and keep the best as its row: the "
+                   "fewest rounds to the target, else the best accuracy.")
 def bench_fl(presets: tuple[str, ...], list_presets: bool, out: Path, source_dir: Path | None,
-             max_rounds: int | None, parallel: int, stop_at_target: bool, skip_existing: bool) -> None:
+             max_rounds: int | None, parallel: int, stop_at_target: bool, skip_existing: bool,
+             lr_grid: tuple[float, ...] | None) -> None:
     """Federated-learning experiments of the seed (McMahan et al. on MNIST): rounds, bytes and wall time to the
     target accuracy, beside the centralised baseline. Rows accumulate in OUT/fl.json; a stopped run resumes."""
     if list_presets:
@@ -112,11 +133,36 @@ def bench_fl(presets: tuple[str, ...], list_presets: bool, out: Path, source_dir
     check_writable_dir(out, "--out")
     quiet_workers()
     with missing_dataset_fix(has_download=False):
-        _bench_fl(presets, out, source_dir, max_rounds, parallel, stop_at_target, skip_existing)
+        _bench_fl(presets, out, source_dir, max_rounds, parallel, stop_at_target, skip_existing, lr_grid)
+
+
+def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | None, budget: int, parallel: int,
+              stop_at_target: bool) -> dict[str, Any]:
+    """Run ``p`` at every workers' rate of ``grid`` (runs ``<preset>@lr<η>``) and return the best as ``p``'s row,
+    with every point's outcome in ``lr_grid``."""
+    points = []
+    for eta in grid:
+        point = replace(p, name=f"{p.name}@lr{eta:g}", lr=eta)
+        points.append(run_federated(point, out, source_dir, budget, parallel, stop_at_target))
+        s = points[-1]["summary"]
+        console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}, best "
+                      f"{s.get('best_accuracy')}")
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float, float]:
+        s = row["summary"]
+        return (s.get("rounds_to_target") is None, s.get("rounds_to_target") or 0.0, -(s.get("best_accuracy") or 0.0))
+
+    best = dict(min(points, key=rank))
+    best["preset"] = p.name
+    best["lr_grid"] = [{"lr": r["lr"], "rounds_to_target": r["summary"].get("rounds_to_target"),
+                        "best_accuracy": r["summary"].get("best_accuracy"),
+                        "rounds_run": r["summary"].get("rounds_run")} for r in points]
+    best["command"] = f"fedctl bench fl --preset {p.name} --lr-grid {','.join(f'{g:g}' for g in grid)}"
+    return best
 
 
 def _bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
-              stop_at_target: bool, skip_existing: bool) -> None:
+              stop_at_target: bool, skip_existing: bool, lr_grid: tuple[float, ...] | None = None) -> None:
     done = {r["preset"] for r in merge_results(out / "fl.json", [])} if skip_existing else set()
     for name in presets:
         if name in done:
@@ -124,8 +170,12 @@ def _bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_
             continue
         p = get_preset(name)
         budget = max_rounds or p.max_rounds
-        row = (run_central(p, source_dir, budget, parallel) if p.strategy == "central"
-               else run_federated(p, out, source_dir, budget, parallel, stop_at_target))
+        if p.strategy == "central":
+            row = run_central(p, source_dir, budget, parallel)
+        elif lr_grid:
+            row = _grid_row(p, lr_grid, out, source_dir, budget, parallel, stop_at_target)
+        else:
+            row = run_federated(p, out, source_dir, budget, parallel, stop_at_target)
         rows = merge_results(out / "fl.json", [row])
         files = write_report(rows, out, "fl")
         s = row["summary"]

@@ -109,7 +109,10 @@ def _mb(value: float | None) -> str:
 
 def _row(r: Result) -> list[str]:
     s = r["summary"]
-    common = [r["label"], r["partition"], f"{r['lr']:g}"]
+    grid = r.get("lr_grid")
+    tried = ", ".join(f"{g['lr']:g}" for g in grid or [])
+    eta = f"{r['lr']:g}" if not grid else f"{r['lr']:g} (best of {tried})"
+    common = [r["label"], r["partition"], eta]
     if r["strategy"] == CENTRAL:
         best = f"{fmt(s.get('best_accuracy'), '.4f')} ({fmt(s.get('epochs_run'), 'g')} epochs)"
         return common + [DASH, DASH, fmt(s.get("epochs_to_target"), ".2f"), DASH, DASH,

@@ -40,3 +40,17 @@ def test_a_misspelt_preset_is_one_line_with_a_suggestion(tmp_path: Path) -> None
     assert run.returncode == 2 and "Traceback" not in run.stderr
     [line] = run.stderr.strip().splitlines()
     assert "did you mean cnn-fedavg-e5-b10-iid" in line, line
+
+
+def test_an_lr_grid_keeps_the_best_point_as_the_row(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--out", str(out), "--max-rounds", "2",
+                 "--parallel", "1", "--lr-grid", "0.2,0.05", timeout=200)
+    assert run.returncode == 0, run.stderr
+    [row] = json.loads((out / "fl.json").read_text())["results"]
+    grid = {g["lr"]: g["best_accuracy"] for g in row["lr_grid"]}
+    assert set(grid) == {0.05, 0.2} and row["lr"] == max(grid, key=lambda lr: grid[lr])
+    assert row["preset"] == "smoke" and (out / "runs" / "smoke@lr0.05" / "metrics.jsonl").is_file()
+    assert f"{row['lr']:g} (best of 0.05, 0.2)" in (out / "fl.md").read_text()
+    bad = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--lr-grid", "0.1", timeout=60)
+    assert bad.returncode == 2 and "two or more distinct" in bad.stderr and "Traceback" not in bad.stderr
