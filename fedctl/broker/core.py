@@ -41,7 +41,7 @@ from fedctl.strategies.base import Strategy, Update
 from fedctl.wire import chunks, decode, encode, make, payload_bytes, peek_id
 from fedctl.wire import constants as C
 from fedctl.wire.compression import CodecCost, worth_compressing
-from fedctl.wire.constants import ErrorCode
+from fedctl.wire.constants import EXTRA_SEPARATOR, ErrorCode
 from fedctl.wire.messages import Message, peek
 from fedctl.wire.tensors import Tensor
 
@@ -59,12 +59,52 @@ when the update is dropped; False when the pending store keeps it)."""
 
 class Downlink(NamedTuple):
     """What a worker holding some model version is sent: tensors, their encoded frames, whether they are a delta,
-    and the same frames through the zlib codec when some worker's link makes that worth it (None otherwise)."""
+    and the same frames through the zlib codec when some worker's link makes that worth it (None otherwise).
+
+    ``extra``: how many of the tensors (and frames), at the end, are the strategy's extra tensors (docs/protocol.md
+    §5.6): a ``model`` carries them, an ``evaluate`` leaves them out."""
 
     tensors: dict[str, Tensor]
     frames: list[bytes]
     is_delta: bool
     zframes: list[bytes] | None = None
+    extra: int = 0
+
+    def without_extra(self) -> Downlink:
+        """The same downlink without the strategy's extra tensors."""
+        if not self.extra:
+            return self
+        keep = len(self.frames) - self.extra
+        return Downlink(dict(list(self.tensors.items())[:keep]), self.frames[:keep], self.is_delta,
+                        None if self.zframes is None else self.zframes[:keep])
+
+
+def check_extra_tensors(config: BrokerConfig, spec: ModelSpec, strategy: Strategy) -> None:
+    """A strategy with extra tensors (docs/protocol.md §5.6) sends each message whole, with one extra tensor per
+    model tensor and prefix: the model must fit one message that many times over (``--chunk-above-mb``; chunked
+    transfers carry the model only), in the tensor frames a message may have, under names of at most
+    MAX_NAME_CHARS. ConfigError otherwise, at start."""
+    prefixes = {*strategy.extra_downlink, *strategy.extra_uplink}
+    if not prefixes:
+        return
+    copies = 1 + max(len(strategy.extra_downlink), len(strategy.extra_uplink))
+    if copies * spec.nbytes > config.chunk_above:
+        raise ConfigError(f"strategy {strategy.name!r} sends the model with {copies - 1} extra tensor(s) of its size "
+                          f"in one message ({copies * spec.nbytes:,} bytes), above --chunk-above-mb "
+                          f"({config.chunk_above:,} bytes), and its extra tensors cannot travel in chunks",
+                          f"raise --chunk-above-mb (and --max-message-mb) above {copies * spec.nbytes:,} bytes")
+    if copies * len(spec.params) > C.MAX_TENSORS:
+        raise ConfigError(f"strategy {strategy.name!r} sends {copies} tensors per model tensor: "
+                          f"{copies * len(spec.params)} frames, above the {C.MAX_TENSORS} a message may carry",
+                          "use a model with fewer tensors, or another strategy")
+    names = {p.name for p in spec.params}
+    for prefix in sorted(prefixes):
+        for p in spec.params:
+            name = f"{prefix}{EXTRA_SEPARATOR}{p.name}"
+            if len(name) > C.MAX_NAME_CHARS or name in names:
+                raise ConfigError(f"strategy {strategy.name!r} cannot name its extra tensor {name!r}: longer than "
+                                  f"{C.MAX_NAME_CHARS} characters or a tensor of the model",
+                                  "shorten the model's tensor names, or use another strategy")
 
 
 class BrokerCore(PushIntake):
@@ -124,6 +164,7 @@ class BrokerCore(PushIntake):
         of the version being made, so admission counts one more version of staleness."""
         self.evaluations = Evaluations(config.fed_eval_fraction, config.sync.round_timeout_s)
         """Federated evaluation (docs/protocol.md §7.2): the open one, if any."""
+        check_extra_tensors(config, spec, strategy)
         self.secure = self._secure_aggregation(config, spec)
         self.dp = self._private_rounds(config, state)
         """DP-FedAvg (docs/privacy.md), when the run uses it: its accountant, clipping bound and noise."""
@@ -487,7 +528,8 @@ class BrokerCore(PushIntake):
                              mtype: str, **fields: Any) -> list[Effect]:
         """Answer ``record``'s pull with ``mtype`` carrying the weights: the delta on its version, or the dense model
         (in chunks, paced by the worker's credits, when large)."""
-        tensors, frames, is_delta, zframes = downlinks[record.holds_version]
+        chosen = downlinks[record.holds_version]
+        tensors, frames, is_delta, zframes, _ = chosen if mtype == C.MODEL else chosen.without_extra()
         if zframes is not None and self.compress_for(record, frames):
             frames = zframes
         in_chunks = self.chunked_model() if not is_delta else 0

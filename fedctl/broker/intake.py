@@ -25,7 +25,7 @@ from fedctl.broker.policy import Admission, ClockPolicy, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
 from fedctl.errors import ProtocolError
 from fedctl.strategies.base import Strategy, Update
-from fedctl.wire import check_against_spec, make, unpack_sparse
+from fedctl.wire import check_against_spec, make, split_extras, unpack_sparse
 from fedctl.wire import constants as C
 from fedctl.wire.constants import ErrorCode
 from fedctl.wire.messages import Message
@@ -74,10 +74,16 @@ class PushIntake:
         if chunked and msg.tensors:
             raise ProtocolError(ErrorCode.BAD_FIELD, "a push with 'chunks' carries its tensors in chunk messages",
                                 "send the push header alone, then the chunks")
+        if chunked and self.strategy.extra_uplink:  # chunks cover the model only: the extra tensors could not come
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"strategy {self.strategy.name}'s pushes carry extra tensors, "
+                                "so they travel whole, never in chunks", "send the push with its tensors")
         tensors = unpack_sparse(msg.tensors, self.shapes)  # a packed sparse frame, split per tensor
         if not chunked:  # (a chunked push's slices are checked as they come: wire.chunks.Cursor)
+            # The strategy's extra tensors (docs/protocol.md §5.6) are checked against the tensors they shadow and
+            # stay in the update; without declared prefixes any such name is refused below as not the model's.
+            model, _ = split_extras(tensors, self.strategy.extra_uplink, self.shapes)
             # a gradient or delta may leave out tensors it does not change (zero); weights carry every tensor
-            check_against_spec(tensors, self.shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
+            check_against_spec(model, self.shapes, UPDATE_DTYPES, partial=msg["kind"] != C.KIND_WEIGHTS)
         admission = self._admit(record, msg)
         if admission.duplicate:
             return self._duplicate(identity, msg, record)

@@ -11,7 +11,7 @@ from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics,
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
 from fedctl.broker.store import ModelSnapshot
-from fedctl.strategies.base import Update
+from fedctl.strategies.base import ROUND_WORKERS, Update
 from fedctl.strategies.kernels import from_change_vector
 
 log = logging.getLogger(__name__)
@@ -247,11 +247,12 @@ class RoundDriver(Driver):
             extra = {**extra, "dp": dp}
             core.state["dp"] = core.dp.saved()
             aggregated = [private]
-        result = await asyncio.to_thread(core.strategy.aggregate, core.store.weights, aggregated,
-                                         core.state["strategy_state"], core.rng)
+        # The state tells the strategy how many workers the round sampled from (SCAFFOLD's N); never saved.
+        state = {**core.state["strategy_state"], ROUND_WORKERS: max(self.population, len(closed.selected))}
+        result = await asyncio.to_thread(core.strategy.aggregate, core.store.weights, aggregated, state, core.rng)
         core.finish_apply(result.weights, len(aggregated))
         core.state["round"] = closed.number
-        core.state["strategy_state"] = result.state
+        core.state["strategy_state"] = {k: v for k, v in result.state.items() if k != ROUND_WORKERS}
         core.state["elapsed_s"] = host.now() - self.started
         # The checkpoint is written while this round is evaluated and the next round's models go out; what it
         # writes is this round's, copied now. Its workers' acks wait for it (intake.py), and no update of the next

@@ -19,6 +19,14 @@ from fedctl.errors import ConfigError
 from fedctl.wire.tensors import SparseTensor, Tensor
 
 Params = dict[str, np.ndarray]
+EXTRA_TENSORS = "extra_tensors"
+"""Key of the ``task`` map a worker hands :meth:`Strategy.client_update`: the extra tensors the model message
+carried (``<prefix>/<tensor name>`` for the prefixes of :attr:`Strategy.extra_downlink`, docs/protocol.md §5.6), set
+by the worker (never read from the wire's task map)."""
+ROUND_WORKERS = "round_workers"
+"""Key of the state the sync round driver passes to :meth:`Strategy.aggregate`: the number of workers connected
+when the round opened (at least those it sampled), SCAFFOLD's N. The driver removes it from the returned state, so
+it is never checkpointed; absent when the caller does not know it (direct calls, unit tests)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,8 @@ class AggregateResult:
 class LocalTrainer(Protocol):
     """The two framework operations strategies need (see fedctl.worker.frameworks.base.Trainer)."""
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> Any: ...
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0,
+            grad_offset: Params | None = None) -> Any: ...
 
     def gradient(self, weights: Params, batch_size: int, seed: int) -> Any: ...
 
@@ -151,6 +160,12 @@ class Strategy(ABC):
     policies: ClassVar[tuple[str, ...]] = ("sync", "ssp", "async")
     """The consistency policies (``--policy`` names: ``sync``, ``ssp``, ``async``) the algorithm is defined for; the
     broker refuses a run under any other at start (:meth:`check_policy`)."""
+    extra_downlink: ClassVar[tuple[str, ...]] = ()
+    """Prefixes of the extra tensors the broker adds to each ``model`` message (:meth:`downlink_extra`): for each, one
+    dense float32 tensor ``<prefix>/<name>`` per model tensor (docs/protocol.md §5.6; SCAFFOLD's ``scaffold.c``)."""
+    extra_uplink: ClassVar[tuple[str, ...]] = ()
+    """Prefixes of the extra tensors every ``push`` of the run must carry besides the update, one per model tensor
+    each, validated by the broker against the model and kept in :attr:`Update.tensors` (SCAFFOLD's ``scaffold.dc``)."""
 
     def __init__(self, task: TaskConfig) -> None:
         self.task = task
@@ -210,6 +225,12 @@ class Strategy(ABC):
         """
         scaled = [replace(u, tensors=scale_tensors(u.tensors, s)) for u, s in zip(updates, scales)]
         return self.aggregate(weights, scaled, state, rng)
+
+    def downlink_extra(self, weights: Params, state: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The extra tensors of the ``model`` messages handed out now, named ``<prefix>/<tensor name>`` for each
+        prefix of :attr:`extra_downlink`, from the broker's ``state``; they go whole in every ``model`` message (not
+        in ``evaluate``). The default, for strategies that declare none, is nothing."""
+        return {}
 
     def downlink(self, current: Params, base: Params | None) -> dict[str, Tensor] | None:
         """What to send a worker that holds ``base`` (None: it holds nothing) so that it gets ``current``.

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 _REGISTRY: dict[str, type[Strategy]] = {}
 _BUILTIN = ("fedctl.strategies.fedsgd", "fedctl.strategies.fedavg", "fedctl.strategies.dgc", "fedctl.strategies.ssgd",
             "fedctl.strategies.fedavgm", "fedctl.strategies.fedadagrad", "fedctl.strategies.fedadam",
-            "fedctl.strategies.fedyogi")
+            "fedctl.strategies.fedyogi", "fedctl.strategies.fedprox", "fedctl.strategies.scaffold")
 S = TypeVar("S", bound=type)
 
 

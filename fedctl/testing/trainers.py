@@ -56,21 +56,33 @@ class NumpyMLPTrainer:
     y: np.ndarray
     backend: str = "numpy"
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0,
+            grad_offset: Params | None = None) -> TrainResult:
+        """Plain SGD, each step's gradient corrected by ``prox_mu · (w − weights) + grad_offset`` (see
+        :class:`~fedctl.worker.frameworks.base.Trainer`)."""
         w = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
+        start = {k: v.copy() for k, v in w.items()} if prox_mu else {}
+        offset = grad_offset or {}
         rng, n = np.random.default_rng(seed), len(self.y)
         b = batch_size or n
         losses: list[float] = []
+        steps = 0
         for _ in range(epochs):
             order = rng.permutation(n)
             losses = []
-            for start in range(0, n, b):
-                idx = order[start:start + b]
+            for begin in range(0, n, b):
+                idx = order[begin:begin + b]
                 loss, g = mlp_loss_grad(w, self.x[idx], self.y[idx])
                 losses.append(loss)
                 for k in w:
-                    w[k] -= np.float32(lr) * g[k]
-        return TrainResult(w, n, {"train_loss": float(np.mean(losses))})
+                    step = g[k]
+                    if prox_mu:
+                        step = step + np.float32(prox_mu) * (w[k] - start[k])
+                    if k in offset:
+                        step = step + np.asarray(offset[k], np.float32)
+                    w[k] -= np.float32(lr) * step
+                steps += 1
+        return TrainResult(w, n, {"train_loss": float(np.mean(losses)), "steps": steps})
 
     def gradient(self, weights: Params, batch_size: int, seed: int) -> TrainResult:
         n = len(self.y)
@@ -96,7 +108,9 @@ class NoOpTrainer:
     and the update is not the model it was given: what `fedctl bench round` and Flower's client both send)."""
     _nu: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0,
+            grad_offset: Params | None = None) -> TrainResult:
+        """No training, so no gradient to correct: ``prox_mu`` and ``grad_offset`` change nothing."""
         if not self.noise:
             return TrainResult({k: np.asarray(v) for k, v in weights.items()}, self.num_examples, {"train_loss": 0.0})
         if not self._nu:

@@ -6,7 +6,7 @@ Pure: imports numpy and msgpack, never zmq or asyncio. Modules: ``constants`` (m
 codec), ``chunks`` (chunked transfers).
 """
 
-from fedctl.wire.constants import PROTOCOL_VERSION, ErrorCode
+from fedctl.wire.constants import EXTRA_SEPARATOR, PROTOCOL_VERSION, ErrorCode
 from fedctl.wire.frames import COMPACT_SPARSE_FIELDS, MSGPACK_ERRORS, decode_tensor, encode_tensor
 from fedctl.wire.indices import index_encoding, sparse_nbytes
 from fedctl.wire.messages import (
@@ -28,10 +28,11 @@ from fedctl.wire.tensors import (
     check_against_spec,
     densify,
     pack_sparse,
+    split_extras,
     unpack_sparse,
 )
 
-__all__ = ["COMPACT_SPARSE_FIELDS", "MSGPACK_ERRORS", "PACKED_NAME", "PROTOCOL_VERSION", "SCHEMA", "ErrorCode",
-           "Message", "SparseTensor", "Tensor", "TensorSlice", "check_against_spec", "decode", "decode_tensor",
-           "densify", "encode", "encode_tensor", "encode_tensors", "index_encoding", "make", "pack_sparse",
-           "payload_bytes", "peek_id", "peek_type", "sparse_nbytes", "unpack_sparse"]
+__all__ = ["COMPACT_SPARSE_FIELDS", "EXTRA_SEPARATOR", "MSGPACK_ERRORS", "PACKED_NAME", "PROTOCOL_VERSION",
+           "SCHEMA", "ErrorCode", "Message", "SparseTensor", "Tensor", "TensorSlice", "check_against_spec", "decode",
+           "decode_tensor", "densify", "encode", "encode_tensor", "encode_tensors", "index_encoding", "make",
+           "pack_sparse", "payload_bytes", "peek_id", "peek_type", "sparse_nbytes", "split_extras", "unpack_sparse"]

@@ -121,6 +121,10 @@ ACK_ACCEPTED = "accepted"
 ACK_DUPLICATE = "duplicate"
 ACK_STATUSES = frozenset({ACK_ACCEPTED, ACK_DUPLICATE})
 
+EXTRA_SEPARATOR = "/"
+"""Between a strategy's extra-tensor prefix and the model tensor the extra tensor shadows: ``scaffold.c/fc1.weight``
+(docs/protocol.md §5.6)."""
+
 # Update kinds a push may carry (header field "kind").
 KIND_WEIGHTS = "weights"
 KIND_GRADIENT = "gradient"

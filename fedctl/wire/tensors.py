@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedctl.errors import ProtocolError
-from fedctl.wire.constants import MAX_TENSOR_ELEMENTS, ErrorCode
+from fedctl.wire.constants import EXTRA_SEPARATOR, MAX_TENSOR_ELEMENTS, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,48 @@ def check_against_spec(tensors: Mapping[str, Tensor], expected: Mapping[str, tup
                                 f"the model needs {tuple(expected[name])}")
         if dtype_str(np.empty(0, tensor.dtype)) not in dtypes:
             raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"tensor {name!r} has dtype {tensor.dtype}, expected float32")
+
+
+def split_extras(tensors: Mapping[str, Tensor], prefixes: tuple[str, ...], expected: Mapping[str, tuple[int, ...]],
+                 ) -> tuple[dict[str, Tensor], dict[str, np.ndarray]]:
+    """Separate a message's extra tensors — ``<prefix>/<model tensor>`` for a prefix in ``prefixes`` (those the run's
+    strategy declares) — from its model tensors (docs/protocol.md §5.6).
+
+    Each extra tensor must be dense float32 of the shape of the model tensor it shadows, and for each prefix the
+    message must carry one for every model tensor of ``expected``. Names under no declared prefix stay with the
+    model tensors, where :func:`check_against_spec` refuses any that is not the model's. With no prefixes, nothing
+    is separated (and nothing is allocated).
+
+    Raises
+    ------
+    ProtocolError
+        MODEL_MISMATCH naming the first offending extra tensor.
+    """
+    if not prefixes:
+        return dict(tensors), {}
+    model: dict[str, Tensor] = {}
+    extras: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        prefix, sep, shadowed = name.partition(EXTRA_SEPARATOR)
+        if not sep or prefix not in prefixes:
+            model[name] = tensor
+            continue
+        if shadowed not in expected:
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"extra tensor {name!r} shadows no tensor of the model",
+                                "name extra tensors <prefix>/<model tensor name>")
+        if isinstance(tensor, SparseTensor) or dtype_str(np.empty(0, tensor.dtype)) != "<f4":
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"extra tensor {name!r} must be a dense float32 frame")
+        if tuple(tensor.shape) != tuple(expected[shadowed]):
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"extra tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                f"the model's {shadowed} {tuple(expected[shadowed])}")
+        extras[name] = tensor
+    for prefix in prefixes:
+        missing = [n for n in expected if f"{prefix}{EXTRA_SEPARATOR}{n}" not in extras]
+        if missing:
+            raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"the message lacks the extra tensors "
+                                f"{[prefix + EXTRA_SEPARATOR + n for n in missing[:3]]} the run's strategy needs",
+                                f"send {prefix}{EXTRA_SEPARATOR}<name> for every tensor of the model")
+    return model, extras
 
 
 PACKED_NAME = "*"

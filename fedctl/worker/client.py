@@ -9,6 +9,7 @@ in :mod:`fedctl.worker.chunked`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -27,7 +28,16 @@ from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError
 from fedctl.models import ModelSpec, first_difference, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
-from fedctl.wire import SparseTensor, check_against_spec, densify, pack_sparse, unpack_sparse
+from fedctl.strategies.base import EXTRA_TENSORS
+from fedctl.wire import (
+    PACKED_NAME,
+    SparseTensor,
+    check_against_spec,
+    densify,
+    pack_sparse,
+    split_extras,
+    unpack_sparse,
+)
 from fedctl.wire import constants as C
 from fedctl.wire.compression import CodecCost, check_mode, worth_compressing
 from fedctl.wire.constants import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode
@@ -258,6 +268,20 @@ class Worker:
         assert self.spec is not None
         return {p.name: p.shape for p in self.spec.params}
 
+    def _split_extras(self, model: Message, strategy: Strategy) -> tuple[Message, dict[str, np.ndarray]]:
+        """The model message without its extra tensors, and those (every one the strategy declares, each checked
+        against the tensor it shadows, docs/protocol.md §5.6); ProtocolError otherwise — also for a model in chunks,
+        which cannot carry them."""
+        if not strategy.extra_downlink:
+            return model, {}
+        shapes = self._shapes()
+        if model.get("chunks"):
+            split_extras({}, strategy.extra_downlink, shapes)  # (refuses: the extras are missing)
+        if PACKED_NAME in model.tensors:
+            unpack_sparse(model.tensors, shapes)  # (refuses: a packed frame is a message's only tensor, §4.7)
+        rest, extras = split_extras(model.tensors, strategy.extra_downlink, shapes)
+        return dataclasses.replace(model, tensors=rest), extras
+
     def _weights_of(self, model: Message) -> Params:
         """The weights a model message gives: the dense model, or replacements applied to the held version."""
         shapes = self._shapes()
@@ -339,6 +363,11 @@ class Worker:
         strategy = get_strategy(task["strategy"], TaskConfig(int(task["epochs"]), int(task["batch_size"]),
                                                                float(task["lr"]),
                                                                options=dict(task.get("options") or {})))
+        try:  # the strategy's extra tensors (docs/protocol.md §5.6) go to its client rule, not into the weights
+            model, task[EXTRA_TENSORS] = self._split_extras(model, strategy)
+        except ProtocolError as err:
+            await self._report_failure(int(model["round"]), err)
+            return None
         if model.get("chunks"):
             weights = await receive_model(self.conn, model, self._shapes(), self._liveness_s)
         else:

@@ -49,7 +49,7 @@ def test_missing_eval_data_fails_before_serving(tmp_path: Path, partition_dir: P
 @pytest.mark.parametrize("args, option", [
     (("serve", "--model", "resnet"), "--model"),
     (("join", "--data", "shard0", "--backend", "caffe"), "--backend"),
-    (("serve", "--strategy", "fedprox"), "--strategy"),
+    (("serve", "--strategy", "fednova"), "--strategy"),  # (fedprox exists now)
 ])
 def test_unknown_choice_is_a_usage_error(tmp_path: Path, args: tuple[str, ...], option: str) -> None:
     run = fedctl(tmp_path, *args)

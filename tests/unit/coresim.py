@@ -163,6 +163,7 @@ class CoreSim:
                                               self.core.rng)
         self.core.finish_apply(result.weights, len(updates))
         self.state["round"] += 1
+        self.state["strategy_state"] = result.state
         self.run(self.core.release_acks(self.state["round"]))
         return updates
 

@@ -271,3 +271,16 @@ def check_fit_args(epochs: int, lr: float) -> None:
         raise ConfigError(f"epochs must be >= 0, got {epochs}", "use a non-negative number of local epochs")
     if not np.isfinite(lr) or lr < 0:
         raise ConfigError(f"learning rate must be finite and >= 0, got {lr}", "use a positive learning rate")
+
+
+def check_correction(prox_mu: float, grad_offset: Params | None) -> None:
+    """Raise :class:`ConfigError` unless ``prox_mu`` is finite and >= 0 and ``grad_offset`` holds only finite
+    arrays (the gradient correction of ``Trainer.fit``)."""
+    if not np.isfinite(prox_mu) or prox_mu < 0:
+        raise ConfigError(f"the proximal coefficient must be finite and >= 0, got {prox_mu}",
+                          "pass --opt mu=<number >= 0> (0 is FedAvg)")
+    for name, offset in (grad_offset or {}).items():
+        if not np.isfinite(np.asarray(offset)).all():
+            raise ConfigError(f"the gradient offset of {name} holds NaN or infinite values",
+                              "check the control variates (pass a fresh --state-dir to the worker)")
+

@@ -28,10 +28,17 @@ class Trainer(Protocol):
 
     backend: str
 
-    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int) -> TrainResult:
+    def fit(self, weights: Params, epochs: int, batch_size: int, lr: float, seed: int, prox_mu: float = 0.0,
+            grad_offset: Params | None = None) -> TrainResult:
         """Run ``epochs`` of mini-batch SGD (batch ``batch_size``; 0 = the whole shard) from ``weights``.
 
-        Returns the new weights (float32 numpy, canonical names) and metrics (``train_loss``, ``train_accuracy``).
+        ``prox_mu`` and ``grad_offset`` correct the gradient of every step before the parameters move:
+        g ← g + prox_mu · (w − w₀) + grad_offset, w₀ being ``weights`` (FedProx's proximal term; SCAFFOLD's c − c_i).
+        The offset applies to the trainable tensors it names (others, and a user task's buffers, get none). With
+        both off (the defaults) the loop does no extra work.
+
+        Returns the new weights (float32 numpy, canonical names) and metrics (``train_loss``, ``train_accuracy``,
+        ``steps``: the SGD steps taken, K).
         """
         ...
 

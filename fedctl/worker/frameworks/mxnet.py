@@ -10,7 +10,8 @@ import ctypes
 import logging
 import platform
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,7 @@ from fedctl.worker.frameworks.device import parse_device, require_gpu
 from fedctl.worker.frameworks.loop import SGDLoop
 from fedctl.worker.threads import ThreadBudget, as_budget, available_cpus
 
-__all__ = ["MXNetTrainer", "build_block"]
+__all__ = ["Correction", "MXNetTrainer", "build_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,42 @@ def build_block(spec: ModelSpec, ctx: mx.Context) -> tuple[gluon.HybridBlock, di
             "align fedctl/worker/frameworks/mxnet.py with fedctl/models/zoo.py",
         )
     return block, params
+
+
+@dataclass(frozen=True)
+class Correction:
+    """``fit``'s gradient correction in NDArrays, by parameter name: g ← g + mu · (w − start) + offset (``start``
+    empty when mu is 0; no offset where ``grad_offset`` names none)."""
+
+    mu: float
+    start: dict[str, nd.NDArray]
+    offset: dict[str, nd.NDArray]
+
+    @classmethod
+    def of(cls, params: Mapping[str, gluon.Parameter], ctx: mx.Context, prox_mu: float,
+           grad_offset: Params | None) -> Correction:
+        """The correction for ``params`` (the trainable ones, by run name) as they are now (w₀)."""
+        offsets = {}
+        for name, p in params.items():
+            value = (grad_offset or {}).get(name)
+            if value is None:
+                continue
+            if tuple(np.shape(value)) != tuple(p.shape):
+                raise ModelMismatch(f"the gradient offset of {name} has shape {tuple(np.shape(value))}, the "
+                                    f"parameter {tuple(p.shape)}", "check the strategy's control variates")
+            offsets[name] = nd.array(np.asarray(value), ctx=ctx, dtype=p.dtype)
+        start = {name: p.data(ctx).copy() for name, p in params.items()} if prox_mu else {}
+        return cls(float(prox_mu), start, offsets)
+
+    def apply_(self, params: Mapping[str, gluon.Parameter], ctx: mx.Context) -> None:
+        """Add the correction to the gradients of ``params`` in place (after ``backward``, before the update)."""
+        for name, p in params.items():
+            grad = p.grad(ctx)
+            if self.start:
+                grad += self.mu * (p.data(ctx) - self.start[name])
+            offset = self.offset.get(name)
+            if offset is not None:
+                grad += offset
 
 
 # -- CPU threads -----------------------------------------------------------------------------------------------------
@@ -246,14 +283,25 @@ class MXNetTrainer(SGDLoop):
         index = nd.array(idx, ctx=self.ctx, dtype=np.int64)
         return nd.take(self._x, index), nd.take(self._y, index)
 
-    def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[nd.NDArray, nd.NDArray]:
-        """One SGD step on the mean loss of batch ``idx``; returns (summed loss, correct count) before the step."""
+    def _hooked(self) -> Mapping[str, gluon.Parameter]:
+        """The parameters SGD moves, by run name (the gradient correction's)."""
+        return self._params
+
+    def _correction(self, prox_mu: float, grad_offset: Params | None) -> Correction:
+        return Correction.of(self._hooked(), self.ctx, prox_mu, grad_offset)
+
+    def _sgd_step(self, idx: np.ndarray, lr: float,
+                  correction: Correction | None = None) -> tuple[nd.NDArray, nd.NDArray]:
+        """One SGD step on the mean loss of batch ``idx`` (its gradient corrected, when asked); returns (summed
+        loss, correct count) before the step."""
         xb, yb = self._batch(idx)
         with autograd.record():
             logits = self._net(xb)
             losses = self._loss(logits, yb)
             mean = losses.mean()
         mean.backward()
+        if correction is not None:
+            correction.apply_(self._params, self.ctx)
         for p in self._params.values():
             weight = p.data(self.ctx)
             nd.sgd_update(weight, p.grad(self.ctx), lr=lr, wd=0.0, rescale_grad=1.0, out=weight)

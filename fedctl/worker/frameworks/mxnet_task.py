@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from fedctl.models.zoo import ModelSpec, ParamSpec
 from fedctl.tasks import Task
 from fedctl.worker.frameworks import check_class_scores, sample_batch
 from fedctl.worker.frameworks.base import Params, TrainResult
-from fedctl.worker.frameworks.mxnet import MXNetTrainer, _mx_context
+from fedctl.worker.frameworks.mxnet import Correction, MXNetTrainer, _mx_context
 from fedctl.worker.threads import ThreadBudget, as_budget
 
 with warnings.catch_warnings():
@@ -249,6 +249,11 @@ class MXNetTaskTrainer(MXNetTrainer):
         out = self._net(nd.array(x[:2], ctx=self.ctx))
         check_class_scores(self.task.name, tuple(out.shape), y, "gluon_loss()")
 
+    @property
+    def own_optimizer(self) -> bool:
+        """Whether the task trains with its own ``gluon_optimizer()`` rather than plain SGD (SCAFFOLD refuses it)."""
+        return self.task.gluon_optimizer is not None
+
     def set_weights(self, weights: Params) -> None:
         super().set_weights(weights)
         self._trainer = None  # a new round starts the local optimiser afresh, at the round's learning rate
@@ -280,14 +285,25 @@ class MXNetTaskTrainer(MXNetTrainer):
         return self._trainer
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[nd.NDArray, nd.NDArray]:
-        if len(idx) == 1 and self.num_examples > 1:  # skipped as on PyTorch (BatchNorm on one example), same steps
+    def _takes_step(self, idx: np.ndarray) -> bool:
+        return not (len(idx) == 1 and self.num_examples > 1)  # skipped as on PyTorch (BatchNorm on one example)
+
+    def _hooked(self) -> Mapping[str, gluon.Parameter]:
+        return dict(self._trainable)
+
+    def _sgd_step(self, idx: np.ndarray, lr: float,
+                  correction: Correction | None = None) -> tuple[nd.NDArray, nd.NDArray]:
+        """One step of the task's optimiser (plain SGD without one) on batch ``idx``; the gradient is corrected
+        before the optimiser sees it."""
+        if not self._takes_step(idx):
             return nd.zeros((1,), ctx=self.ctx), nd.zeros((1,), ctx=self.ctx)
         xb, yb = self._batch(idx)
         with autograd.record(train_mode=True):  # BatchNorm on batch statistics, dropout on
             out = self._net(xb)
             loss = self._loss(out, yb).mean()
         loss.backward()
+        if correction is not None:
+            correction.apply_(self._hooked(), self.ctx)
         self._optimiser(lr).step(1, ignore_stale_grad=True)  # the gradient is already the batch mean
         correct = (out.argmax(axis=1) == yb).sum() if out.ndim == 2 else nd.zeros((1,), ctx=self.ctx)
         return loss * len(idx), correct

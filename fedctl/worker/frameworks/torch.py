@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from fedctl.worker.frameworks.device import parse_device, require_gpu
 from fedctl.worker.frameworks.loop import SGDLoop
 from fedctl.worker.threads import ThreadBudget, as_budget
 
-__all__ = ["TorchTrainer", "build_module"]
+__all__ = ["Correction", "TorchTrainer", "build_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,43 @@ def build_module(spec: ModelSpec) -> nn.Module:
     return module
 
 
+@dataclass(frozen=True)
+class Correction:
+    """``fit``'s gradient correction in torch tensors, aligned with the trainable parameters: g ← g + mu · (p −
+    start) + offset (``start`` None when mu is 0; an offset None where ``grad_offset`` names none)."""
+
+    mu: float
+    start: list[torch.Tensor] | None
+    offset: list[torch.Tensor | None]
+
+    @classmethod
+    def of(cls, names: Sequence[str], params: Sequence[torch.Tensor], prox_mu: float,
+           grad_offset: Params | None) -> Correction:
+        """The correction for ``params`` (named ``names``) as they are now (w₀)."""
+        offsets: list[torch.Tensor | None] = []
+        for name, p in zip(names, params):
+            value = (grad_offset or {}).get(name)
+            if value is not None and tuple(np.shape(value)) != tuple(p.shape):
+                raise ModelMismatch(f"the gradient offset of {name} has shape {tuple(np.shape(value))}, the "
+                                    f"parameter {tuple(p.shape)}", "check the strategy's control variates")
+            offsets.append(None if value is None else torch.as_tensor(np.asarray(value), dtype=p.dtype,
+                                                                      device=p.device))
+        start = [p.detach().clone() for p in params] if prox_mu else None
+        return cls(float(prox_mu), start, offsets)
+
+    def apply_(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+        """Add the correction to ``grads`` (those of ``params``) in place."""
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
+                    continue
+                if self.start is not None:
+                    g.add_(p.detach() - self.start[i], alpha=self.mu)
+                offset = self.offset[i]
+                if offset is not None:
+                    g.add_(offset)
+
+
 def _torch_device(device: str) -> torch.device:
     dev = parse_device(device)
     if not dev.is_gpu:
@@ -159,6 +197,8 @@ class TorchTrainer(SGDLoop):
         self._net = build_module(spec).to(self.device)
         self._params: list[torch.Tensor] = [p for _, p in self._net.named_parameters()]
         self._names = [name for name, _ in self._net.named_parameters()]
+        self._grad_names = self._names
+        """The names of ``_params``, the tensors SGD moves (a user task's trainable parameters)."""
 
     # -- weights -------------------------------------------------------------------------------------------------
 
@@ -182,12 +222,19 @@ class TorchTrainer(SGDLoop):
         index = torch.from_numpy(idx).to(self.device)
         return self._x.index_select(0, index), self._y.index_select(0, index)
 
-    def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on the mean loss of batch ``idx``; returns (summed loss, correct count) before the step."""
+    def _correction(self, prox_mu: float, grad_offset: Params | None) -> Correction:
+        return Correction.of(self._grad_names, self._params, prox_mu, grad_offset)
+
+    def _sgd_step(self, idx: np.ndarray, lr: float,
+                  correction: Correction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on the mean loss of batch ``idx`` (its gradient corrected, when asked); returns (summed
+        loss, correct count) before the step."""
         xb, yb = self._batch(idx)
         logits = self._net(xb)
         loss = F.cross_entropy(logits, yb)
         grads = torch.autograd.grad(loss, self._params)
+        if correction is not None:
+            correction.apply_(self._params, grads)
         with torch.no_grad():
             for p, g in zip(self._params, grads):
                 p.add_(g, alpha=-lr)

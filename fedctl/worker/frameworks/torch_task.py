@@ -22,7 +22,7 @@ from fedctl.models.zoo import ModelSpec, ParamSpec, first_difference
 from fedctl.tasks import Task
 from fedctl.worker.frameworks import check_class_scores, sample_batch, validate_weights
 from fedctl.worker.frameworks.base import Params, TrainResult
-from fedctl.worker.frameworks.torch import TorchTrainer, _torch_device
+from fedctl.worker.frameworks.torch import Correction, TorchTrainer, _torch_device
 from fedctl.worker.threads import ThreadBudget, as_budget
 
 __all__ = ["TorchTaskTrainer", "build_task_module", "task_spec"]
@@ -133,6 +133,11 @@ class TorchTaskTrainer(TorchTrainer):
             check_class_scores(self.task.name, tuple(out.shape), y, "loss()")
         return x, y
 
+    @property
+    def own_optimizer(self) -> bool:
+        """Whether the task trains with its own ``optimizer()`` rather than plain SGD (SCAFFOLD refuses it)."""
+        return self.task.optimizer is not None
+
     # -- weights -------------------------------------------------------------------------------------------------
     def set_weights(self, weights: Params) -> None:
         """Load ``weights`` (validated against the spec) into the module, cast to each tensor's dtype."""
@@ -161,10 +166,16 @@ class TorchTaskTrainer(TorchTrainer):
                     t.copy_(torch.from_numpy(np.array(value)).to(t.dtype))
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _sgd_step(self, idx: np.ndarray, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(idx) == 1 and self.num_examples > 1:
-            # A last batch of one example is skipped (BatchNorm cannot normalise a single example in training
-            # mode; PyTorch users set drop_last for the same reason).
+    def _takes_step(self, idx: np.ndarray) -> bool:
+        # A last batch of one example is skipped (BatchNorm cannot normalise a single example in training mode;
+        # PyTorch users set drop_last for the same reason).
+        return not (len(idx) == 1 and self.num_examples > 1)
+
+    def _sgd_step(self, idx: np.ndarray, lr: float,
+                  correction: Correction | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of the task's optimiser (plain SGD without one) on batch ``idx``; the gradient is corrected
+        before the optimiser sees it, so FedProx's and SCAFFOLD's terms reach any optimiser."""
+        if not self._takes_step(idx):
             return torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         self._net.train()
         xb, yb = self._batch(idx)
@@ -172,6 +183,8 @@ class TorchTaskTrainer(TorchTrainer):
         loss = self._loss(out, yb)
         if self.task.optimizer is None:
             grads = torch.autograd.grad(loss, self._params, allow_unused=True)
+            if correction is not None:
+                correction.apply_(self._params, grads)
             with torch.no_grad():
                 for p, g in zip(self._params, grads):
                     if g is not None:
@@ -181,6 +194,8 @@ class TorchTaskTrainer(TorchTrainer):
                 self._optimizer = self.task.optimizer(self._params, lr)
             self._optimizer.zero_grad()
             loss.backward()
+            if correction is not None:
+                correction.apply_(self._params, [p.grad for p in self._params])
             self._optimizer.step()
         correct = (out.detach().argmax(1) == yb).sum() if out.ndim == 2 else torch.zeros(())
         return loss.detach() * len(yb), correct
