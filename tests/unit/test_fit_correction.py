@@ -22,11 +22,6 @@ from fedctl.worker.frameworks import create_trainer, epoch_batches
 BACKENDS = ["torch", "mxnet"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    pytest.importorskip(str(request.param))
-    return str(request.param)
-
 
 def shard(n: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -18,20 +18,8 @@ from fedctl.worker.frameworks import Params, Trainer, available_backends, create
 from fedctl.worker.frameworks.device import Device, parse_device
 
 MODELS = ["mlp", "lenet5"]
-BACKEND_MODULES = {"torch": "torch", "mxnet": "mxnet"}
 
 
-@pytest.fixture(params=["torch", "mxnet"])
-def backend(request: pytest.FixtureRequest) -> str:
-    # Guards only a single-framework install; in the dev environment both run.
-    pytest.importorskip(BACKEND_MODULES[request.param])
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def both() -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("mxnet")
 
 
 def _data(n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,19 +14,8 @@ from fedctl.worker.frameworks import Params, Trainer, create_trainer
 
 PAPER_COUNTS = {"2nn": 199_210, "cnn": 1_663_370}
 MODELS = list(PAPER_COUNTS)
-BACKEND_MODULES = {"torch": "torch", "mxnet": "mxnet"}
 
 
-@pytest.fixture(params=["torch", "mxnet"])
-def backend(request: pytest.FixtureRequest) -> str:
-    pytest.importorskip(BACKEND_MODULES[request.param])
-    return str(request.param)
-
-
-@pytest.fixture(scope="module")
-def both() -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("mxnet")
 
 
 class _Adapter(Trainer, Protocol):
