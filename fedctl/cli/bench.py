@@ -148,7 +148,7 @@ def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | 
         console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}, best "
                       f"{s.get('best_accuracy')}")
 
-    def rank(row: dict[str, Any]) -> tuple[bool, float, float]:
+    def rank(row: Any) -> tuple[bool, float, float]:
         s = row["summary"]
         return (s.get("rounds_to_target") is None, s.get("rounds_to_target") or 0.0, -(s.get("best_accuracy") or 0.0))
 
