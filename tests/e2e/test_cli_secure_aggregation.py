@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launcher, read_metrics
+from conftest import Launcher, fedctl, read_metrics
 from test_chaos import free_port, kill9, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -74,8 +74,6 @@ def test_ten_mixed_workers_three_killed_at_different_stages_match_plain_fedavg(s
     aggregation; worker 7 is killed right after it advertises its keys (round ≥ 4), worker 8 while it trains
     (shares sent, input not; round ≥ 6), worker 9 right after it sent its masked input (round ≥ 8, before its
     reveal). The final test accuracy is within 0.5 point of the same federation without secure aggregation."""
-    from conftest import fedctl
-
     data = tmp_path / "shards"
     made = fedctl(tmp_path, "partition", "--dataset", "mnist-sample", "--iid", "--clients", "10", "--out", str(data))
     assert made.returncode == 0, made.stderr
@@ -110,8 +108,6 @@ def test_bench_privacy_smoke_writes_every_part(tmp_path: Path) -> None:
     """`fedctl bench privacy` end to end on the bundled sample, in seconds: the three tables, the JSON, the plot."""
     import json
 
-    from conftest import fedctl
-
     out = tmp_path / "bench"
     run = fedctl(tmp_path, "bench", "privacy", "--part", "secagg", "--part", "dp", "--part", "ssgd", "--out",
                  str(out), "--models", "mlp", "--workers", "3", "--secagg-rounds", "2", "--lost", "0",
@@ -130,8 +126,6 @@ def test_bench_privacy_smoke_writes_every_part(tmp_path: Path) -> None:
 
 
 def test_a_dp_run_resumed_past_its_target_epsilon_is_one_line(tmp_path: Path) -> None:
-    from conftest import fedctl
-
     args = ["simulate", "--dataset", "mnist-sample", "--clients", "4", "--rounds", "2", "--state-dir",
             str(tmp_path / "state"), "--backend", "torch", "--dp-noise-multiplier", "1.0"]
     first = fedctl(tmp_path, *args, timeout=240)
