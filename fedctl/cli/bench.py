@@ -161,6 +161,14 @@ def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | 
     return best
 
 
+def _current_notes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their preset's current paper note (rows measured before a note was corrected keep their numbers)."""
+    for r in rows:
+        if r.get("preset") in PRESETS:
+            r["paper_note"] = PRESETS[r["preset"]].paper_note
+    return rows
+
+
 def _bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_rounds: int | None, parallel: int,
               stop_at_target: bool, skip_existing: bool, lr_grid: tuple[float, ...] | None = None) -> None:
     done = {r["preset"] for r in merge_results(out / "fl.json", [])} if skip_existing else set()
@@ -176,7 +184,7 @@ def _bench_fl(presets: tuple[str, ...], out: Path, source_dir: Path | None, max_
             row = _grid_row(p, lr_grid, out, source_dir, budget, parallel, stop_at_target)
         else:
             row = run_federated(p, out, source_dir, budget, parallel, stop_at_target)
-        rows = merge_results(out / "fl.json", [row])
+        rows = _current_notes(merge_results(out / "fl.json", [row]))
         files = write_report(rows, out, "fl")
         s = row["summary"]
         reached = s.get("rounds_to_target", s.get("epochs_to_target"))
