@@ -95,15 +95,19 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
         lines += [f"## {setting.label}", "",
                   f"Grid budget: 3 points × {setting.grid_rounds} rounds per algorithm; run budget "
                   f"{setting.budget_rounds} rounds.", "",
-                  "| algorithm | knob: grid (best so far at the grid round) | chosen | rounds to target | accuracy "
-                  "after budget | best | rounds run | MB up / down | wall s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| algorithm | knob: grid (best so far at the grid round) | chosen | rounds to target | ÷ FedAvg's "
+                  "| accuracy after budget | best | rounds run | MB up / down | wall s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        fedavg = next((r["rounds_to_target"] for r in mine if r["strategy"] == "fedavg"), None)
         for r in mine:
             grid = ", ".join(f"{g['value']:g} ({g['best_accuracy']:.4f})" for g in r["grid"])
             reached = "not reached" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.1f}"
             after = "–" if r["accuracy_after_budget"] is None else f"{r['accuracy_after_budget']:.4f}"
             best = "–" if r["best_accuracy"] is None else f"{r['best_accuracy']:.4f}"
-            lines.append(f"| {r['strategy']} | {r['knob']}: {grid} | {r['chosen']:g} | {reached} | {after} | {best} | "
+            ratio = ("–" if r["rounds_to_target"] is None or not fedavg
+                     else f"{r['rounds_to_target'] / fedavg:.2f}")
+            lines.append(f"| {r['strategy']} | {r['knob']}: {grid} | {r['chosen']:g} | {reached} | {ratio} | {after} | "
+                         f"{best} | "
                          f"{r['rounds_run']} | {r['bytes_up'] / 1e6:.1f} / {r['bytes_down'] / 1e6:.1f} | "
                          f"{r['wall_s']:.0f} |")
         lines.append("")
@@ -153,8 +157,11 @@ def _plot(setting: Setting, rows: list[dict[str, Any]], path: Path) -> None:
 @click.option("--source-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the MNIST IDX files are (Fashion-MNIST is found in /usr/share/datasets/fashion-mnist).")
 @click.option("--parallel", type=click.IntRange(min=1), default=2, show_default=True, help="Training threads.")
+@click.option("--skip-existing", is_flag=True,
+              help="Skip the algorithms that already have a row for the setting in OUT/noniid.json (their runs' state "
+                   "may be gone: a fresh checkout keeps the table, not OUT/runs).")
 def bench_noniid(settings: tuple[str, ...], strategies: tuple[str, ...], out: Path, source_dir: Path | None,
-                 parallel: int) -> None:
+                 parallel: int, skip_existing: bool) -> None:
     """FedAvg against the algorithms for non-IID data, each tuned on the same grid budget (docs/results.md)."""
     check_writable_dir(out, "--out")
     quiet_workers()
@@ -164,6 +171,9 @@ def bench_noniid(settings: tuple[str, ...], strategies: tuple[str, ...], out: Pa
         console.print(f"[bold]{setting.label}[/]")
         for contender in CONTENDERS:
             if strategies and contender.strategy not in strategies:
+                continue
+            if skip_existing and any(r["setting"] == key and r["strategy"] == contender.strategy for r in rows):
+                console.print(f"  {contender.strategy}: already in {out / RESULTS}; skipped")
                 continue
             try:
                 row = compare(setting, contender, out, source_dir, parallel)

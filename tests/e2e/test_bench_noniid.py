@@ -33,6 +33,15 @@ def test_the_comparison_tunes_each_algorithm_then_runs_the_best_to_the_budget(tm
                    "--parallel", "1", timeout=200)
     assert again.returncode == 0 and json.loads((out / "noniid.json").read_text())["results"] == rows, \
         "a finished comparison resumes to the same result without training again"
+    assert "÷ FedAvg's" in page and "| fedavg | lr: " in page
+    import shutil
+
+    shutil.rmtree(out / "runs")  # (what a fresh checkout has: the table, not the runs)
+    skipped = fedctl(tmp_path, "bench", "noniid", "--setting", "smoke", "--strategy", "fedavg", "--out", str(out),
+                     "--parallel", "1", "--skip-existing", timeout=200)
+    assert skipped.returncode == 0 and "fedavg: already in" in skipped.stderr, skipped.stderr
+    assert not (out / "runs").exists(), "a skipped algorithm trains nothing"
+    assert json.loads((out / "noniid.json").read_text())["results"] == rows
 
 
 def test_a_misspelt_preset_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
