@@ -190,3 +190,5 @@ def bench_noniid(settings: tuple[str, ...], strategies: tuple[str, ...], out: Pa
             console.print(f"  {contender.strategy}: {contender.knob}={row['chosen']:g}, to target "
                           f"{'not reached' if reached is None else f'{reached:.1f}'}, after "
                           f"{row['rounds_run']} rounds {row['accuracy_after_budget']}")
+    if rows:  # (also when every algorithm was skipped: the report follows the current code)
+        write_report(rows, out)
