@@ -141,7 +141,14 @@ def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | 
     """Run ``p`` at every workers' rate of ``grid`` (runs ``<preset>@lr<η>``) and return the best as ``p``'s row,
     with every point's outcome in ``lr_grid``."""
     points = []
+    measured = {r["preset"]: r for r in merge_results(out / "fl.json", [])}.get(p.name)
     for eta in grid:
+        if (measured is not None and not measured.get("lr_grid") and measured.get("lr") == eta == p.lr
+                and (measured["summary"].get("rounds_to_target") is not None
+                     or measured["summary"].get("rounds_run") == budget)):
+            points.append(measured)  # the preset's own rate, already measured to the target or the budget
+            console.print(f"  {p.name} η={eta:g}: the preset's row in {out / 'fl.json'}")
+            continue
         point = replace(p, name=f"{p.name}@lr{eta:g}", lr=eta)
         points.append(run_federated(point, out, source_dir, budget, parallel, stop_at_target))
         s = points[-1]["summary"]

@@ -61,5 +61,17 @@ def test_an_lr_grid_keeps_the_best_point_as_the_row(tmp_path: Path) -> None:
     assert set(grid) == {0.05, 0.2} and row["lr"] == max(grid, key=lambda lr: grid[lr])
     assert row["preset"] == "smoke" and (out / "runs" / "smoke@lr0.05" / "metrics.jsonl").is_file()
     assert f"{row['lr']:g} (best of 0.05, 0.2)" in (out / "fl.md").read_text()
+    plain = tmp_path / "plain"
+    first = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--out", str(plain), "--max-rounds", "2",
+                   "--parallel", "1", timeout=200)
+    assert first.returncode == 0, first.stderr
+    [measured] = json.loads((plain / "fl.json").read_text())["results"]
+    grid = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--out", str(plain), "--max-rounds", "2",
+                  "--parallel", "1", "--lr-grid", "0.05,0.1", timeout=200)
+    assert grid.returncode == 0, grid.stderr
+    assert not (plain / "runs" / "smoke@lr0.1").exists(), "the preset's own rate, already measured, is not rerun"
+    [row] = json.loads((plain / "fl.json").read_text())["results"]
+    point = next(g for g in row["lr_grid"] if g["lr"] == 0.1)
+    assert point["best_accuracy"] == measured["summary"]["best_accuracy"]
     bad = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--lr-grid", "0.1", timeout=60)
     assert bad.returncode == 2 and "two or more distinct" in bad.stderr and "Traceback" not in bad.stderr
