@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from fedctl.errors import ConfigError
+from fedctl.strategies.kernels import example_weights, weighted_sum_sparse
 from fedctl.wire.tensors import SparseTensor, Tensor
 
 Params = dict[str, np.ndarray]
@@ -167,6 +168,11 @@ class Strategy(ABC):
     """Prefixes of the extra tensors every ``push`` of the run must carry besides the update, one per model tensor
     each, validated by the broker against the model and kept in :attr:`Update.tensors` (SCAFFOLD's ``scaffold.dc``)."""
 
+    hierarchical: ClassVar[bool] = True
+    """Whether an edge broker may stand for a group of this strategy's workers with one merged update
+    (:meth:`merge`); where the broker side's rule needs each worker's own update it is False, and
+    :meth:`check_hierarchical` refuses."""
+
     def __init__(self, task: TaskConfig) -> None:
         self.task = task
         unknown = sorted(set(task.options) - set(self.options))
@@ -186,6 +192,33 @@ class Strategy(ABC):
             raise ConfigError(f"strategy {cls.name!r} is defined for --policy {supported} only, not {policy}",
                               f"pass --policy {cls.policies[0]}, or a strategy that runs under {policy} "
                               "(`fedctl strategies` lists each one's policies)")
+
+    def why_not_hierarchical(self) -> str | None:
+        """Why an edge broker cannot merge this strategy's updates with these options (None: it can)."""
+        if not self.hierarchical:
+            return "its broker side needs every worker's own update"
+        return None
+
+    def check_hierarchical(self) -> None:
+        """Raise ConfigError unless an edge broker can stand for a group of workers (:meth:`merge`)."""
+        reason = self.why_not_hierarchical()
+        if reason is not None:
+            raise ConfigError(f"strategy {self.name!r} cannot run behind edge brokers: {reason}",
+                              "run it on one broker (no --upstream), or pick a strategy an edge can merge "
+                              "(`fedctl strategies`)")
+
+    def merge(self, updates: Sequence[Update]) -> ClientResult:
+        """Edge side (hierarchical aggregation, docs/architecture.md): one update that stands for ``updates`` at the
+        parent broker, so that aggregating it among the parent's other updates equals aggregating every one of
+        ``updates`` there directly — to float tolerance, since the merged tensors travel as float32.
+
+        The default is right for every strategy whose broker side starts from the example-weighted mean of the
+        round's updates (FedAvg, FedSGD, DGC, FedProx, the server optimisers): that mean over n = Σ n_k, carried
+        with ``num_examples`` n, so the parent's weights n_e / Σ n_e recompose the flat weights n_k / Σ n_k. Sparse
+        uploads stay sparse (the union of their indices) while that is smaller than dense. Metrics are
+        example-weighted means."""
+        self.check_hierarchical()
+        return merged(updates, example_weights([u.num_examples for u in updates]).tolist())
 
     def task_for_round(self, round_no: int, seed: int) -> dict[str, Any]:
         """The ``task`` map of the model message: everything a worker needs to run :meth:`client_update`.
@@ -243,6 +276,26 @@ class Strategy(ABC):
         if base is None:
             return None
         return exact_delta(current, base)
+
+
+def merged(updates: Sequence[Update], coefficients: Sequence[float]) -> ClientResult:
+    """Σ_k coefficients[k] · updates[k] as one update of their common kind, with Σ n_k examples and the
+    example-weighted mean of each metric the updates report."""
+    if not updates:
+        raise ConfigError("cannot merge: no update")
+    kinds = sorted({u.kind for u in updates})
+    if len(kinds) != 1:
+        raise ConfigError(f"cannot merge updates of different kinds ({', '.join(kinds)})",
+                          "run every worker of the round with the same strategy")
+    total = sum(u.num_examples for u in updates)
+    metrics: dict[str, float] = {}
+    for key in dict.fromkeys(k for u in updates for k in u.metrics):
+        having = [u for u in updates if key in u.metrics]
+        weight = sum(u.num_examples for u in having)
+        if weight > 0:
+            metrics[key] = sum(float(u.metrics[key]) * u.num_examples for u in having) / weight
+    tensors = weighted_sum_sparse([u.tensors for u in updates], coefficients)
+    return ClientResult(kinds[0], tensors, total, metrics)
 
 
 def scale_tensors(tensors: Mapping[str, Tensor], scale: float) -> dict[str, Tensor]:

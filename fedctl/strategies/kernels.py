@@ -59,6 +59,36 @@ def weighted_sum(tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[floa
     return out
 
 
+def weighted_sum_sparse(tensors: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+    """:func:`weighted_sum`, but a name that every set carrying it carries sparse stays sparse — the union of their
+    indices, each entry summed in float64 — while that is smaller on the wire than dense (an edge broker forwarding
+    the merged top-k updates of its workers, docs/architecture.md); any other name is dense float32."""
+    if len(tensors) != len(weights):
+        raise ValueError("one weight per tensor set is required")
+    dense: list[str] = []
+    out: dict[str, Tensor] = {}
+    names = list(dict.fromkeys(name for t in tensors for name in t))
+    for name in names:
+        terms = [(t[name], w) for t, w in zip(tensors, weights) if name in t]
+        if not all(isinstance(term, SparseTensor) for term, _ in terms):
+            dense.append(name)
+            continue
+        sparse = [term for term, _ in terms if isinstance(term, SparseTensor)]
+        indices = np.concatenate([term.indices.astype(np.int64) for term in sparse])
+        values = np.concatenate([float(w) * term.values.astype(np.float64) for term, w in terms
+                                 if isinstance(term, SparseTensor)])
+        union, where = np.unique(indices, return_inverse=True)
+        numel = sparse[0].numel
+        if 2 * union.size >= numel:  # (index + value per entry: dense is smaller from half the entries on)
+            dense.append(name)
+            continue
+        summed = np.bincount(where, weights=values, minlength=union.size)
+        out[name] = SparseTensor(sparse[0].shape, union.astype(sparse[0].indices.dtype), summed.astype(np.float32))
+    if dense:
+        out.update(weighted_sum([{k: t[k] for k in dense if k in t} for t in tensors], weights))
+    return {name: out[name] for name in names}
+
+
 def weighted_mean(tensors: Sequence[Mapping[str, Tensor]], counts: Sequence[int]) -> Params:
     """Example-weighted mean Σ_k (n_k/n) · tensors[k]."""
     return weighted_sum(tensors, example_weights(counts).tolist())

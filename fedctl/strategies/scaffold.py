@@ -83,6 +83,7 @@ class Scaffold(Strategy):
     name = "scaffold"
     update_kind = KIND_DELTA
     policies = ("sync",)
+    hierarchical = False  # (c moves by (1/N) Σ dc_i with N the workers and |S| the updates: both lost in a merge)
     extra_downlink = (C_PREFIX,)
     extra_uplink = (DC_PREFIX,)
     options = {"eta_g": Option(float, 1.0, "global step size η_g: x ← x + η_g · mean Δy",

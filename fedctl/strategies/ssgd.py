@@ -38,6 +38,7 @@ from fedctl.strategies.base import (
     TaskConfig,
     Update,
     exact_delta,
+    merged,
 )
 from fedctl.strategies.kernels import accumulate, example_weights
 from fedctl.strategies.registry import register
@@ -209,6 +210,22 @@ class SelectiveSGD(Strategy):
                 opts[key] = self.options[key].parse(key, raw)
         _check_combination(opts)
         return opts
+
+    def why_not_hierarchical(self) -> str | None:
+        if self.opts["combine"] == "mean-sent":
+            return ("combine=mean-sent divides each entry by the uploads that carry it, which one merged update "
+                    "cannot tell the parent (pass --opt combine=sum or combine=mean)")
+        if self.opts["dp_epsilon"] > 0:
+            return "with dp_epsilon the broker charges each worker's own privacy budget"
+        return None
+
+    def merge(self, updates: Sequence[Update]) -> ClientResult:
+        """combine=sum: the plain sum (the parent adds the merged sums: the flat sum); combine=mean: the default
+        example-weighted mean."""
+        self.check_hierarchical()
+        if self.opts["combine"] == "sum":
+            return merged(updates, [1.0] * len(updates))
+        return super().merge(updates)
 
     def client_update(self, weights: Params, trainer: LocalTrainer, task: Mapping[str, Any],
                       state: Mapping[str, np.ndarray]) -> ClientResult:
