@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,20 @@ insecure:
                  allowed_keys: PathLike | None = None, insecure: bool = False,
                  metrics_bind: str | None = None, metrics_token: PathLike | None = None,
                  metrics_insecure: bool = False, metrics_per_worker: bool = False,
+                 upstream: str | None = None, server_key: str | None = None, edge_id: str | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
         from fedctl.api.inputs import check_endpoint
         from fedctl.api.tasking import resolve_task
 
         check_endpoint(bind, "--bind", bind=True)
+        self.upstream = self._upstream(upstream, server_key, edge_id, secret_key, allowed_keys)
+        if self.upstream is not None:
+            from fedctl.edge.run import EDGE_ROUNDS
+
+            arguments["rounds"] = EDGE_ROUNDS  # (the parent ends the run)
+            if allowed_keys is None:  # (the key pair is the edge's own, for its parent: its workers' side is plain)
+                secret_key = None
         self.metrics_bind = None if metrics_bind is None else parse_http_bind(
             metrics_bind, None if metrics_token is None else Path(metrics_token), metrics_insecure)
         self.metrics_per_worker = metrics_per_worker
@@ -118,7 +127,37 @@ insecure:
         check_writable_dir(self.config.state_dir, "--state-dir")
         self._check_keys(keys[0], keys[1], insecure)
         check_resume(self.config)
+        if self.upstream is not None:
+            from fedctl.edge.run import check_edge
+
+            check_edge(self.config, evaluates=bool(eval_data))
         self._load(eval_data, None if data_dir is None else Path(data_dir), eval_backend)
+
+    @staticmethod
+    def _upstream(upstream: str | None, server_key: str | None, edge_id: str | None, secret_key: PathLike | None,
+                  allowed_keys: PathLike | None) -> Any:
+        """The parent of an edge broker (``--upstream``), its options checked; None for a root broker."""
+        from fedctl.api.inputs import check_endpoint
+
+        if upstream is None:
+            if server_key is not None or edge_id is not None:
+                given = "--server-key" if server_key is not None else "--edge-id"
+                raise ConfigError(f"{given} is for an edge broker's link to its parent, and there is no --upstream",
+                                  "pass --upstream tcp://PARENT:PORT too, or drop it")
+            return None
+        from fedctl.edge.run import Upstream
+        from fedctl.security import check_join_security
+
+        check_endpoint(upstream, "--upstream", bind=False)
+        if server_key is not None or (secret_key is not None and allowed_keys is None):
+            if secret_key is None:
+                raise ConfigError("--server-key (the parent's public key) needs this edge's own key pair",
+                                  "pass --secret-key NAME.key_secret (`fedctl keygen NAME`; the parent's "
+                                  "--allowed-keys holds NAME.key)")
+            check_join_security(server_key, Path(secret_key))
+        if edge_id is not None and not 0 < len(edge_id) <= 128:
+            raise ConfigError(f"--edge-id must have 1 to 128 characters, got {len(edge_id)}", "pass a shorter name")
+        return Upstream(upstream, edge_id, server_key, None if server_key is None else Path(str(secret_key)))
 
     def _check_keys(self, secret_key: Path | None, allowed_keys: Path | None, insecure: bool) -> None:
         """A bad key fails before evaluation data is loaded; plaintext on a reachable bind is logged."""
@@ -157,7 +196,15 @@ insecure:
                     for observe in observers:
                         observe(record)
 
-                broker = Broker(self.config, self.evaluator, on_round=on_round, ctx=ctx, model=self.model)
+                link = driver = None
+                if self.upstream is not None:
+                    from fedctl.edge.driver import EdgeDriver
+                    from fedctl.edge.link import EdgeLink
+
+                    link = EdgeLink()
+                    driver = partial(EdgeDriver, link=link)
+                broker = Broker(self.config, self.evaluator, on_round=on_round, ctx=ctx, model=self.model,
+                                driver=driver)
                 listener = None
                 try:
                     if self.metrics_bind is not None:
@@ -171,7 +218,12 @@ insecure:
                         listener = MetricsServer(metrics.registry, self.metrics_bind, dashboard)
                         self.metrics_url = await listener.start()
                     started(broker.endpoint)
-                    summary = await broker.run()
+                    if link is None:
+                        summary = await broker.run()
+                    else:
+                        from fedctl.edge.run import run_edge
+
+                        summary = await run_edge(broker, link, self.upstream, ctx)
                 finally:
                     if listener is not None:
                         await listener.stop()

@@ -143,6 +143,9 @@ class BrokerCore(PushIntake):
         self.durable = durable
         self.hold_acks = durable and policy.driver == "rounds"
         self.held = {}
+        self.round_task: Mapping[str, Any] | None = None
+        """An edge broker's open round: the task map its parent handed it, given to each worker with a seed of this
+        broker's (None: the strategy's own :meth:`~fedctl.strategies.base.Strategy.task_for_round`)."""
         self.last_round: dict[str, Any] = {}
         """The last committed round's (or version's) metrics record, as in metrics.jsonl (the drivers set it)."""
         self.open_spool = open_spool
@@ -507,7 +510,9 @@ class BrokerCore(PushIntake):
         secagg = None if self.secure is None else self.secure.model_fields()
         dp = None if self.secure is None else self.secure.dp_fields()
         for record, number in jobs:
-            task = self.strategy.task_for_round(number, int(self.rng.integers(2**31)))
+            seed = int(self.rng.integers(2**31))
+            task = (self.strategy.task_for_round(number, seed) if self.round_task is None
+                    else {**self.round_task, "seed": seed})
             effects += self._answer_with_weights(record, downlinks, now, C.MODEL, round=number,
                                                  version=self.store.version, task=task, secagg=secagg, dp=dp)
         return effects

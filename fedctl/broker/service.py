@@ -26,7 +26,7 @@ from fedctl.broker import clocks, downlink, rounds  # noqa: F401  (the drivers r
 from fedctl.broker.chunking import Inbound
 from fedctl.broker.config import BrokerConfig
 from fedctl.broker.core import BrokerCore
-from fedctl.broker.drivers import DRIVERS, Counters
+from fedctl.broker.drivers import DRIVERS, Counters, Driver
 from fedctl.broker.durable import PendingStore
 from fedctl.broker.effects import (
     CloseTransfer,
@@ -86,8 +86,11 @@ class Broker:
     def __init__(self, config: BrokerConfig, evaluator: Evaluator | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None,
                  ctx: zmq.asyncio.Context | None = None, clock: Callable[[], float] = time.monotonic,
-                 transport: Any = None, model: tuple[ModelSpec, Params] | None = None) -> None:
+                 transport: Any = None, model: tuple[ModelSpec, Params] | None = None,
+                 driver: Callable[[Any], Driver] | None = None) -> None:
         self.config = config
+        self.make_driver = driver
+        """Builds the driver instead of the policy's (an edge broker's :class:`fedctl.edge.driver.EdgeDriver`)."""
         self.evaluator = evaluator
         self.on_round = on_round
         self.now = clock
@@ -380,7 +383,7 @@ class Broker:
         log.info("broker on %s: model %s (%d parameters), strategy %s, policy %s, %d %s", self.endpoint,
                  core.spec.name, core.spec.num_params, core.strategy.name, core.policy.name, self.config.rounds,
                  "rounds" if core.policy.driver == "rounds" else "model versions")
-        driver = DRIVERS[core.policy.driver](self)
+        driver = DRIVERS[core.policy.driver](self) if self.make_driver is None else self.make_driver(self)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tasks = tg

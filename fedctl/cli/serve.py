@@ -47,6 +47,16 @@ from fedctl.cli.tasking import model_given, task_option
               help="Directory of the admitted workers' public keys (their NAME.key files).")
 @click.option("--insecure", is_flag=True, default=False,
               help="Serve a non-loopback --bind without CURVE: plaintext, anyone who reaches it may join.")
+@click.option("--upstream", default=None, metavar="tcp://PARENT:PORT",
+              help="Run as an edge broker: a broker to the workers that join --bind, one worker of this parent "
+                   "broker (its examples are its workers' sum). Each parent round runs among the edge's workers "
+                   "(its own --fraction, --min-workers, --round-timeout) and one merged update goes up. The parent "
+                   "decides the rounds and when the run ends (docs/architecture.md, edge brokers).")
+@click.option("--server-key", default=None, metavar="Z85",
+              help="With --upstream: the parent's CURVE public key; the edge connects with the key pair of "
+                   "--secret-key (its public key in the parent's --allowed-keys).")
+@click.option("--edge-id", default=None, metavar="NAME",
+              help="With --upstream: this edge's worker id at the parent [default: edge-HOST-PORT].")
 @metrics_options
 @click.option("--metrics-per-worker", is_flag=True, default=False,
               help="Also one metrics series per worker (fedctl_peer_*, labelled worker=ID): their count grows with "
@@ -55,7 +65,8 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
               liveness: float, max_message_mb: float, chunk_above_mb: float | None, chunk_kb: int, compress: str,
               secret_key: Path | None, allowed_keys: Path | None,
               insecure: bool, metrics_bind: str | None, metrics_token: Path | None, metrics_insecure: bool,
-              metrics_per_worker: bool, task_ref: str | None, **run: Any) -> None:
+              metrics_per_worker: bool, upstream: str | None, server_key: str | None, edge_id: str | None,
+              task_ref: str | None, **run: Any) -> None:
     """Run the parameter server: hold the global model, hand it out, aggregate the updates under the --policy
     (synchronous rounds, stale-synchronous ssp:S or async) and checkpoint to --state-dir.
 
@@ -68,8 +79,14 @@ def serve_cmd(bind: str, eval_data: str | None, data_dir: Path | None, eval_back
                     chunk_above_mb=chunk_above_mb, chunk_kb=chunk_kb, compress=compress,
                     secret_key=secret_key, allowed_keys=allowed_keys, insecure=insecure,
                     metrics_bind=metrics_bind, metrics_token=metrics_token, metrics_insecure=metrics_insecure,
-                    metrics_per_worker=metrics_per_worker, **run)
+                    metrics_per_worker=metrics_per_worker, upstream=upstream, server_key=server_key,
+                    edge_id=edge_id, **run)
     summary = server.run().summary
+    if upstream is not None:
+        up = summary.get("upstream") or {}
+        click.echo(f"edge done: the parent's run ended after its round {up.get('final_round')}; this edge took part "
+                   f"in {up.get('rounds_trained', 0)} rounds; metrics in {server.config.state_dir}/metrics.jsonl")
+        return
     acc = summary["last"].get("test_accuracy")
     click.echo(f"run complete: {summary['rounds']} rounds, model version {summary['version']}"
                + (f", test accuracy {acc:.4f}" if acc is not None else "") + dp_phrase(summary)

@@ -88,6 +88,7 @@ def test_the_walk_sees_the_packages() -> None:
     ("fedctl.testing", ("zmq", "torch", "mxnet", "fedctl.broker", "fedctl.cli")),
     ("fedctl.tasks", ("zmq", "asyncio", "torch", "mxnet", "fedctl.broker", "fedctl.worker", "fedctl.cli")),
     ("fedctl.api", ("click", "fedctl.cli")),
+    ("fedctl.edge", ("torch", "mxnet", "click", "fedctl.cli", "fedctl.api", "fedctl.worker.frameworks")),
 ])
 def test_layer_imports(package: str, banned: tuple[str, ...]) -> None:
     assert violations(package, banned) == {}
