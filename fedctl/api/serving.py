@@ -154,7 +154,8 @@ insecure:
                 raise ConfigError("--server-key (the parent's public key) needs this edge's own key pair",
                                   "pass --secret-key NAME.key_secret (`fedctl keygen NAME`; the parent's "
                                   "--allowed-keys holds NAME.key)")
-            check_join_security(server_key, Path(secret_key))
+            curve = check_join_security(server_key, Path(secret_key))
+            server_key = None if curve is None else curve[0].decode("ascii")  # (a NAME.key file: its key)
         if edge_id is not None and not 0 < len(edge_id) <= 128:
             raise ConfigError(f"--edge-id must have 1 to 128 characters, got {len(edge_id)}", "pass a shorter name")
         return Upstream(upstream, edge_id, server_key, None if server_key is None else Path(str(secret_key)))

@@ -78,18 +78,17 @@ async def run_edge(broker: Broker, link: EdgeLink, upstream: Upstream, ctx: Any)
     spec = broker.core.spec
 
     async def uplink() -> dict[str, Any]:
-        try:
-            examples = await link.ready
-            worker = EdgeUplink(WorkerConfig(
-                upstream.connect, upstream.edge_id or default_edge_id(broker.endpoint), BACKEND, examples,
-                model=config.model, spec=spec, device=f"edge of {len(broker.registry)} workers",
-                connect_timeout_s=upstream.connect_timeout_s, server_key=upstream.server_key,
-                secret_key=upstream.secret_key), link, ctx)
-            log.info("edge %s: joining %s with %d workers' %d examples", worker.config.worker_id, upstream.connect,
-                     len(broker.registry), examples)
-            return await worker.serve()
-        finally:
-            link.close()
+        examples = await link.ready
+        worker = EdgeUplink(WorkerConfig(
+            upstream.connect, upstream.edge_id or default_edge_id(broker.endpoint), BACKEND, examples,
+            model=config.model, spec=spec, device=f"edge of {len(broker.registry)} workers",
+            connect_timeout_s=upstream.connect_timeout_s, server_key=upstream.server_key,
+            secret_key=upstream.secret_key), link, ctx)
+        log.info("edge %s: joining %s with %d workers' %d examples", worker.config.worker_id, upstream.connect,
+                 len(broker.registry), examples)
+        summary = await worker.serve()
+        link.close()  # the parent's run is done: so is the edge's, and its workers are told
+        return summary
 
     up = asyncio.ensure_future(uplink())
     down = asyncio.ensure_future(broker.run())
@@ -98,8 +97,7 @@ async def run_edge(broker: Broker, link: EdgeLink, upstream: Upstream, ctx: Any)
         if down.done() and down.exception() is not None:
             raise _leaf(down.exception())
         if up.done() and up.exception() is not None:
-            with contextlib.suppress(Exception):
-                await down  # (the link is closed: the driver finishes, the workers are told the run is done)
+            # The edge stops without telling its workers the run is done: they wait for it to come back.
             raise _leaf(up.exception())
         summary = await down
         return {**summary, "upstream": await up}
