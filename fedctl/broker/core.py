@@ -486,7 +486,9 @@ class BrokerCore(PushIntake):
         """Sync rounds: open round ``round_no`` with a sample of the workers whose pulls wait, if the policy
         lets it start now; any update left from before is discarded."""
         assert isinstance(self.policy, SyncRoundPolicy)
-        ready = [r.worker for r in self.registry.waiting()]
+        # In id order, not arrival order: with the seed, the sample depends only on who waits, so a run whose workers
+        # join in another order (other processes, Ray actors) samples the same ones.
+        ready = sorted(r.worker for r in self.registry.waiting())
         if not self._gathered:
             if len(ready) < self.config.gather:
                 return None
