@@ -28,8 +28,8 @@ TORCH_FROM  := $(if $(strip $(TORCH_INDEX)),--index-url $(if $(findstring ://,$(
 MXNET_OK  := $(shell $(PYTHON) -c 'import sys; print("yes" if sys.version_info < (3, 12) else "")')
 NUMPY_PIN := $(if $(MXNET_OK),numpy==1.23.5,numpy>=1.26)
 # The `mxnet` extra names the CPU wheel; another MXNet package is installed beside a torch-only extra instead.
-EXTRAS_ALL   := torch,mxnet,data,dp,dev
-EXTRAS_TORCH := torch,data,dp,dev
+EXTRAS_ALL   := torch,mxnet,data,dp,ray,dev
+EXTRAS_TORCH := torch,data,dp,ray,dev
 EXTRAS    := $(if $(and $(MXNET_OK),$(filter mxnet,$(MXNET))),$(EXTRAS_ALL),$(EXTRAS_TORCH))
 MXNET_REQ := $(if $(and $(MXNET_OK),$(filter-out mxnet,$(MXNET))),"$(MXNET)==1.9.1")
 STAMP  := $(VENV)/.stamp-install

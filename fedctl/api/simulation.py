@@ -118,6 +118,10 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
         The partition made when ``data`` is None (``dataset="mnist-sample"`` ships with fedctl).
     workers, backend, parallel, transport, slow_fraction, slowdown, delay, holdout:
         As for ``fedctl simulate`` (``delay`` is ``--delay``, in seconds).
+    ray, ray_workers_per_actor, ray_cpus, ray_gpus:
+        Host the virtual workers as Ray actors on a running cluster (``"auto"``: the one ``ray start --head``
+        started here, or ``"HOST:PORT"``), that many per actor, each actor with these CPUs and (fractional) GPUs;
+        needs ``fedctl[ray]``. The broker stays in this process.
     on_round:
         Called with each round's metrics record (a dict).
     on_partition:
@@ -145,8 +149,9 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
                  dirichlet: float | None = None, source_dir: PathLike | None = None, workers: int | None = None,
                  backend: str = "auto",
                  parallel: int = 2, transport: str = "tcp", slow_fraction: float = 0.0, slowdown: float = 1.0,
-                 delay: float = 0.0, holdout: float | None = None, on_round: OnRound | None = None,
-                 on_partition: Callable[[str], None] | None = None) -> None:
+                 delay: float = 0.0, holdout: float | None = None, ray: str | None = None,
+                 ray_workers_per_actor: int = 25, ray_cpus: float = 1.0, ray_gpus: float = 0.0,
+                 on_round: OnRound | None = None, on_partition: Callable[[str], None] | None = None) -> None:
         arguments = dict(locals())  # first: the parameters alone, whose run options go to run_config
         from fedctl.api.inputs import missing_dataset_fix, resolve_backend
         from fedctl.api.tasking import resolve_task
@@ -166,9 +171,16 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
             raise ConfigError(f"--workers {workers} is more than the {shards} shards of {partition}" if workers > 0
                               else f"--workers must be at least 1, got {workers}",
                               f"pass --workers {shards} or fewer, or a partition with more clients")
+        hosts = None
+        if ray is not None:
+            from fedctl.sim.ray_hosts import RayConfig, import_ray
+
+            hosts = RayConfig(ray, ray_workers_per_actor, ray_cpus, ray_gpus, threads=max(int(ray_cpus), 1))
+            import_ray()  # (not installed: one line now, not after the partition)
         self.sim = SimConfig(partition, workers, resolve_backend(backend), parallel=parallel, transport=transport,
                              slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay,
-                             holdout=holdout if holdout is not None else (0.1 if config.fed_eval_every else 0.0))
+                             holdout=holdout if holdout is not None else (0.1 if config.fed_eval_every else 0.0),
+                             ray=hosts, device="gpu:0" if ray_gpus > 0 else "cpu")
         self.task = None if task_.is_builtin else task_
         self.on_round = on_round
         self._evaluator, self._model = simulation_model(config, self.sim, backend, self.task)

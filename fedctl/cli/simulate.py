@@ -96,11 +96,21 @@ def run_with_progress(config: BrokerConfig, sim: SimConfig, eval_backend: str, t
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Fraction of each shard kept out of training, on which the workers evaluate the model for "
                    "--fed-eval-every [default: 0.1 with --fed-eval-every, else 0].")
+@click.option("--ray", "ray_address", default=None, metavar="auto|HOST:PORT",
+              help="Host the virtual workers as Ray actors on this running cluster (`ray start --head` makes one "
+                   "here: then auto); the broker stays in this process. Needs fedctl[ray].")
+@click.option("--ray-workers-per-actor", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Virtual workers each Ray actor hosts.")
+@click.option("--ray-cpus", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="CPUs Ray reserves for each actor (its training threads: this, rounded down, at least 1).")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="GPUs per actor; a fraction shares one GPU among actors (their workers train on it).")
 def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, clients: int,
                  shards_per_client: int | None, dirichlet: float | None,
                  workers: int | None, backend: str, parallel: int, transport: str,
-                 slow_fraction: float, slowdown: float, delay_s: float, holdout: float | None, task_ref: str | None,
-                 **run: Any) -> None:
+                 slow_fraction: float, slowdown: float, delay_s: float, holdout: float | None,
+                 ray_address: str | None, ray_workers_per_actor: int, ray_cpus: float, ray_gpus: float,
+                 task_ref: str | None, **run: Any) -> None:
     """Run a federation of many virtual workers in this process (same broker, worker, sockets and codec as
     `fedctl serve` + `fedctl join`). Ctrl-C stops it; the same command resumes from --state-dir."""
     quiet_workers()
@@ -111,7 +121,8 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
                                 dirichlet=dirichlet,
                                 workers=workers, backend=backend, parallel=parallel, transport=transport,
                                 slow_fraction=slow_fraction, slowdown=slowdown, delay=delay_s, holdout=holdout,
-                                on_partition=console.print, **run)
+                                ray=ray_address, ray_workers_per_actor=ray_workers_per_actor, ray_cpus=ray_cpus,
+                                ray_gpus=ray_gpus, on_partition=console.print, **run)
     config = simulation.config
     try:
         with progress_bar(config.rounds, f"{config.model} {config.strategy}") as on_round:
@@ -126,5 +137,6 @@ def simulate_cmd(data_dir: Path | None, dataset: str, source_dir: Path | None, c
     click.echo(f"simulated {summary['workers']} workers ({summary['workers_that_trained']} trained): "
                f"{summary['rounds']} rounds" + (f", test accuracy {acc:.4f}" if acc is not None else "")
                + dp_phrase(summary)
+               + (f" in {summary['ray']['actors']} Ray actors" if summary.get("ray") else "")
                + f", {wall:.0f} s, peak RSS {summary['peak_rss_mb']:.0f} MiB; metrics in "
                f"{config.state_dir}/metrics.jsonl")

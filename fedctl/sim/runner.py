@@ -25,6 +25,7 @@ from fedctl.broker.service import Broker, Evaluator
 from fedctl.data.shards import Shard, list_shards, load_shard, with_holdout
 from fedctl.errors import ConfigError
 from fedctl.models import ModelSpec
+from fedctl.sim.ray_hosts import RayConfig
 from fedctl.tasks import Task
 from fedctl.worker.client import EvaluatorFactory, Worker, WorkerConfig, trainer_evaluator
 from fedctl.worker.frameworks import create_trainer
@@ -58,6 +59,8 @@ class SimConfig:
     """Emulated dropouts under secure aggregation (benchmarks): this fraction of the workers (the last ones by
     shard name) stops just before sending ``vanish_before[0]`` in its first secure round ≥ ``vanish_before[1]``."""
     vanish_before: tuple[str, int] = ("sa_reveal", 2)
+    ray: RayConfig | None = None
+    """Host the virtual workers as Ray actors on this cluster instead of in this process (``--ray``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.slow_fraction <= 1.0:
@@ -70,6 +73,10 @@ class SimConfig:
             raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.transport not in ("tcp", "inproc"):
             raise ConfigError(f"unknown transport {self.transport!r}", "use tcp or inproc")
+        if self.ray is not None and (self.transport != "tcp" or self.slow_fraction or self.vanish_fraction
+                                     or self.delay_s):
+            raise ConfigError("--ray hosts the workers as Ray actors over TCP, without emulated slow or lost "
+                              "devices", "drop --transport inproc, --slow-fraction, --delay (or drop --ray)")
 
 
 def peak_rss_mb() -> float:
@@ -108,6 +115,8 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
 
     ``task`` and ``model`` (its spec and initial weights, ``fedctl.api.tasking.broker_model``) run a user task
     instead of the built-in model ``broker_config.model``."""
+    if sim.ray is not None:
+        return await _simulate_on_ray(broker_config, sim, evaluator, on_round, task, model)
     shards = shards if shards is not None else load_shards(sim)
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=sim.parallel, thread_name_prefix="train"))
@@ -139,3 +148,42 @@ async def simulate(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evalu
         ctx.destroy(linger=0)
     trained = sum(1 for w in workers if w.trainer is not None)
     return {**summary, "workers": len(workers), "workers_that_trained": trained, "peak_rss_mb": peak_rss_mb()}
+
+
+async def _simulate_on_ray(broker_config: BrokerConfig, sim: SimConfig, evaluator: Evaluator | None,
+                           on_round: Callable[[dict[str, Any]], None] | None, task: Task | None,
+                           model: tuple[ModelSpec, Params] | None) -> dict[str, Any]:
+    """:func:`simulate` with the workers in Ray actors (:mod:`fedctl.sim.ray_hosts`); the broker stays here."""
+    from fedctl.sim import ray_hosts
+
+    assert sim.ray is not None
+    names = list_shards(sim.data_dir)[: sim.workers or None]
+    ray = await asyncio.to_thread(ray_hosts.connect, sim.ray)
+    ctx = zmq.asyncio.Context()
+    try:
+        host = ray_hosts.broker_host(ray)
+        if host != "127.0.0.1":
+            log.warning("the Ray cluster spans machines: the broker listens on %s in plaintext for its actors", host)
+        config = dataclasses.replace(broker_config, bind=f"tcp://{host}:*", gather=len(names))
+        broker = Broker(config, evaluator, on_round=on_round, ctx=ctx, model=model)
+        if broker.is_complete():
+            return {**await broker.run(), "workers": 0, "workers_that_trained": 0, "peak_rss_mb": peak_rss_mb()}
+        ref = None if task is None else (str(Path(task.ref).resolve()) if Path(task.ref).is_file() else task.ref)
+        groups = ray_hosts.groups_of(broker.endpoint, sim.data_dir, names, sim.ray, sim.backend, sim.device,
+                                     sim.holdout, None if model is None else model[0], ref)
+        log.info("simulating %d workers (%s) in %d Ray actors against %s", len(names), sim.backend, len(groups),
+                 broker.endpoint)
+        refs = ray_hosts.start_groups(ray, sim.ray, groups)
+
+        async def hosts() -> list[list[dict[str, Any]]]:
+            return list(await asyncio.gather(*(asyncio.wrap_future(r.future()) for r in refs)))
+
+        async with asyncio.TaskGroup() as tg:
+            run = tg.create_task(broker.run())
+            hosted = tg.create_task(hosts())
+        reports = [w for group in hosted.result() for w in group]
+    finally:
+        ctx.destroy(linger=0)
+        ray.shutdown()
+    return {**run.result(), "workers": len(reports), "workers_that_trained": sum(w["trained"] for w in reports),
+            "peak_rss_mb": peak_rss_mb(), "ray": {"actors": len(groups), "nodes": sorted({w["node"] for w in reports})}}
