@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import replace
@@ -272,15 +273,55 @@ def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max
               help="Dataset the K clients' IID partition is made from.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Directory for the results (JSON, markdown, PNG) and the runs' state.")
-def bench_scale(counts: tuple[int, ...], sampled: int, rounds: int, dataset: str, out: Path) -> None:
+@click.option("--edges", "edge_counts", multiple=True, type=click.IntRange(min=0), default=(),
+              help="Measure brokers instead of one simulate process: a flat broker (0) and/or a root over this many "
+                   "edge brokers (repeatable), every broker and worker group its own process; results in "
+                   "OUT/scale_brokers.{json,md,png}.")
+@click.option("--model", "models", multiple=True, type=click.Choice(["mlp", "wide5m"]), default=(),
+              help="With --edges: the dense model (mlp 437 KB, wide5m 5.2 MB; repeatable) [default: both].")
+def bench_scale(counts: tuple[int, ...], sampled: int, rounds: int, dataset: str, out: Path,
+                edge_counts: tuple[int, ...], models: tuple[str, ...]) -> None:
     """Peak RSS and round time of one `fedctl simulate` process as the number of connected workers grows
-    (each K in a fresh process, so its peak RSS is its own)."""
+    (each K in a fresh process, so its peak RSS is its own); with --edges, of brokers: flat against a root with
+    edge brokers (docs/results.md)."""
+    if edge_counts:
+        _bench_scale_brokers(counts, sampled, rounds, out, edge_counts, models or ("mlp", "wide5m"))
+        return
+    if models:
+        raise ConfigError("--model is for the broker benchmark", "pass --edges 0 --edges 10 with it, or drop it")
     if sampled > min(counts):
         raise ConfigError(f"--sampled {sampled} is more than --workers {min(counts)}",
                           f"pass --sampled {min(counts)} or less, or more --workers")
     check_writable_dir(out, "--out")
     rows = [_scale_run(k, sampled, rounds, dataset, out / "runs" / f"scale-{k}") for k in counts]
     write_scale_report(rows, out)
+
+
+def _bench_scale_brokers(counts: tuple[int, ...], sampled: int, rounds: int, out: Path, edge_counts: tuple[int, ...],
+                         models: tuple[str, ...]) -> None:
+    from fedctl.sim.scale_brokers import Cell, run_cell, write_report
+
+    for k in counts:
+        for e in edge_counts:
+            if e and (k % e or sampled % e or sampled // e > k // e):
+                raise ConfigError(f"--edges {e} must divide --workers {k} and --sampled {sampled}",
+                                  "e.g. --workers 1000 --workers 10000 --edges 10 --sampled 100")
+        if sampled > k:
+            raise ConfigError(f"--sampled {sampled} is more than --workers {k}", f"pass --sampled {k} or less")
+    if rounds < 2:
+        raise ConfigError("--rounds must be at least 2 with --edges (the first round is left out)", "pass --rounds 5")
+    check_writable_dir(out, "--out")
+    path = out / "scale_brokers.json"
+    rows = json.loads(path.read_text())["results"] if path.is_file() else []
+    for model in models:
+        for k in counts:
+            for e in edge_counts:
+                cell = Cell(k, model, e, sampled, rounds)
+                row = run_cell(cell, out / "runs" / "scale-brokers", console.print)
+                rows = [r for r in rows if r["cell"] != row["cell"]] + [row]
+                files = write_report(rows, out)
+                console.print(f"{cell.name}: median round {row['round_s_median']:.3f} s, root CPU "
+                              f"{row['root']['cpu_s_per_round']:.2f} s/round; table in {files['markdown']}")
 
 
 def _scale_run(k: int, sampled: int, rounds: int, dataset: str, state_root: Path) -> dict[str, Any]:
