@@ -268,7 +268,8 @@ def bench_comm(presets: tuple[str, ...], out: Path, source_dir: Path | None, max
               show_default=True, help="Numbers of connected virtual workers to measure (repeatable).")
 @click.option("--sampled", type=click.IntRange(min=1), default=10, show_default=True,
               help="Workers sampled per round (C = sampled / K).")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Rounds per run.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Rounds per run (with --edges, 10 or more lets the heartbeat histograms fill).")
 @click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist-sample", show_default=True,
               help="Dataset the K clients' IID partition is made from.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),

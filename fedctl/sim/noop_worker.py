@@ -30,6 +30,7 @@ async def serve(endpoint: str, prefix: str, count: int, *, spec: ModelSpec | Non
     """``count`` no-op workers on one event loop (named PREFIX-000…, or PREFIX alone) until the broker is done;
     ``spec``: a user task's model (None: the broker's built-in model)."""
     ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, max(1024, 4 * count + 64))  # (libzmq's default 1023 stops a crew of a thousand)
     try:
         def trainer(model: ModelSpec) -> NoOpTrainer:
             return NoOpTrainer(model, EXAMPLES, noise=noise)

@@ -34,7 +34,7 @@ from fedctl.errors import FedctlError
 from fedctl.sim.round_bench import cpu_split, free_port, peak_rss_mb
 
 PER_PROCESS = 1000
-HEARTBEAT_S = 5.0
+HEARTBEAT_S = 2.0
 LIVENESS_S = 60.0
 SAMPLE_S = 0.5
 
