@@ -301,6 +301,15 @@ class BrokerCore(PushIntake):
         if diff is not None:
             raise ProtocolError(ErrorCode.MODEL_MISMATCH, f"the worker's model differs from this run's "
                                 f"{self.spec.name!r}: {diff}", "join with the task the broker was started with")
+        known = self.registry.get(msg["worker"])
+        if (known is not None and known.identity == identity and known.backend == msg["backend"]
+                and known.num_examples == msg["num_examples"]):
+            # A retried join on the connection that already joined (the worker's welcome was late: a broker busy
+            # with thousands of joins). Welcome it again and change nothing: treating it as a rejoin would drop the
+            # pull it may have sent since, and under load every retry would undo the last.
+            known.last_seen = now
+            log.debug("worker %s: join retried on its connection; welcomed again", known.worker)
+            return [self._reply(identity, msg, C.WELCOME, worker=known.worker, run=self.run_info())]
         record = WorkerRecord(msg["worker"], identity, msg["backend"], msg["num_examples"], now,
                               device=msg.get("device"), host=msg.get("host"), address=self.addresses.get(identity),
                               joined_at=now)

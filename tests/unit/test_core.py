@@ -592,3 +592,22 @@ def test_status_answers_without_a_join_and_changes_nothing() -> None:
     assert "admin" not in sim.core.registry and sim.core.rejected == {}
     [short] = admin.send(C.STATUS, workers=False)
     assert "workers" not in short["status"]
+
+
+def test_a_join_retried_on_the_same_connection_keeps_the_workers_pull() -> None:
+    """A worker whose welcome was late resends ``join`` on its socket; the broker, busy, answers both. The second
+    must not undo the pull sent after the first welcome (else, under a join storm, no round ever opens)."""
+    sim = CoreSim()
+    a, b = joined(sim, "a", "b")
+    a.pull()
+    b.pull()
+    assert {r.worker for r in sim.core.registry.waiting()} == {"a", "b"}
+    [welcome] = [m for m in a.join() if m.type == C.WELCOME]
+    assert welcome["worker"] == "a"
+    assert {r.worker for r in sim.core.registry.waiting()} == {"a", "b"}, "the retried join kept a's pull"
+    assert sim.core.try_open_round(1, sim.clock()) is not None
+    assert [e["kind"] for e in sim.core.status(sim.clock())["events"]] == ["join", "join"]
+    a.identity = b"\x09a"  # a new connection (a restarted worker): a rejoin, whose old pull is gone
+    a.join()
+    assert sim.core.registry.get("a").identity == b"\x09a"
+    assert "a" not in {r.worker for r in sim.core.registry.waiting()}

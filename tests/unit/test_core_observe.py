@@ -49,7 +49,9 @@ def test_worker_entries_follow_a_round() -> None:
 def test_events_name_joins_leaves_losses_and_refusals() -> None:
     sim = CoreSim()
     a, b = joined(sim, "a", "b")
-    a.join()  # again on the same connection: a reconnect as the broker sees it
+    a.join()  # a join retried on the same connection: welcomed again, no event
+    a.identity = b"\x01a"
+    a.join()  # from a new connection: a reconnect as the broker sees it
     a.send(C.LEAVE, reason="maintenance")
     for _ in range(5):
         b.send(C.PUSH, round=9, base_version=0, seq=1, kind=C.KIND_WEIGHTS, num_examples=1)
