@@ -13,8 +13,9 @@ Workers are the real :class:`~fedctl.worker.client.Worker` with a no-op trainer 
   just before the run ends (upper bound of the bucket holding the 99th percentile);
 * bytes per link: the root's and each edge's bytes in and out per round, from their metrics.jsonl.
 
-Heartbeats go every :data:`HEARTBEAT_S` seconds (liveness :data:`LIVENESS_S`): 10,000 workers at 1 s would be
-10,000 messages a second into one broker on a 2-core machine that also runs the 10,000 workers.
+Heartbeats go every max(2, N/1000) seconds at a broker with N direct workers (:func:`heartbeat_s`; liveness six
+of them, at least a minute): 10,000 workers at 2 s would be 5,000 heartbeats a second into one broker on a 2-core
+machine that also runs the 10,000 workers.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from fedctl.sim.round_bench import cpu_split, free_port, peak_rss_mb
 
 PER_PROCESS = 1000
 HEARTBEAT_S = 2.0
+"""Heartbeat interval per 1,000 workers a broker serves, at least this: 10 s at 10,000 (2 s would be 10,000
+messages a second into one broker, on a 2-core machine that also runs the 10,000 workers)."""
 LIVENESS_S = 60.0
 SAMPLE_S = 0.5
 
@@ -72,10 +75,16 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "FEDCTL_PLAIN_LOGS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _serve(role: str, state: Path, log: Path, *args: str) -> Broker:
+def heartbeat_s(workers: int) -> float:
+    """The heartbeat interval of a broker with ``workers`` direct workers (see :data:`HEARTBEAT_S`)."""
+    return max(HEARTBEAT_S, workers / 1000)
+
+
+def _serve(role: str, state: Path, log: Path, direct: int, *args: str) -> Broker:
     port = free_port()
+    beat = heartbeat_s(direct)
     cmd = [sys.executable, "-m", "fedctl", "serve", "--state-dir", str(state), "--heartbeat-interval",
-           str(HEARTBEAT_S), "--liveness", str(LIVENESS_S), "--round-timeout", "600", "--metrics-bind",
+           f"{beat:g}", "--liveness", f"{max(LIVENESS_S, 6 * beat):g}", "--round-timeout", "600", "--metrics-bind",
            f"127.0.0.1:{port}", *args]
     with open(log, "wb") as out:
         popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), stdin=subprocess.DEVNULL)
@@ -135,7 +144,8 @@ def run_cell(cell: Cell, root_dir: Path, say: Any = print) -> dict[str, Any]:
     logs.mkdir(parents=True)
     per_edge = cell.workers // cell.edges if cell.edges else cell.workers
     flat_c = cell.sampled / cell.workers
-    root = _serve("root", work / "root", logs / "root.log", "--bind", "tcp://127.0.0.1:*", "--model", cell.model,
+    root = _serve("root", work / "root", logs / "root.log", cell.edges or cell.workers, "--bind", "tcp://127.0.0.1:*",
+                  "--model", cell.model,
                   "--rounds", str(cell.rounds), "--fraction", f"{1.0 if cell.edges else flat_c:.6g}",
                   "--min-workers", str(cell.edges or cell.workers))  # (every round samples from everyone)
     endpoint = _endpoint(root, logs / "root.log")
@@ -143,7 +153,7 @@ def run_cell(cell: Cell, root_dir: Path, say: Any = print) -> dict[str, Any]:
     if cell.edges:
         for e in range(cell.edges):
             port = free_port()
-            brokers.append(_serve(f"edge{e}", work / f"edge{e}", logs / f"edge{e}.log", "--bind",
+            brokers.append(_serve(f"edge{e}", work / f"edge{e}", logs / f"edge{e}.log", per_edge, "--bind",
                                   f"tcp://127.0.0.1:{port}", "--upstream", endpoint, "--edge-id", f"edge{e}",
                                   "--model", cell.model, "--min-workers", str(per_edge), "--fraction",
                                   f"{(cell.sampled / cell.edges) / per_edge:.6g}"))
@@ -237,7 +247,8 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
         return "–" if v is None else f"{v * 1000:.0f}"
 
     lines = ["# Scale: one broker against a root with edge brokers", "",
-             f"No-op workers ({PER_PROCESS} per process), {HEARTBEAT_S:g} s heartbeats; S workers train per round "
+             f"No-op workers ({PER_PROCESS} per process); heartbeats every max({HEARTBEAT_S:g}, N/1000) s at a "
+             "broker with N direct workers; S workers train per round "
              "(flat: C = S/K; two levels: the root takes every edge, each edge S/E of its K/E). CPU and RSS per "
              "broker process; edge figures are the largest edge's (bytes: the mean edge's).", "",
              "| K | model | edges | round s (median) | root CPU s/round | root peak RSS MiB | root heartbeat p99 ms "
