@@ -73,6 +73,7 @@ bench: install
 	$(PY) bench/threads.py
 	$(PY) bench/task_overhead.py
 	$(VENV)/bin/fedctl bench scale --workers 100 --workers 1000
+	$(VENV)/bin/fedctl bench scale --workers 1000 --workers 10000 --edges 0 --edges 10 --sampled 100 --rounds 10
 	$(VENV)/bin/fedctl bench privacy --part secagg
 	$(VENV)/bin/fedctl bench round
 	$(VENV)/bin/fedctl bench metrics
