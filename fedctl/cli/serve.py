@@ -51,9 +51,10 @@ from fedctl.cli.tasking import model_given, task_option
               help="Run as an edge broker: a broker to the workers that join --bind, one worker of this parent "
                    "broker (its examples are its workers' sum). Each parent round runs among the edge's workers "
                    "(its own --fraction, --min-workers, --round-timeout) and one merged update goes up. The parent "
-                   "decides the rounds and when the run ends (docs/architecture.md, edge brokers).")
-@click.option("--server-key", default=None, metavar="Z85",
-              help="With --upstream: the parent's CURVE public key; the edge connects with the key pair of "
+                   "decides the rounds and when the run ends: an edge ignores --rounds (docs/architecture.md, edge "
+                   "brokers).")
+@click.option("--server-key", default=None, metavar="KEY|FILE",
+              help="With --upstream: the parent's CURVE public key (or its NAME.key file); the edge connects with the key pair of "
                    "--secret-key (its public key in the parent's --allowed-keys).")
 @click.option("--edge-id", default=None, metavar="NAME",
               help="With --upstream: this edge's worker id at the parent [default: edge-HOST-PORT].")
