@@ -54,8 +54,8 @@ from fedctl.cli.tasking import model_given, task_option
                    "decides the rounds and when the run ends: an edge ignores --rounds (docs/architecture.md, edge "
                    "brokers).")
 @click.option("--server-key", default=None, metavar="KEY|FILE",
-              help="With --upstream: the parent's CURVE public key (or its NAME.key file); the edge connects with the key pair of "
-                   "--secret-key (its public key in the parent's --allowed-keys).")
+              help="With --upstream: the parent's CURVE public key (or its NAME.key file); the edge connects with "
+                   "the key pair of --secret-key (its public key in the parent's --allowed-keys).")
 @click.option("--edge-id", default=None, metavar="NAME",
               help="With --upstream: this edge's worker id at the parent [default: edge-HOST-PORT].")
 @metrics_options
