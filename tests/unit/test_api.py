@@ -84,7 +84,8 @@ def _click_defaults(command: click.Command) -> dict[str, Any]:
 
 @pytest.mark.parametrize("command, cls, renamed, skipped", [
     ("serve", "Server", {"task_ref": "task"}, {"bind"}),  # the API binds loopback by default
-    ("simulate", "Simulation", {"task_ref": "task", "data_dir": "data", "delay_s": "delay"}, set()),
+    ("simulate", "Simulation", {"task_ref": "task", "data_dir": "data", "delay_s": "delay", "ray_address": "ray"},
+     set()),
     ("join", "Participant", {"task_ref": "task"}, set()),
     ("export", "export_model", {"task_ref": "task", "round_no": "round", "fmt": "format"}, set()),
 ])
