@@ -244,7 +244,11 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> dict[str, Path]:
         return "–" if v is None else f"{v / 1e6:.1f}"
 
     def ms(v: float | None) -> str:
-        return "–" if v is None else f"{v * 1000:.0f}"
+        from fedctl.observe.collector import RTT_SECONDS_BUCKETS
+
+        if v is None:
+            return "–"
+        return f"> {RTT_SECONDS_BUCKETS[-1] * 1000:.0f}" if math.isinf(v) else f"≤ {v * 1000:.0f}"
 
     lines = ["# Scale: one broker against a root with edge brokers", "",
              f"No-op workers ({PER_PROCESS} per process); heartbeats every max({HEARTBEAT_S:g}, N/1000) s at a "
