@@ -161,6 +161,13 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
             raise ConfigError(f"task {task_.name} defines no gluon_model(); --backend mxnet cannot train it",
                               "pass --backend torch, or add gluon_model() to the task (docs/tasks.md)")
         config = self.config = run_config(model=task_.name, **run_options(arguments), done_linger_s=2.0)
+        hosts = None
+        if ray is not None:  # (Ray missing, or no cluster at a HOST:PORT: one line before any partition is made)
+            from fedctl.sim.ray_hosts import RayConfig, import_ray, probe
+
+            hosts = RayConfig(ray, ray_workers_per_actor, ray_cpus, ray_gpus, threads=max(int(ray_cpus), 1))
+            import_ray()
+            probe(hosts)
         check_writable_dir(config.state_dir, "--state-dir")  # the partition cache goes beside it
         check_resume(config)
         with missing_dataset_fix(has_download=False):
@@ -171,12 +178,6 @@ dp_delta, dp_target_epsilon, dp_adaptive_quantile, dp_clip_lr:
             raise ConfigError(f"--workers {workers} is more than the {shards} shards of {partition}" if workers > 0
                               else f"--workers must be at least 1, got {workers}",
                               f"pass --workers {shards} or fewer, or a partition with more clients")
-        hosts = None
-        if ray is not None:
-            from fedctl.sim.ray_hosts import RayConfig, import_ray
-
-            hosts = RayConfig(ray, ray_workers_per_actor, ray_cpus, ray_gpus, threads=max(int(ray_cpus), 1))
-            import_ray()  # (not installed: one line now, not after the partition)
         self.sim = SimConfig(partition, workers, resolve_backend(backend), parallel=parallel, transport=transport,
                              slow_fraction=slow_fraction, slowdown=slowdown, delay_s=delay,
                              holdout=holdout if holdout is not None else (0.1 if config.fed_eval_every else 0.0),

@@ -75,19 +75,25 @@ def connect(config: RayConfig) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    host, sep, port = config.address.removeprefix("ray://").rpartition(":")
-    if sep and port.isdigit():  # (ray.init retries an address nobody listens on for minutes: ask the port first)
-        try:
-            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-        except OSError as exc:
-            raise ConfigError(f"no Ray cluster at --ray {config.address}: {exc.strerror or exc}",
-                              "start one with `ray start --head` (then --ray auto), or pass its HOST:PORT") from None
+    probe(config)
     try:
         ray.init(address=config.address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"no Ray cluster at --ray {config.address}: {str(exc).splitlines()[0][:200]}",
                           "start one with `ray start --head` (then --ray auto), or pass its HOST:PORT") from None
     return ray
+
+
+def probe(config: RayConfig) -> None:
+    """ConfigError when nothing listens at a ``HOST:PORT`` address (``ray.init`` would retry it for minutes);
+    ``auto`` is checked by ``ray.init`` itself, at once."""
+    host, sep, port = config.address.removeprefix("ray://").rpartition(":")
+    if sep and port.isdigit():
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except OSError as exc:
+            raise ConfigError(f"no Ray cluster at --ray {config.address}: {exc.strerror or exc}",
+                              "start one with `ray start --head` (then --ray auto), or pass its HOST:PORT") from None
 
 
 def broker_host(ray: Any) -> str:

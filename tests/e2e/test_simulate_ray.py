@@ -67,3 +67,4 @@ def test_no_cluster_at_the_address_is_one_line(tmp_path: Path) -> None:
                  "--state-dir", str(tmp_path / "s"), "--ray", f"127.0.0.1:{_port()}", timeout=200)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert "no Ray cluster at --ray" in run.stderr and "ray start --head" in run.stderr, run.stderr[-2000:]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "partitions").exists(), "refused before anything"
