@@ -18,9 +18,9 @@ import asyncio
 import logging
 from typing import Any
 
-from fedctl.broker.drivers import Counters, Driver, mean_metrics
-from fedctl.broker.policy import OpenRound, SyncRoundPolicy
-from fedctl.broker.registry import WorkerRecord
+from fedctl.broker.drivers import Counters, mean_metrics
+from fedctl.broker.policy import OpenRound
+from fedctl.broker.rounds import RoundDriver
 from fedctl.edge.link import EdgeLink, EdgeOutcome, EdgeRound
 from fedctl.errors import ConfigError
 from fedctl.strategies import TaskConfig, get_strategy
@@ -28,19 +28,14 @@ from fedctl.strategies import TaskConfig, get_strategy
 log = logging.getLogger(__name__)
 
 
-class EdgeDriver(Driver):
-    """Runs the parent's rounds handed over ``link`` among this edge's workers until the link closes."""
+class EdgeDriver(RoundDriver):
+    """Runs the parent's rounds handed over ``link`` among this edge's workers until the link closes (a sync
+    round driver whose rounds the parent starts: its ``policy`` and ``_wait_close`` are the round driver's)."""
 
     def __init__(self, host: Any, link: EdgeLink) -> None:
         super().__init__(host)
         self.link = link
         self.core.hold_acks = True  # (a worker's ack waits for the parent's answer to the merged push)
-
-    @property
-    def policy(self) -> SyncRoundPolicy:
-        policy = self.core.policy
-        assert isinstance(policy, SyncRoundPolicy)  # (edges run sync rounds: checked at start)
-        return policy
 
     async def run(self) -> dict[str, Any]:
         core, host = self.core, self.host
@@ -52,14 +47,14 @@ class EdgeDriver(Driver):
         last: dict[str, Any] = {}
         while (job := await self.link.rounds.get()) is not None:
             try:
-                outcome = await self._round(job)
+                outcome, record = await self._round(job)
             except BaseException:
                 job.outcome.cancel()
                 raise
             if not job.outcome.done():
                 job.outcome.set_result(outcome)
             if outcome.update is not None:
-                last = await self._answered(job, outcome)
+                last = await self._answered(job, outcome, record)
         return self.summary(last)
 
     def _check_task(self, job: EdgeRound) -> TaskConfig:
@@ -72,7 +67,7 @@ class EdgeDriver(Driver):
         return TaskConfig(int(task["epochs"]), int(task["batch_size"]), float(task["lr"]),
                           options=dict(task.get("options") or {}))
 
-    async def _round(self, job: EdgeRound) -> EdgeOutcome:
+    async def _round(self, job: EdgeRound) -> tuple[EdgeOutcome, dict[str, Any]]:
         core, host, policy = self.core, self.host, self.policy
         strategy = get_strategy(job.task["strategy"], self._check_task(job))
         strategy.check_hierarchical()
@@ -91,7 +86,7 @@ class EdgeDriver(Driver):
             reason = (f"no round of the edge opened within --round-timeout {host.config.sync.round_timeout_s:g} s "
                       f"({len(core.registry)} worker(s) connected, {host.config.sync.min_workers} needed)")
             log.warning("parent round %d: %s", job.number, reason)
-            return EdgeOutcome(None, reason)
+            return EdgeOutcome(None, reason), {}
         core.round_task = job.task
         records = [r for r in (core.registry.get(w) for w in opened[0].selected) if r is not None]
         await host.hand_out([(r, number) for r in records])
@@ -104,29 +99,13 @@ class EdgeDriver(Driver):
                       f"before its deadline (quorum {policy.quorum(closed)})")
             log.warning("parent round %d failed at the edge: %s", job.number, reason)
             await host.execute(core.refuse_held(number, f"round {job.number} failed at the edge: {reason}"))
-            return EdgeOutcome(None, reason)
+            return EdgeOutcome(None, reason), {}
         merged = await asyncio.to_thread(strategy.merge, updates)
         core.applied_total += len(updates)
-        self._pending_record = self._record(job, updates, before, len(closed.selected), len(closed.failed))
+        record = self._record(job, updates, before, len(closed.selected), len(closed.failed))
         log.info("parent round %d: merged %d update(s) of %d sampled worker(s), %d examples", job.number,
                  len(updates), len(closed.selected), merged.num_examples)
-        return EdgeOutcome(merged, workers=len(updates))
-
-    async def _wait_close(self, opened: OpenRound) -> None:
-        """Wait until the round can close, handing its model again to a selected worker that asks without it."""
-        core, host, policy = self.core, self.host, self.policy
-
-        def again() -> list[WorkerRecord]:
-            return [r for r in core.registry.waiting() if policy.needs_model(r.worker)]
-
-        while True:
-            await host.wait_until(lambda: policy.should_close(host.now()) or bool(again()),
-                                  policy.time_left(host.now()))
-            if policy.should_close(host.now()):
-                return
-            records = again()
-            opened.handed.update(r.worker for r in records)
-            await host.hand_out([(r, opened.number) for r in records])
+        return EdgeOutcome(merged, workers=len(updates)), record
 
     def _record(self, job: EdgeRound, updates: Any, before: Counters, selected: int, failed: int) -> dict[str, Any]:
         n = sum(u.num_examples for u in updates)
@@ -137,7 +116,7 @@ class EdgeDriver(Driver):
                 "update_metrics": mean_metrics(updates), **self.host.snapshot().since(before),
                 "duration_s": round(self.host.now() - before.at, 4)}
 
-    async def _answered(self, job: EdgeRound, outcome: EdgeOutcome) -> dict[str, Any]:
+    async def _answered(self, job: EdgeRound, outcome: EdgeOutcome, record: dict[str, Any]) -> dict[str, Any]:
         """Wait for the parent's answer to the merged push, then answer this round's workers: acknowledged when
         the parent took it, ``STALE_UPDATE`` when it did not."""
         core, host = self.core, self.host
@@ -147,7 +126,7 @@ class EdgeDriver(Driver):
             await host.execute(core.release_acks(number))
         else:
             await host.execute(core.refuse_held(number, f"the parent did not use round {job.number}'s update"))
-        record = {**self._pending_record, "forwarded": took}
+        record = {**record, "forwarded": took}
         await asyncio.to_thread(host.checkpointer.append_metrics, record)
         core.last_round = record
         core.events.add(host.now(), "round", f"parent round {job.number}: {outcome.workers} update(s) merged, "
