@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 
 class FedctlError(Exception):
     """Base class of every error fedctl raises on purpose.
@@ -91,3 +93,14 @@ class RemoteError(FedctlError, RuntimeError):
         super().__init__(f"broker refused the request (code {code}): {reason}", fix)
         self.code = int(code)
         self.reason = reason
+
+
+_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
+
+
+def unwrapped(error: BaseException) -> BaseException:
+    """The single exception inside nested one-member exception groups (what ``asyncio.TaskGroup`` raises), so a
+    caller can ``except fedctl.errors.RemoteError``; any other exception as it is."""
+    while _GROUP is not None and isinstance(error, _GROUP) and len(getattr(error, "exceptions", ())) == 1:
+        error = error.exceptions[0]  # type: ignore[attr-defined]
+    return error

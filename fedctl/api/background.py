@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import builtins
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -24,6 +23,7 @@ import zmq.asyncio
 
 from fedctl.api.results import JoinResult, Run
 from fedctl.broker.store import Checkpointer
+from fedctl.errors import unwrapped
 
 T = TypeVar("T")
 Started = Callable[[str | None], None]
@@ -31,7 +31,6 @@ Started = Callable[[str | None], None]
 Main = Callable[[Started], Coroutine[Any, Any, T]]
 """A run: a coroutine function that calls ``started`` once it is up and returns its result."""
 
-_GROUP: type[BaseException] | None = getattr(builtins, "BaseExceptionGroup", None)
 
 
 @asynccontextmanager
@@ -42,14 +41,6 @@ async def private_context() -> AsyncIterator[zmq.asyncio.Context]:
         yield ctx
     finally:
         ctx.destroy(linger=0)
-
-
-def unwrapped(error: BaseException) -> BaseException:
-    """The single exception inside nested one-member exception groups (what ``asyncio.TaskGroup`` raises), so a
-    caller can ``except fedctl.errors.RemoteError``; any other exception as it is."""
-    while _GROUP is not None and isinstance(error, _GROUP) and len(getattr(error, "exceptions", ())) == 1:
-        error = error.exceptions[0]  # type: ignore[attr-defined]
-    return error
 
 
 async def _unwrapping(main: Main[T], started: Started) -> T:

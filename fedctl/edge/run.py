@@ -17,7 +17,7 @@ from fedctl.broker.config import BrokerConfig
 from fedctl.broker.service import Broker
 from fedctl.edge.link import EdgeLink
 from fedctl.edge.uplink import BACKEND, EdgeUplink
-from fedctl.errors import ConfigError
+from fedctl.errors import ConfigError, unwrapped
 from fedctl.strategies import get_strategy
 from fedctl.worker.client import WorkerConfig
 
@@ -56,15 +56,6 @@ def check_edge(config: BrokerConfig, evaluates: bool) -> None:
     get_strategy(config.strategy, config.task).check_hierarchical()
 
 
-def _leaf(error: BaseException | None) -> BaseException:
-    """The one error inside nested one-member exception groups (a broker's task group), so that a refusal reaches
-    the command line as its one line."""
-    assert error is not None
-    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
-        error = error.exceptions[0]
-    return error
-
-
 def default_edge_id(endpoint: str) -> str:
     port = endpoint.rsplit(":", 1)[-1] if endpoint.startswith("tcp://") else endpoint.rsplit("/", 1)[-1]
     return f"edge-{socket.gethostname()}-{port}"[:128]
@@ -94,11 +85,10 @@ async def run_edge(broker: Broker, link: EdgeLink, upstream: Upstream, ctx: Any)
     down = asyncio.ensure_future(broker.run())
     try:
         await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
-        if down.done() and down.exception() is not None:
-            raise _leaf(down.exception())
-        if up.done() and up.exception() is not None:
-            # The edge stops without telling its workers the run is done: they wait for it to come back.
-            raise _leaf(up.exception())
+        for half in (down, up):  # (the uplink failing: the edge stops without telling its workers the run is done)
+            failure = half.exception() if half.done() else None
+            if failure is not None:
+                raise unwrapped(failure)
         summary = await down
         return {**summary, "upstream": await up}
     finally:
