@@ -3,6 +3,7 @@ policy that refuses a reachable plaintext bind unless ``--insecure`` says so."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import stat
@@ -73,6 +74,34 @@ def test_curve_serve_and_join_finish_a_run(spawn: Launcher, partition_dir: Path,
     assert [m["round"] for m in read_metrics(state)] == [1, 2]
     assert "run complete: 2 rounds" in broker.stdout
     assert "done: trained 2 rounds; run finished at round 2" in worker.stdout, worker.describe()
+
+
+def test_status_key_mistakes_are_one_line_each(spawn: Launcher, tmp_path: Path) -> None:
+    """``fedctl status`` against a CURVE broker: the right admitted pair gets the run; no keys, a key the broker does
+    not admit and a wrong broker key each get their own cause and fix in one line (exit 7), before the timeout."""
+    broker_key = keygen(tmp_path, tmp_path / "broker-keys", "broker")
+    keygen(tmp_path, tmp_path / "keys", "ops")
+    intruder_key = keygen(tmp_path, tmp_path / "keys", "intruder")
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    shutil.copy(tmp_path / "keys" / "ops.key", allowed)
+    broker = spawn("serve", "serve", "--bind", LOOPBACK_ANY, "--state-dir", str(tmp_path / "state"), "--rounds", "2",
+                   "--min-workers", "1", "--secret-key", str(tmp_path / "broker-keys" / "broker.key_secret"),
+                   "--allowed-keys", str(allowed))
+    endpoint = broker.wait_endpoint()
+    keys = tmp_path / "keys"
+    ok = fedctl(tmp_path, "status", "--connect", endpoint, "--json", "--server-key", broker_key,
+                "--secret-key", str(keys / "ops.key_secret"), timeout=60)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["rounds"] == 2, ok.stderr
+    for options, cause in [((), "the broker uses CURVE keys"),
+                           (("--server-key", broker_key, "--secret-key", str(keys / "intruder.key_secret")),
+                            "refused this client's CURVE key"),
+                           (("--server-key", intruder_key, "--secret-key", str(keys / "ops.key_secret")),
+                            "--server-key is not its public key")]:
+        run = fedctl(tmp_path, "status", "--connect", endpoint, "--timeout", "30", *options, timeout=60)
+        assert run.returncode == 7 and "Traceback" not in run.stderr, run.stderr
+        assert error_line(run.stderr).startswith("error: ") and cause in run.stderr and " — " in run.stderr
+        assert "no answer" not in run.stderr  # the handshake's failure, not the 30 s timeout
 
 
 def test_reachable_bind_needs_keys_or_insecure(spawn: Launcher, tmp_path: Path) -> None:
