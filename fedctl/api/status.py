@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import zmq
