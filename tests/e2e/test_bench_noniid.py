@@ -28,6 +28,13 @@ def test_the_comparison_tunes_each_algorithm_then_runs_the_best_to_the_budget(tm
         assert (out / "runs" / r["preset"] / "metrics.jsonl").is_file()
     page = (out / "noniid.md").read_text()
     assert "| fedavg | lr: 0.025 (" in page and "| fedavgm | eta: 0.3 (" in page
+    fedavg, fedavgm = rows
+    assert fedavg["rounds_past_budget"] > 0 and fedavg["rounds_to_target"] > 3, \
+        "FedAvg, short of the target at the budget, runs on to it: every ratio gets a denominator"
+    assert fedavgm["rounds_past_budget"] == 0, "only the reference runs past the budget"
+    ran = [json.loads(line)["round"] for line in (out / "runs" / fedavg["preset"] / "metrics.jsonl").open()]
+    assert ran[-1] == 3 + fedavg["rounds_past_budget"] and fedavg["rounds_to_target"] <= ran[-1]
+    assert f"{fedavg['rounds_to_target']:.1f} †" in page
     assert (out / "noniid_smoke.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = fedctl(tmp_path, "bench", "noniid", "--setting", "smoke", "--strategy", "fedavg", "--out", str(out),
                    "--parallel", "1", timeout=200)
