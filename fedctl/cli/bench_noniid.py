@@ -71,10 +71,10 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
     to_target = _to_target(records, setting.target)
     past = 0  # rounds the reference ran past the budget to reach the target
     if to_target is None and contender.strategy == REFERENCE and setting.reference_rounds:
-        console.print(f"  {contender.strategy}: not at {setting.target:g} by round {setting.budget_rounds}; the "
-                      f"reference runs on to the target (at most round {setting.reference_rounds})")
         extended = row["records"]  # (a resumed comparison: the run may already have gone on to the target)
         if _to_target(extended, setting.target) is None and extended[-1]["round"] < setting.reference_rounds:
+            console.print(f"  {contender.strategy}: not at {setting.target:g} by round {setting.budget_rounds}; the "
+                          f"reference runs on to the target (at most round {setting.reference_rounds})")
             extended = _run(setting, contender, chosen, setting.reference_rounds, out, source_dir, parallel,
                             stop_at_target=True)["records"]
         to_target = _to_target(extended, setting.target)
@@ -126,8 +126,12 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
                 reached += f" (by round {setting.budget_rounds + past} †)"
             after = "–" if r["accuracy_after_budget"] is None else f"{r['accuracy_after_budget']:.4f}"
             best = "–" if r["best_accuracy"] is None else f"{r['best_accuracy']:.4f}"
-            ratio = ("–" if r["rounds_to_target"] is None or not fedavg
-                     else f"{r['rounds_to_target'] / fedavg:.2f}")
+            if not fedavg:
+                ratio = "–"
+            elif r["rounds_to_target"] is None:  # (not by the budget: more than budget / FedAvg's rounds)
+                ratio = f"> {setting.budget_rounds / fedavg:.2f}" if setting.budget_rounds < fedavg else "–"
+            else:
+                ratio = f"{r['rounds_to_target'] / fedavg:.2f}"
             lines.append(f"| {r['strategy']} | {r['knob']}: {grid} | {r['chosen']:g} | {reached} | {ratio} | {after} | "
                          f"{best} | "
                          f"{r['rounds_run']} | {r['bytes_up'] / 1e6:.1f} / {r['bytes_down'] / 1e6:.1f} | "
