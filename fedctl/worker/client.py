@@ -512,14 +512,16 @@ class Worker:
             async with background() as tasks:
                 conn.start(tasks)
                 await self._join(conn)
-                tasks.start(conn.heartbeat(float(self.run.get("heartbeat_interval_s", 1.0)), self._liveness_s),
-                            name="heartbeat")
+                heartbeat = tasks.start(conn.heartbeat(float(self.run.get("heartbeat_interval_s", 1.0)),
+                                                       self._liveness_s), name="heartbeat")
                 try:
                     done = await self._session(conn)
                 except ConfigError as err:  # this worker gives up (its task keeps failing): the broker hears why
+                    await _stopped(heartbeat)
                     await conn.send(C.LEAVE, reason=str(err.message)[:1000])
                     await asyncio.sleep(0.05)
                     raise
+                await _stopped(heartbeat)  # (a heartbeat after the leave would be refused as NOT_JOINED)
                 await conn.send(C.LEAVE, reason="run complete")
                 await asyncio.sleep(0.05)  # let the socket take the leave out before it closes (linger 0)
             return done
@@ -554,3 +556,9 @@ class Worker:
             self.bytes_in += self.conn.bytes_in
             self.conn.close()
             self.conn = None
+
+
+async def _stopped(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended (a background task: its group reports its failures)."""
+    task.cancel()
+    await asyncio.wait([task])

@@ -17,6 +17,8 @@ import zmq.asyncio
 from fedctl.broker.policy import SyncConfig
 from fedctl.errors import RemoteError, TransportError
 from fedctl.testing.trainers import NumpyMLPTrainer
+from fedctl.wire import constants as C
+from fedctl.wire import encode, make
 from fedctl.wire.constants import ErrorCode
 from fedctl.worker.client import Worker, WorkerConfig
 
@@ -185,3 +187,35 @@ def test_a_diverged_update_is_reported_as_a_failed_training_not_pushed(fed: Any,
     assert summary["rejected"] == {}, "nothing non-finite was pushed"
     assert "training diverged: the update's fc1.weight holds NaN" in caplog.text
     assert [m["participants"] for m in fed.read_metrics(state_dir)] == [2, 2]  # round 1 retried without the NaN
+
+
+@pytest.mark.timeout(60)
+def test_a_finished_worker_sends_no_heartbeat_after_its_leave(fed: Any, ctx: zmq.asyncio.Context,
+                                                            state_dir: Path) -> None:
+    """At the end of a run a worker stops its heartbeat before it leaves: with heartbeats every 5 ms, one sent in
+    the moment after the leave would reach the broker, which lingers while another member (a bare DEALER that
+    joined and never leaves) stays, and be refused as NOT_JOINED."""
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, int]]:
+        config = fed.broker_config(state_dir, rounds=2, sync=SyncConfig(1.0, 2, ROUND_TIMEOUT_S),
+                                   heartbeat_interval_s=0.005, liveness_s=2.0, done_linger_s=1.0)
+        broker = fed.start_broker(ctx, config)
+        stayer = ctx.socket(zmq.DEALER)
+        stayer.linger = 0
+        stayer.connect(broker.endpoint)
+        workers = [fed.mlp_worker(ctx, broker.endpoint, i) for i in range(2)]
+        run = asyncio.ensure_future(broker.run())
+        serving = [asyncio.ensure_future(w.serve()) for w in workers]
+        try:
+            await stayer.send_multipart(encode(make(C.JOIN, 1, worker="stayer", backend="probe", num_examples=1)))
+            await asyncio.gather(*serving)
+            summary = await run
+            return summary, dict(broker.core.rejected)
+        finally:
+            stayer.close(0)
+            for task in (run, *serving):
+                task.cancel()
+
+    summary, rejected = fed.run_async(scenario())
+    assert summary["rounds"] == 2
+    assert rejected == {}, rejected
