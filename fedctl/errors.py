@@ -33,6 +33,15 @@ class ConfigError(FedctlError, ValueError):
     exit_code = 2
 
 
+class TrainingFailed(ConfigError):
+    """A worker's local training failed in several rounds in a row; ``diverged``: it produced NaN or infinite values
+    (a learning rate too large for the model and data, rather than a broken task)."""
+
+    def __init__(self, message: str, fix: str | None = None, *, diverged: bool = False) -> None:
+        super().__init__(message, fix)
+        self.diverged = diverged
+
+
 class DataError(FedctlError, FileNotFoundError):
     """A dataset or shard is missing, corrupt or of the wrong kind."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from fedctl.cli.simulate import console, quiet_workers
-from fedctl.errors import FedctlError
+from fedctl.errors import FedctlError, TrainingFailed
 from fedctl.fsio import atomic_write, check_writable_dir
 from fedctl.sim.metrics import rounds_to_target
 from fedctl.sim.noniid import (
@@ -51,6 +51,13 @@ def _run(setting: Setting, contender: Contender, value: float, rounds: int, out:
     return run_federated(p, out, source, rounds, parallel, stop_at_target=stop_at_target)
 
 
+def _records(out: Path, setting: Setting, contender: Contender, value: float) -> list[dict[str, Any]]:
+    """The metrics records a grid point's run left in its state directory (after it stopped with an error)."""
+    from fedctl.broker.store import Checkpointer
+
+    return Checkpointer(out / "runs" / preset(setting, contender, value).name).read_metrics()
+
+
 def _to_target(records: list[dict[str, Any]], target: float) -> float | None:
     return rounds_to_target([r["round"] for r in records], [r.get("test_accuracy") for r in records], target)
 
@@ -60,11 +67,27 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
     """Tune ``contender`` on ``setting`` (every grid point to ``grid_rounds``), then run the winner to the budget."""
     grid = []
     for value in contender.grid:
-        row = _run(setting, contender, value, setting.grid_rounds, out, source_dir, parallel)
-        grid.append({"value": value, "best_accuracy": _best_until(row["records"], setting.grid_rounds)})
-        console.print(f"  {contender.strategy} {contender.knob}={value:g}: best accuracy "
-                      f"{grid[-1]['best_accuracy']:.4f} by round {setting.grid_rounds}")
-    chosen = max(grid, key=lambda g: (g["best_accuracy"], -g["value"]))["value"]
+        try:
+            records = _run(setting, contender, value, setting.grid_rounds, out, source_dir, parallel)["records"]
+            diverged = None
+        except TrainingFailed as err:
+            if not err.diverged:
+                raise
+            records = _records(out, setting, contender, value)
+            diverged = records[-1]["round"] + 1 if records else 1
+        grid.append({"value": value, "best_accuracy": _best_until(records, setting.grid_rounds)})
+        if diverged is not None:  # (a legitimate grid outcome: the value is too large; it cannot be chosen)
+            grid[-1]["diverged_at"] = diverged
+            console.print(f"  {contender.strategy} {contender.knob}={value:g}: diverged (NaN) in round {diverged}")
+        else:
+            console.print(f"  {contender.strategy} {contender.knob}={value:g}: best accuracy "
+                          f"{grid[-1]['best_accuracy']:.4f} by round {setting.grid_rounds}")
+    candidates = [g for g in grid if "diverged_at" not in g]
+    if not candidates:
+        raise TrainingFailed(f"{contender.strategy} diverged at every point of its {contender.knob} grid "
+                             f"{', '.join(f'{v:g}' for v in contender.grid)} on {setting.key}",
+                             "give it a grid of smaller values (fedctl/sim/noniid.py CONTENDERS)", diverged=True)
+    chosen = max(candidates, key=lambda g: (g["best_accuracy"], -g["value"]))["value"]
     row = _run(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
     records = [r for r in row["records"] if r["round"] <= setting.budget_rounds]
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
@@ -118,7 +141,8 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         fedavg = next((r["rounds_to_target"] for r in mine if r["strategy"] == REFERENCE), None)
         for r in mine:
-            grid = ", ".join(f"{g['value']:g} ({g['best_accuracy']:.4f})" for g in r["grid"])
+            grid = ", ".join(f"{g['value']:g} (diverged in round {g['diverged_at']})" if "diverged_at" in g
+                             else f"{g['value']:g} ({g['best_accuracy']:.4f})" for g in r["grid"])
             past = r.get("rounds_past_budget", 0)
             reached = ("not reached" if r["rounds_to_target"] is None else f"{r['rounds_to_target']:.1f}"
                        + (" †" if r["rounds_to_target"] > setting.budget_rounds else ""))

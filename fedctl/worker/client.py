@@ -24,7 +24,7 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError, TransportError
+from fedctl.errors import ConfigError, ModelMismatch, ProtocolError, RemoteError, TrainingFailed, TransportError
 from fedctl.models import ModelSpec, first_difference, get_model
 from fedctl.security import check_z85_key
 from fedctl.strategies import ClientResult, Strategy, TaskConfig, get_strategy
@@ -314,8 +314,9 @@ class Worker:
         await self.conn.send(C.FAILED, round=round_no, reason=reason)
         self.failures += 1
         if self.failures >= MAX_FAILURES:
-            raise ConfigError(f"training failed in {self.failures} rounds in a row: {reason}",
-                              "fix the task (run `fedctl join -v` for the traceback)")
+            raise TrainingFailed(f"training failed in {self.failures} rounds in a row: {reason}",
+                                 "fix the task (run `fedctl join -v` for the traceback)",
+                                 diverged=isinstance(exc, FloatingPointError))
 
     async def train(self, strategy: Strategy, weights: Params, task: dict[str, Any],
                     round_no: int) -> tuple[ClientResult, Params, dict[str, float]] | None:
