@@ -88,7 +88,16 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
                              f"{', '.join(f'{v:g}' for v in contender.grid)} on {setting.key}",
                              "give it a grid of smaller values (fedctl/sim/noniid.py CONTENDERS)", diverged=True)
     chosen = max(candidates, key=lambda g: (g["best_accuracy"], -g["value"]))["value"]
-    row = _run(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
+    diverged_at = None
+    try:
+        row = _run(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
+    except TrainingFailed as err:  # (the chosen value diverged later in its run: the row says when)
+        if not err.diverged:
+            raise
+        p = preset(setting, contender, chosen)
+        row = {"records": _records(out, setting, contender, chosen), "preset": p.name, "label": p.label()}
+        diverged_at = row["records"][-1]["round"] + 1 if row["records"] else 1
+        console.print(f"  {contender.strategy} {contender.knob}={chosen:g}: diverged (NaN) in round {diverged_at}")
     records = [r for r in row["records"] if r["round"] <= setting.budget_rounds]
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     to_target = _to_target(records, setting.target)
@@ -104,7 +113,7 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
         past = len(extended) - len(records)
     return {"setting": setting.key, "strategy": contender.strategy, "knob": contender.knob, "grid": grid,
             "chosen": chosen, "preset": row["preset"], "label": row["label"], "rounds_run": len(records),
-            "rounds_to_target": to_target, "rounds_past_budget": past,
+            "rounds_to_target": to_target, "rounds_past_budget": past, "diverged_at": diverged_at,
             "accuracy_after_budget": evaluated[-1]["test_accuracy"] if evaluated else None,
             "best_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
             "bytes_up": sum(r["bytes_in"] for r in records), "bytes_down": sum(r["bytes_out"] for r in records),
@@ -149,6 +158,8 @@ def write_report(rows: list[dict[str, Any]], out: Path) -> None:
             if r["rounds_to_target"] is None and past:
                 reached += f" (by round {setting.budget_rounds + past} †)"
             after = "–" if r["accuracy_after_budget"] is None else f"{r['accuracy_after_budget']:.4f}"
+            if r.get("diverged_at"):
+                after = f"diverged in round {r['diverged_at']} (last {after})"
             best = "–" if r["best_accuracy"] is None else f"{r['best_accuracy']:.4f}"
             if not fedavg:
                 ratio = "–"
