@@ -201,6 +201,7 @@ def _plot(setting: Setting, rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(setting.target, color="black", linestyle="--", linewidth=0.8, label=f"target {setting.target:g}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
+        ax.set_ylim(max(0.0, setting.target - 0.1), 1.0)  # (the differences live near the target; a collapse leaves)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     by_bytes.set_xscale("log")
