@@ -51,11 +51,22 @@ def _run(setting: Setting, contender: Contender, value: float, rounds: int, out:
     return run_federated(p, out, source, rounds, parallel, stop_at_target=stop_at_target)
 
 
-def _records(out: Path, setting: Setting, contender: Contender, value: float) -> list[dict[str, Any]]:
-    """The metrics records a grid point's run left in its state directory (after it stopped with an error)."""
+def _attempt(setting: Setting, contender: Contender, value: float, rounds: int, out: Path, source_dir: Path | None,
+             parallel: int) -> tuple[dict[str, Any], int | None]:
+    """:func:`_run`, where a run whose training diverges (NaN) is a result: its row from the records it left, and
+    the round it diverged in (None when it did not)."""
     from fedctl.broker.store import Checkpointer
 
-    return Checkpointer(out / "runs" / preset(setting, contender, value).name).read_metrics()
+    try:
+        return _run(setting, contender, value, rounds, out, source_dir, parallel), None
+    except TrainingFailed as err:
+        if not err.diverged:
+            raise
+    p = preset(setting, contender, value)
+    records = Checkpointer(out / "runs" / p.name).read_metrics()
+    diverged = records[-1]["round"] + 1 if records else 1
+    console.print(f"  {contender.strategy} {contender.knob}={value:g}: diverged (NaN) in round {diverged}")
+    return {"records": records, "preset": p.name, "label": p.label()}, diverged
 
 
 def _to_target(records: list[dict[str, Any]], target: float) -> float | None:
@@ -67,18 +78,10 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
     """Tune ``contender`` on ``setting`` (every grid point to ``grid_rounds``), then run the winner to the budget."""
     grid = []
     for value in contender.grid:
-        try:
-            records = _run(setting, contender, value, setting.grid_rounds, out, source_dir, parallel)["records"]
-            diverged = None
-        except TrainingFailed as err:
-            if not err.diverged:
-                raise
-            records = _records(out, setting, contender, value)
-            diverged = records[-1]["round"] + 1 if records else 1
-        grid.append({"value": value, "best_accuracy": _best_until(records, setting.grid_rounds)})
+        point, diverged = _attempt(setting, contender, value, setting.grid_rounds, out, source_dir, parallel)
+        grid.append({"value": value, "best_accuracy": _best_until(point["records"], setting.grid_rounds)})
         if diverged is not None:  # (a legitimate grid outcome: the value is too large; it cannot be chosen)
             grid[-1]["diverged_at"] = diverged
-            console.print(f"  {contender.strategy} {contender.knob}={value:g}: diverged (NaN) in round {diverged}")
         else:
             console.print(f"  {contender.strategy} {contender.knob}={value:g}: best accuracy "
                           f"{grid[-1]['best_accuracy']:.4f} by round {setting.grid_rounds}")
@@ -88,16 +91,8 @@ def compare(setting: Setting, contender: Contender, out: Path, source_dir: Path 
                              f"{', '.join(f'{v:g}' for v in contender.grid)} on {setting.key}",
                              "give it a grid of smaller values (fedctl/sim/noniid.py CONTENDERS)", diverged=True)
     chosen = max(candidates, key=lambda g: (g["best_accuracy"], -g["value"]))["value"]
-    diverged_at = None
-    try:
-        row = _run(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
-    except TrainingFailed as err:  # (the chosen value diverged later in its run: the row says when)
-        if not err.diverged:
-            raise
-        p = preset(setting, contender, chosen)
-        row = {"records": _records(out, setting, contender, chosen), "preset": p.name, "label": p.label()}
-        diverged_at = row["records"][-1]["round"] + 1 if row["records"] else 1
-        console.print(f"  {contender.strategy} {contender.knob}={chosen:g}: diverged (NaN) in round {diverged_at}")
+    # (the chosen value may still diverge later in its run: the row then says when)
+    row, diverged_at = _attempt(setting, contender, chosen, setting.budget_rounds, out, source_dir, parallel)
     records = [r for r in row["records"] if r["round"] <= setting.budget_rounds]
     evaluated = [r for r in records if r.get("test_accuracy") is not None]
     to_target = _to_target(records, setting.target)
