@@ -23,8 +23,52 @@ def _num(value: Any, fmt: str = "{:.4f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def render(s: dict[str, Any], endpoint: str) -> Group:
-    """The status map as rich tables: the run, then its workers."""
+# The workers table's columns, most important first: a narrow terminal keeps the first ones whole and drops the
+# rest (the whole map is in --json) rather than squeezing every column into an ellipsis.
+_WORKER_COLUMNS = ("worker", "state", "last heard", "rounds done", "staleness", "in / out", "rtt", "backend",
+                   "device", "address", "link")
+
+
+def _worker_cells(w: dict[str, Any]) -> dict[str, str]:
+    return {
+        "worker": w["worker"],
+        "state": w.get("state") or ("waiting" if w["waiting"] else "busy"),
+        "last heard": f"{w['silent_s']:.1f} s ago",
+        "rounds done": _num(w.get("updates"), "{}"),
+        "staleness": _num(w.get("staleness"), "{}"),
+        "in / out": f"{_mb(w.get('bytes_in'))} / {_mb(w.get('bytes_out'))}",
+        "rtt": "-" if w.get("rtt_s") is None else f"{w['rtt_s'] * 1e3:.1f} ms",
+        "backend": w["backend"],
+        "device": w.get("device") or "-",
+        "address": w.get("address") or "-",
+        "link": "-" if w.get("link_bps") is None else f"{w['link_bps'] * 8 / 1e6:.1f} Mbit/s",
+    }
+
+
+def _workers_table(s: dict[str, Any], width: int | None) -> Table:
+    """The workers table, with as many columns (in ``_WORKER_COLUMNS`` order of importance) as ``width`` holds."""
+    rows = [_worker_cells(w) for w in s["workers"]]
+    chosen: list[str] = []
+    used = 1                                                  # the table's left border
+    for column in _WORKER_COLUMNS:
+        need = max([len(column)] + [len(row[column]) for row in rows]) + 3   # padding and a border
+        if width is not None and chosen and used + need > width:
+            continue
+        chosen.append(column)
+        used += need
+    dropped = len(_WORKER_COLUMNS) - len(chosen)
+    title = f"workers ({len(rows)} of {s.get('workers_total', len(rows))}"
+    title += f"; {dropped} more columns in a wider terminal or --json)" if dropped else ")"
+    table = Table(title=title, title_justify="left")
+    for column in chosen:
+        table.add_column(column, no_wrap=column in ("worker", "state"))
+    for row in rows:
+        table.add_row(*(row[column] for column in chosen))
+    return table
+
+
+def render(s: dict[str, Any], endpoint: str, width: int | None = None) -> Group:
+    """The status map as rich tables: the run, then its workers (columns fitted to ``width`` when given)."""
     last = s.get("last_round") or {}
     run = Table(title=f"fedctl run {s['run_id']} at {endpoint}", show_header=False, title_justify="left")
     run.add_column("what", style="bold")
@@ -51,20 +95,7 @@ def render(s: dict[str, Any], endpoint: str) -> Group:
         run.add_row("uploads", f"{transfers['inbound']} chunked push(es): {_mb(transfers['inbound_bytes'])} of "
                                f"{_mb(transfers['inbound_total_bytes'])}")
     if s.get("workers") is not None:
-        shown = s["workers"]
-        title = f"workers ({len(shown)} of {s.get('workers_total', len(shown))})"
-        table = Table(title=title, title_justify="left")
-        for column in ("worker", "state", "backend", "device", "address", "last heard", "rounds done",
-                       "in / out", "staleness", "rtt", "link"):
-            table.add_column(column)
-        for w in shown:
-            link = "-" if w.get("link_bps") is None else f"{w['link_bps'] * 8 / 1e6:.1f} Mbit/s"
-            state = w.get("state") or ("waiting" if w["waiting"] else "busy")
-            table.add_row(w["worker"], state, w["backend"], w.get("device") or "-", w.get("address") or "-",
-                          f"{w['silent_s']:.1f} s ago", _num(w.get("updates"), "{}"),
-                          f"{_mb(w.get('bytes_in'))} / {_mb(w.get('bytes_out'))}", _num(w.get("staleness"), "{}"),
-                          "-" if w.get("rtt_s") is None else f"{w['rtt_s'] * 1e3:.1f} ms", link)
-        parts.append(table)
+        parts.append(_workers_table(s, width))
     events = s.get("events") or []
     if events:
         log = Table(title=f"recent events (last {len(events)})", title_justify="left")
@@ -100,10 +131,10 @@ def status_cmd(connect: str, server_key: str | None, secret_key: Path | None, wa
         return
     console = Console()
     if not watch:
-        console.print(render(ask(), connect))
+        console.print(render(ask(), connect, console.width))
         return
-    with Live(render(ask(), connect), console=console, refresh_per_second=4, transient=False) as live:
+    with Live(render(ask(), connect, console.width), console=console, refresh_per_second=4, transient=False) as live:
         while True:
             time.sleep(interval)
             current = ask()
-            live.update(json.dumps(current, sort_keys=True) if as_json else render(current, connect))
+            live.update(json.dumps(current, sort_keys=True) if as_json else render(current, connect, console.width))

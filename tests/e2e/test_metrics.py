@@ -119,7 +119,8 @@ def test_a_scrape_agrees_with_metrics_jsonl(spawn: Launcher, partition_dir: Path
         assert "fedctl_worker_residual_norm" not in own, "FedAvg keeps no private strategy state"
         assert value(own, "fedctl_worker_model_version") >= record["version"] - 1  # (the run goes on meanwhile)
         table = fedctl(tmp_path, "status", "--connect", endpoint, timeout=30)
-        assert table.returncode == 0 and "workers (2 of 2)" in table.stdout and "fedavg" in table.stdout, table
+        assert table.returncode == 0 and "workers (2 of 2" in table.stdout and "fedavg" in table.stdout, table
+        assert f"shard0@{socket.gethostname()}" in table.stdout, table.stdout  # whole, at 80 columns
     assert checked == 2, "no scrape landed between two rounds"
     codes = {p.name: p.wait(150) for p in [broker, *workers]}
     assert all(c == 0 for c in codes.values()), "\n\n".join(p.describe() for p in [broker, *workers])
