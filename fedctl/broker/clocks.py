@@ -77,13 +77,15 @@ class ClockDriver(Driver):
         return {**self.summary(last), "clocks": dict(self.policy.clocks)}
 
     def _save(self, journal: list[dict[str, Any]], metrics: list[dict[str, Any]], committed: list[Update]) -> None:
-        """In a thread: the checkpoint, the metrics lines logged since the last one, then the pending files of the
-        updates it holds (file work stays off the event loop: while the disk syncs even an append or an unlink
-        can block, and a second's worth of updates is a thousand of them)."""
+        """In a thread: the metrics lines logged since the last checkpoint, the checkpoint, then the pending files
+        of the updates it holds (file work stays off the event loop: while the disk syncs even an append or an
+        unlink can block, and a second's worth of updates is a thousand of them). The lines go first: a crash
+        before the checkpoint's commit leaves lines of versions it does not hold, which the restart drops and
+        redoes; the other order would lose the lines of versions it holds."""
         host = self.host
+        if metrics:
+            host.checkpointer.append_metrics(*metrics)
         host.checkpointer.save(self.core.store, self.core.state, journal)
-        for record in metrics:
-            host.checkpointer.append_metrics(record, sync=False)
         if host.pending is not None:
             host.pending.remove_many((u.worker, u.round) for u in committed)
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
+from fedctl.broker import evaluation as evaluation_fields
 from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
@@ -15,6 +16,9 @@ from fedctl.strategies.base import ROUND_WORKERS, Update
 from fedctl.strategies.kernels import from_change_vector
 
 log = logging.getLogger(__name__)
+
+UNRECORDED = "unrecorded"
+"""state.json's copy of its round's metrics line before the evaluations (see RoundDriver._recover_record)."""
 
 
 def _mb(n: int) -> str:
@@ -67,9 +71,36 @@ class RoundDriver(Driver):
                 if task is not None and not task.done():
                     task.cancel()
 
+    async def _recover_record(self) -> None:
+        """After a restart: when the checkpoint's round has no line in metrics.jsonl (the broker stopped between
+        writing the checkpoint and the line), write it from the checkpoint's copy, with the central evaluation
+        done again on the restored model (the same weights, so the same figures) and ``"recovered": true``. The
+        federated evaluation is not redone: its fields are null."""
+        core, host = self.core, self.host
+        stub = core.state.pop(UNRECORDED, None)
+        number = int(core.state["round"])
+        if not isinstance(stub, dict) or stub.get("round") != number or number == 0:
+            return
+        recorded = await asyncio.to_thread(host.checkpointer.read_metrics)
+        if any(r.get("round") == number for r in recorded):
+            return
+        started = host.now()
+        evaluation = await self.evaluate(number, f"in round {number}, evaluated again")
+        others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
+        fed = {**evaluation_fields.empty_summary(), "fed_eval_s": None} if host.config.fed_eval_every else {}
+        record = {**stub, "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
+                  **others, **fed, "eval_s": round(host.now() - started, 4), "recovered": True}
+        await asyncio.to_thread(host.checkpointer.append_metrics, record)
+        log.warning("round %d's metrics line was lost when the broker stopped after its checkpoint; written again "
+                    "from the checkpoint (accuracy %s, evaluated again; federated evaluation not redone)", number,
+                    "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}")
+        await self.keep_best(record)
+        core.last_round = record
+
     async def _run(self) -> dict[str, Any]:
         core, host = self.core, self.host
         last: dict[str, Any] = {}
+        await self._recover_record()
         while not core.is_complete():
             round_no = core.state["round"] + 1
             before = host.snapshot()
@@ -258,7 +289,14 @@ class RoundDriver(Driver):
         # writes is this round's, copied now. Its workers' acks wait for it (intake.py), and no update of the next
         # round is acknowledged before it is durable (see _open).
         store = ModelSnapshot(dict(core.store.weights), core.store.version)
-        state = {**core.state, "strategy_state": dict(core.state.get("strategy_state") or {})}
+        # The checkpoint also holds this round's metrics line as it stands before the evaluations: a crash after
+        # the checkpoint and before the line is written leaves the round committed and its line missing, and the
+        # restarted broker completes the line from this (see _recover_record).
+        eval_started = host.now()
+        unrecorded = self.record(updates, before, eval_started, {}, result, selected=len(closed.selected),
+                                 failed=len(closed.failed), update_metrics=mean_metrics(updates), **extra)
+        state = {**core.state, "strategy_state": dict(core.state.get("strategy_state") or {}),
+                 UNRECORDED: unrecorded}
         applied = [applied_entry(u) for u in updates]
         previous = self._committing
 
@@ -272,7 +310,6 @@ class RoundDriver(Driver):
                 self._forget_committed(closed.number)
 
         saving = self._committing = asyncio.ensure_future(save())  # (cancelled with the driver, as commit is)
-        eval_started = host.now()
         scores = await self.evaluate(closed.number, f"in round {closed.number}")
         fed = await self.fed_evaluate(closed.number)  # (the workers it asks pull after their acks)
         record = self.record(updates, before, eval_started, scores, result, selected=len(closed.selected),

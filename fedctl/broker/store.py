@@ -280,6 +280,6 @@ class Checkpointer:
         """Every complete record of metrics.jsonl, oldest first (a torn last line from a crash is left out)."""
         return self._read_jsonl(METRICS_FILE)
 
-    def append_metrics(self, record: dict[str, Any], sync: bool = True) -> None:
-        """Append one JSON line to metrics.jsonl (flushed, and fsynced unless ``sync`` is False)."""
-        self._append_jsonl(METRICS_FILE, [record], sync)
+    def append_metrics(self, *records: dict[str, Any], sync: bool = True) -> None:
+        """Append a JSON line per record to metrics.jsonl (flushed, and fsynced once unless ``sync`` is False)."""
+        self._append_jsonl(METRICS_FILE, records, sync)
