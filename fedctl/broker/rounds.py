@@ -72,35 +72,44 @@ class RoundDriver(Driver):
                     task.cancel()
 
     async def _recover_record(self) -> None:
-        """After a restart: when the checkpoint's round has no line in metrics.jsonl (the broker stopped between
-        writing the checkpoint and the line), write it from the checkpoint's copy, with the central evaluation
-        done again on the restored model (the same weights, so the same figures) and ``"recovered": true``. The
-        federated evaluation is not redone: its fields are null."""
+        """After a restart, make the committed round's metrics line stand, then read from it whether that round
+        reached ``--target-accuracy`` (the checkpoint is copied before the evaluations, so only the line knows).
+
+        When the line is missing (the broker stopped between writing the checkpoint and the line), it is written
+        from the checkpoint's copy, with the central evaluation done again on the restored model (the same weights,
+        so the same figures) and ``"recovered": true``; the federated evaluation is not redone (its fields null)."""
         core, host = self.core, self.host
         stub = core.state.pop(UNRECORDED, None)
         number = int(core.state["round"])
-        if not isinstance(stub, dict) or stub.get("round") != number or number == 0:
+        if number == 0:
             return
         recorded = await asyncio.to_thread(host.checkpointer.read_metrics)
-        if any(r.get("round") == number for r in recorded):
+        line = next((r for r in reversed(recorded) if r.get("round") == number), None)
+        if line is None and isinstance(stub, dict) and stub.get("round") == number:
+            started = host.now()
+            evaluation = await self.evaluate(number, f"in round {number}, evaluated again")
+            others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
+            fed = {**evaluation_fields.empty_summary(), "fed_eval_s": None} if host.config.fed_eval_every else {}
+            line = {**stub, "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
+                    **others, **fed, "eval_s": round(host.now() - started, 4), "recovered": True}
+            await asyncio.to_thread(host.checkpointer.append_metrics, line)
+            log.warning("round %d's metrics line was lost when the broker stopped after its checkpoint; written "
+                        "again from the checkpoint (accuracy %s, evaluated again; federated evaluation not redone)",
+                        number, "-" if line["test_accuracy"] is None else f"{line['test_accuracy']:.4f}")
+            await self.keep_best(line)
+        if line is None:
             return
-        started = host.now()
-        evaluation = await self.evaluate(number, f"in round {number}, evaluated again")
-        others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
-        fed = {**evaluation_fields.empty_summary(), "fed_eval_s": None} if host.config.fed_eval_every else {}
-        record = {**stub, "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
-                  **others, **fed, "eval_s": round(host.now() - started, 4), "recovered": True}
-        await asyncio.to_thread(host.checkpointer.append_metrics, record)
-        log.warning("round %d's metrics line was lost when the broker stopped after its checkpoint; written again "
-                    "from the checkpoint (accuracy %s, evaluated again; federated evaluation not redone)", number,
-                    "-" if record["test_accuracy"] is None else f"{record['test_accuracy']:.4f}")
-        await self.keep_best(record)
-        core.last_round = record
+        core.last_round = line
+        target, accuracy = host.config.target_accuracy, line.get("test_accuracy")
+        if target is not None and accuracy is not None and accuracy >= target:
+            core.state["target_reached_at"] = number
+            log.info("round %d reached the target accuracy %.4f before the restart (%.4f): the run is complete",
+                     number, target, accuracy)
 
     async def _run(self) -> dict[str, Any]:
         core, host = self.core, self.host
-        last: dict[str, Any] = {}
         await self._recover_record()
+        last: dict[str, Any] = dict(core.last_round or {})
         while not core.is_complete():
             round_no = core.state["round"] + 1
             before = host.snapshot()

@@ -155,3 +155,25 @@ def test_an_async_broker_stopped_between_its_lines_and_checkpoint_leaves_no_gap(
     fed.run_async(scenario(), 120.0)
     versions = [m["version"] for m in fed.read_metrics(state_dir)]
     assert versions == list(range(1, len(versions) + 1)) and versions[-1] >= 8, versions
+
+
+@pytest.mark.timeout(200)
+def test_a_run_that_reached_its_target_stays_complete_after_a_restart(
+        fed: Any, ctx: zmq.asyncio.Context, state_dir: Path) -> None:
+    """--target-accuracy ends a sync run in the round that reaches it; a broker started again on its state dir
+    must find the run complete (from the round's metrics line) instead of training on."""
+    config = fed.broker_config(state_dir, rounds=30, target_accuracy=0.3, sync=SyncConfig(1.0, 2, 60.0))
+
+    async def scenario() -> None:
+        broker = fed.start_broker(ctx, config)
+        crew = [asyncio.ensure_future(fed.mlp_worker(ctx, broker.endpoint, i).serve()) for i in range(2)]
+        first = await broker.run()
+        await asyncio.gather(*crew)
+        ended = first["rounds"]
+        assert ended < 30 and fed.read_metrics(state_dir)[-1]["test_accuracy"] >= 0.3
+        second = fed.start_broker(ctx, replace(config, bind=broker.endpoint))
+        again = await asyncio.wait_for(second.run(), 30)
+        assert again["rounds"] == ended, "the restarted broker trained past the target"
+        assert [m["round"] for m in fed.read_metrics(state_dir)] == list(range(1, ended + 1))
+
+    fed.run_async(scenario(), 120.0)
