@@ -140,21 +140,34 @@ def bench_fl(presets: tuple[str, ...], list_presets: bool, out: Path, source_dir
 def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | None, budget: int, parallel: int,
               stop_at_target: bool) -> dict[str, Any]:
     """Run ``p`` at every workers' rate of ``grid`` (runs ``<preset>@lr<η>``) and return the best as ``p``'s row,
-    with every point's outcome in ``lr_grid``."""
-    points = []
+    with every point's outcome in ``lr_grid``.
+
+    The rule is the fewest rounds to the target: once a point has reached it in R rounds, the points still to run
+    stop after ⌈R⌉ + 1 rounds (they cannot win with more), and say so. The preset's own rate, when ``fl.json``
+    already has its row, is taken first, so that its R bounds the others."""
     measured = {r["preset"]: r for r in merge_results(out / "fl.json", [])}.get(p.name)
-    for eta in grid:
-        if (measured is not None and not measured.get("lr_grid") and measured.get("lr") == eta == p.lr
-                and (measured["summary"].get("rounds_to_target") is not None
-                     or measured["summary"].get("rounds_run") == budget)):
-            points.append(measured)  # the preset's own rate, already measured to the target or the budget
+    known = (measured is not None and not measured.get("lr_grid") and measured.get("lr") == p.lr and p.lr in grid
+             and (measured["summary"].get("rounds_to_target") is not None
+                  or measured["summary"].get("rounds_run") == budget))
+    order = sorted(grid, key=lambda eta: (not (known and eta == p.lr), eta))
+    found: dict[float, dict[str, Any]] = {}
+    for eta in order:
+        if known and measured is not None and eta == p.lr:
+            found[eta] = measured  # the preset's own rate, already measured to the target or the budget
             console.print(f"  {p.name} η={eta:g}: the preset's row in {out / 'fl.json'}")
             continue
+        reached = [r["summary"]["rounds_to_target"] for r in found.values()
+                   if r["summary"].get("rounds_to_target") is not None]
+        cap = min(budget, math.ceil(min(reached)) + 1) if reached and stop_at_target else budget
         point = replace(p, name=f"{p.name}@lr{eta:g}", lr=eta)
-        points.append(run_federated(point, out, source_dir, budget, parallel, stop_at_target))
-        s = points[-1]["summary"]
-        console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}, best "
+        found[eta] = run_federated(point, out, source_dir, cap, parallel, stop_at_target)
+        s = found[eta]["summary"]
+        if cap < budget and s.get("rounds_to_target") is None:
+            found[eta]["stopped_after"] = cap
+        console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}"
+                      f"{f' by round {cap} (another rate got there sooner)' if cap < budget else ''}, best "
                       f"{s.get('best_accuracy')}")
+    points = [found[eta] for eta in grid]
 
     def rank(row: Any) -> tuple[bool, float, float]:
         s = row["summary"]
@@ -164,7 +177,8 @@ def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | 
     best["preset"] = p.name
     best["lr_grid"] = [{"lr": r["lr"], "rounds_to_target": r["summary"].get("rounds_to_target"),
                         "best_accuracy": r["summary"].get("best_accuracy"),
-                        "rounds_run": r["summary"].get("rounds_run")} for r in points]
+                        "rounds_run": r["summary"].get("rounds_run"),
+                        **({"stopped_after": r["stopped_after"]} if "stopped_after" in r else {})} for r in points]
     best["command"] = f"fedctl bench fl --preset {p.name} --lr-grid {','.join(f'{g:g}' for g in grid)}"
     return best
 

@@ -153,6 +153,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     # Smoke: the pipeline end to end in seconds (CI).
     Preset("smoke", "mlp", "fedavg", 1, 10, 0.1, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=3),
     Preset("smoke-central", "mlp", "central", 1, 10, 0.1, dataset="mnist-sample", max_rounds=1),
+    # Smoke of the --lr-grid rule with a target reached within the budget (a slow rate stops early).
+    Preset("smoke-target", "mlp", "fedavg", 1, 10, 0.1, fraction=0.5, clients=10, dataset="mnist-sample",
+           max_rounds=8, target_accuracy=0.6),
     Preset("smoke-fedsgd", "mlp", "fedsgd", 1, 0, 0.2, fraction=0.5, clients=10, dataset="mnist-sample",
            max_rounds=4),
     Preset("smoke-dgc", "mlp", "dgc", 1, 0, 0.05, fraction=0.5, clients=10, dataset="mnist-sample", max_rounds=4,

@@ -5,6 +5,7 @@ misspelt ``--preset`` of ``bench fl`` is refused in one line with a suggestion."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,24 @@ def test_an_lr_grid_keeps_the_best_point_as_the_row(tmp_path: Path) -> None:
     assert point["best_accuracy"] == measured["summary"]["best_accuracy"]
     bad = fedctl(tmp_path, "bench", "fl", "--preset", "smoke", "--lr-grid", "0.1", timeout=60)
     assert bad.returncode == 2 and "two or more distinct" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_lr_grid_stops_a_point_that_can_no_longer_win(tmp_path: Path) -> None:
+    """The rule is the fewest rounds to the target: a point still to run after another reached the target in R
+    rounds stops after ⌈R⌉ + 1 rounds, and the grid says so."""
+    out = tmp_path / "out"
+    first = fedctl(tmp_path, "bench", "fl", "--preset", "smoke-target", "--out", str(out), "--parallel", "1",
+                   timeout=200)
+    assert first.returncode == 0, first.stderr
+    [measured] = json.loads((out / "fl.json").read_text())["results"]
+    reached = measured["summary"]["rounds_to_target"]
+    assert reached is not None and reached < 7, "the preset's own rate reaches its target early"
+    grid = fedctl(tmp_path, "bench", "fl", "--preset", "smoke-target", "--out", str(out), "--parallel", "1",
+                  "--lr-grid", "0.001,0.1", timeout=200)
+    assert grid.returncode == 0, grid.stderr
+    [row] = json.loads((out / "fl.json").read_text())["results"]
+    slow = next(g for g in row["lr_grid"] if g["lr"] == 0.001)
+    cap = math.ceil(reached) + 1
+    assert slow["rounds_to_target"] is None and slow["stopped_after"] == cap and slow["rounds_run"] == cap, slow
+    assert len((out / "runs" / "smoke-target@lr0.001" / "metrics.jsonl").read_text().splitlines()) == cap
+    assert row["lr"] == 0.1 and "another rate got there" in " ".join(grid.stderr.split())
