@@ -162,10 +162,11 @@ def _grid_row(p: Preset, grid: tuple[float, ...], out: Path, source_dir: Path | 
         point = replace(p, name=f"{p.name}@lr{eta:g}", lr=eta)
         found[eta] = run_federated(point, out, source_dir, cap, parallel, stop_at_target)
         s = found[eta]["summary"]
-        if cap < budget and s.get("rounds_to_target") is None:
-            found[eta]["stopped_after"] = cap
-        console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}"
-                      f"{f' by round {cap} (another rate got there sooner)' if cap < budget else ''}, best "
+        stopped = cap < budget and s.get("rounds_to_target") is None
+        if stopped:  # (a run resumed from an earlier, uncapped try may already be past the cap)
+            found[eta]["stopped_after"] = max(cap, int(s.get("rounds_run") or 0))
+        why = f" by round {found[eta]['stopped_after']} (another rate got there sooner)" if stopped else ""
+        console.print(f"  {p.name} η={eta:g}: to target {s.get('rounds_to_target') or 'not reached'}{why}, best "
                       f"{s.get('best_accuracy')}")
     points = [found[eta] for eta in grid]
 
