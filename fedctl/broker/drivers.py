@@ -107,7 +107,7 @@ class Driver(ABC):
         every = config.fed_eval_every
         if not every:
             return {}
-        skipped = {**evaluation.empty_summary(), "fed_eval_s": None}
+        skipped = skipped_fed_eval()
         if number % every and not core.is_complete():
             return skipped
         started = host.now()
@@ -180,10 +180,7 @@ class Driver(ABC):
         """The metrics line of one round (sync) or model version (ssp/async)."""
         core, now = self.core, self.host.now()
         n = sum(u.num_examples for u in updates)
-        # A task's own metrics (docs/tasks.md) land beside accuracy and loss as test_<name>.
-        others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
-        return {"round": core.state["round"], "version": core.store.version,
-                "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"), **others,
+        return {"round": core.state["round"], "version": core.store.version, **test_fields(evaluation),
                 "train_loss": sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / max(n, 1),
                 "participants": len(updates), "connected": len(core.registry), **extra,
                 **self.host.snapshot().since(before),
@@ -201,6 +198,18 @@ def register(name: str) -> Callable[[type[Driver]], type[Driver]]:
         DRIVERS[name] = cls
         return cls
     return add
+
+
+def test_fields(evaluation: dict[str, float]) -> dict[str, Any]:
+    """The ``test_*`` fields of a metrics line from a central evaluation (null when none ran); a task's own metrics
+    (docs/tasks.md) land beside accuracy and loss as ``test_<name>``."""
+    others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
+    return {"test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"), **others}
+
+
+def skipped_fed_eval() -> dict[str, Any]:
+    """The ``fed_eval_*`` fields of a line whose round had no federated evaluation (all null)."""
+    return {**evaluation.empty_summary(), "fed_eval_s": None}
 
 
 def mean_metrics(updates: Sequence[Update]) -> dict[str, float]:

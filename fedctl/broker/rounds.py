@@ -7,8 +7,7 @@ import asyncio
 import logging
 from typing import Any
 
-from fedctl.broker import evaluation as evaluation_fields
-from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register
+from fedctl.broker.drivers import Counters, Driver, applied_entry, mean_metrics, register, skipped_fed_eval, test_fields
 from fedctl.broker.policy import OpenRound, SyncRoundPolicy
 from fedctl.broker.registry import WorkerRecord
 from fedctl.broker.store import ModelSnapshot
@@ -88,10 +87,9 @@ class RoundDriver(Driver):
         if line is None and isinstance(stub, dict) and stub.get("round") == number:
             started = host.now()
             evaluation = await self.evaluate(number, f"in round {number}, evaluated again")
-            others = {f"test_{k}": v for k, v in evaluation.items() if k not in ("accuracy", "loss", "num_examples")}
-            fed = {**evaluation_fields.empty_summary(), "fed_eval_s": None} if host.config.fed_eval_every else {}
-            line = {**stub, "test_accuracy": evaluation.get("accuracy"), "test_loss": evaluation.get("loss"),
-                    **others, **fed, "eval_s": round(host.now() - started, 4), "recovered": True}
+            fed = skipped_fed_eval() if host.config.fed_eval_every else {}
+            line = {**stub, **test_fields(evaluation), **fed, "eval_s": round(host.now() - started, 4),
+                    "recovered": True}
             await asyncio.to_thread(host.checkpointer.append_metrics, line)
             log.warning("round %d's metrics line was lost when the broker stopped after its checkpoint; written "
                         "again from the checkpoint (accuracy %s, evaluated again; federated evaluation not redone)",
